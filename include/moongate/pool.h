@@ -37,7 +37,8 @@ typedef struct mg_pool_limits {
     int max_connections;       /* connections open or opening at once */
     int max_channels;          /* leases per connection */
     uint64_t idle_timeout_ms;  /* a connection without leases idle this long is stale */
-    int queue_max;             /* requests waiting at once; 0 means none may wait */
+    int queue_max;             /* requests waiting at once beyond those the connections being
+                                  opened will carry; 0: none waits once at max_connections */
     uint64_t queue_timeout_ms; /* how long one request may wait */
 } mg_pool_limits_t;
 

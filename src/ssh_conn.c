@@ -99,6 +99,7 @@ struct mg_ssh_conn {
     char reason[128];
 
     uint64_t started_at, ready_at, last_used, handshake_ms;
+    bool was_ready;
     bool healthy;
     int misses;
     bool ka_outstanding;
@@ -532,6 +533,7 @@ static void step_auth(mg_ssh_conn_t *c)
     }
     uint64_t now = uv_now(c->loop);
     c->state = MG_SSH_READY;
+    c->was_ready = true;
     c->ready_at = c->last_used = now;
     c->handshake_ms = now - c->started_at;
     c->healthy = true;
@@ -547,21 +549,20 @@ static void step_auth(mg_ssh_conn_t *c)
 
 /* ---- keepalive and deadlines ---- */
 
+/*
+ * Every interval: judge the last probe, then probe again unless the server sent something other
+ * than the answer to our probe (then it is plainly alive and a probe would only add traffic).
+ */
 static void on_keepalive(uv_timer_t *t)
 {
     mg_ssh_conn_t *c = t->data;
     if (c->state != MG_SSH_READY && c->state != MG_SSH_CLOSING)
         return;
-    uint64_t in = c->tr ? c->tr->bytes_in : 0;
-    if (in != c->ka_mark) {
-        /* The server spoke during the interval: it is alive, no keepalive needed. */
-        c->ka_mark = in;
+    bool heard = c->tr->bytes_in != c->ka_mark;
+    if (heard) {
         c->misses = 0;
-        c->ka_outstanding = false;
         set_healthy(c, true);
-        return;
-    }
-    if (c->ka_outstanding) {
+    } else if (c->ka_outstanding) {
         c->misses++;
         set_healthy(c, false);
         if (c->misses >= c->keepalive_max_misses) {
@@ -571,6 +572,11 @@ static void on_keepalive(uv_timer_t *t)
             return;
         }
     }
+    bool busy = heard && !c->ka_outstanding;
+    c->ka_mark = c->tr->bytes_in;
+    c->ka_outstanding = false;
+    if (busy)
+        return;
     int next = 0;
     if (libssh2_keepalive_send(c->session, &next) == 0)
         c->ka_outstanding = true;
@@ -957,6 +963,11 @@ void mg_ssh_conn_close(mg_ssh_conn_t *c, const char *reason, uint64_t wait_ms)
 mg_ssh_state_t mg_ssh_conn_state(const mg_ssh_conn_t *c)
 {
     return c->state;
+}
+
+bool mg_ssh_conn_was_ready(const mg_ssh_conn_t *c)
+{
+    return c->was_ready;
 }
 
 bool mg_ssh_conn_healthy(const mg_ssh_conn_t *c)

@@ -119,6 +119,8 @@ void mg_ssh_conn_close(mg_ssh_conn_t *c, const char *reason, uint64_t wait_ms);
 
 mg_ssh_state_t mg_ssh_conn_state(const mg_ssh_conn_t *c);
 bool mg_ssh_conn_healthy(const mg_ssh_conn_t *c);
+/* True once the connection has been ready: a close after that is not a failed connect. */
+bool mg_ssh_conn_was_ready(const mg_ssh_conn_t *c);
 /* 0 while all is well or after a clean close; else why the connection failed or ended. */
 int mg_ssh_conn_status(const mg_ssh_conn_t *c);
 /* A message for a person: why the connection failed, or "" */

@@ -1,0 +1,33 @@
+/*
+ * ssh_backend: the pool backend that makes real SSH connections.
+ *
+ * The pool decides when a user needs another connection; this backend starts an mg_ssh_conn_t
+ * for it and reports its progress back (ready, health, failure, close). The open_arg of
+ * mg_pool_acquire() is a `const mg_ssh_conn_opts_t *` saying where and how to connect (the
+ * policy's route for that user); it is copied when a connection opens.
+ *
+ * A lease from the pool is one channel slot: open one channel on mg_ssh_backend_conn(lease)
+ * and release the lease in that channel's on_close, not before, so the slot is free in the
+ * SSH session by the time the pool hands it out again.
+ */
+#ifndef MOONGATE_SSH_BACKEND_H
+#define MOONGATE_SSH_BACKEND_H
+
+#include "moongate/pool.h"
+#include "moongate/ssh_conn.h"
+
+typedef struct mg_ssh_backend {
+    uv_loop_t *loop;
+    /* How long a non-forced close waits for a connection's channels before ending them. */
+    uint64_t close_wait_ms;
+} mg_ssh_backend_t;
+
+extern const mg_pool_backend_t mg_ssh_pool_backend;
+
+/* Sets up a backend context for mg_pool_new(loop, settings, &mg_ssh_pool_backend, b, ...). */
+void mg_ssh_backend_init(mg_ssh_backend_t *b, uv_loop_t *loop, const mg_settings_t *settings);
+
+/* The SSH connection behind a lease (or any ready pool connection). */
+mg_ssh_conn_t *mg_ssh_backend_conn(const mg_pool_conn_t *pc);
+
+#endif

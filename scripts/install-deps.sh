@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what moongate needs to build, run and test on Debian 12 (run as root).
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# libluajit-5.1-dev and libluajit2-5.1-dev conflict; keep whichever is already installed.
+lua_dev=libluajit-5.1-dev
+if dpkg-query -W -f='${Status}' libluajit2-5.1-dev 2>/dev/null | grep -q 'install ok installed'; then
+    lua_dev=libluajit2-5.1-dev
+fi
+apt-get install -y -qq --no-install-recommends \
+    build-essential cmake pkg-config ca-certificates \
+    libssh2-1-dev libssl-dev libuv1-dev "$lua_dev" libwebsockets-dev libcmocka-dev libhttp-parser-dev \
+    openssh-server openssh-client curl >/dev/null
+echo "install-deps: done"

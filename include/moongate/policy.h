@@ -1,0 +1,226 @@
+/*
+ * policy: the operator's decisions, scripted in LuaJIT.
+ *
+ * A policy file returns a table of hooks (authenticate, admit, limits, route, agent_auth,
+ * on_event, shutdown); docs/policy.md is the contract a policy author reads. This module loads
+ * that file into a LuaJIT state of its own, calls the hooks with plain data (copies, never C
+ * pointers) and turns their results into the C values below, validated: a hook that returns the
+ * wrong type is an error that names the hook and its file:line.
+ *
+ * Every hook call is bounded in time (the policy code runs in LuaJIT's interpreter with an
+ * instruction-count hook that checks a deadline) and the state's memory is capped (a custom
+ * allocator). A hook that throws, runs too long, allocates too much or returns a bad result is
+ * logged once with its traceback and fails closed: a request is refused with a 5xx, limits and
+ * shutdown take the safe defaults from the options.
+ *
+ * A state is reference-counted. mg_policy_acquire() pins the current state for one request and
+ * mg_policy_release() unpins it; every request hook takes the pinned state, so a request that
+ * started before a reload finishes on the state it started on. mg_policy_reload() builds a new
+ * state beside the old one and swaps only if the file loads, runs and returns valid hooks; the
+ * old state's timers are cancelled at the swap and the state is freed when its last pin goes.
+ * The shared dictionary (moongate.dict) belongs to the policy, not to a state, and survives.
+ *
+ * Single-threaded: every function runs on the loop's thread.
+ */
+#ifndef MOONGATE_POLICY_H
+#define MOONGATE_POLICY_H
+
+#include "moongate/pool.h"
+#include "moongate/settings.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+typedef struct mg_policy mg_policy_t;
+typedef struct mg_policy_state mg_policy_state_t;
+
+/* One request header; name is lower-case. Both strings are NUL-terminated. */
+typedef struct mg_policy_header {
+    const char *name;
+    const char *value;
+} mg_policy_header_t;
+
+/*
+ * A request as the hooks see it. The caller (the HTTP front end) owns every string; the policy
+ * copies what it needs during the call and keeps nothing afterwards.
+ */
+typedef struct mg_policy_request {
+    const char *method;      /* "POST" */
+    const char *path;        /* "/api/generate?x=1", as received */
+    const char *remote_addr; /* "203.0.113.7" or "::1"; may be NULL */
+    const mg_policy_header_t *headers;
+    size_t nheaders;
+} mg_policy_request_t;
+
+#define MG_POLICY_MAX_HEADERS 8
+#define MG_POLICY_HEADER_NAME_MAX 64
+#define MG_POLICY_HEADER_VALUE_MAX 512
+#define MG_POLICY_MESSAGE_MAX 256
+
+/* A response header a hook asked for (retry-after, www-authenticate). */
+typedef struct mg_policy_out_header {
+    char name[MG_POLICY_HEADER_NAME_MAX];
+    char value[MG_POLICY_HEADER_VALUE_MAX];
+} mg_policy_out_header_t;
+
+/*
+ * The outcome of authenticate, admit, agent_auth and route. When allow is false the request is
+ * answered with status, message and headers; when true, user holds the user id (authenticate,
+ * agent_auth) and status is 0.
+ */
+typedef struct mg_policy_decision {
+    bool allow;
+    int status;                          /* 400..599 when refused */
+    char user[MG_USER_ID_MAX + 1];       /* validated: mg_pool_user_id_valid() rules */
+    char message[MG_POLICY_MESSAGE_MAX]; /* for the client; never a traceback */
+    int nheaders;
+    mg_policy_out_header_t headers[MG_POLICY_MAX_HEADERS];
+} mg_policy_decision_t;
+
+typedef enum mg_route_transport {
+    MG_ROUTE_TCP = 0, /* dial host:port */
+    MG_ROUTE_AGENT,   /* the user's moongate-agent WebSocket */
+} mg_route_transport_t;
+
+/* Where a user's tunnel goes: the result of the route hook. Empty strings mean "not given". */
+typedef struct mg_policy_route {
+    mg_route_transport_t transport;
+    char host[256];            /* the user's sshd (tcp only) */
+    int port;                  /* 1..65535 */
+    char ssh_user[64];
+    char key[1024];            /* private key file */
+    char key_passphrase[256];  /* optional */
+    char known_hosts[1024];    /* known_hosts file; required unless host_key is pinned */
+    char host_key[128];        /* optional pinned fingerprint, "SHA256:<base64>" */
+    char target_host[256];     /* where the channel goes on the user's machine */
+    int target_port;
+} mg_policy_route_t;
+
+/* Handed to the shutdown hook. */
+typedef struct mg_policy_shutdown_info {
+    const char *reason; /* "SIGTERM", "SIGINT", "api", ... */
+    int in_flight;      /* requests being served */
+    int connections;    /* SSH connections open */
+} mg_policy_shutdown_info_t;
+
+/* How to shut down: the result of the shutdown hook. */
+typedef struct mg_policy_shutdown {
+    uint64_t grace_ms;
+    bool notify_clients;
+    bool force_after_grace;
+    char message[MG_POLICY_MESSAGE_MAX];
+} mg_policy_shutdown_t;
+
+/* Handed to on_event. Strings may be NULL. */
+typedef struct mg_policy_event {
+    const char *type;    /* "connection_opened", "connection_closed", "connection_unhealthy",
+                            "agent_joined", "agent_left", ... */
+    const char *user;
+    uint64_t conn_id;    /* 0 when not about a connection */
+    const char *message;
+} mg_policy_event_t;
+
+/* Stats providers (the pool). Return 0, or a negative code when the user is unknown. */
+typedef int (*mg_policy_user_stats_fn)(void *ctx, const char *user, mg_pool_user_stats_t *out);
+typedef void (*mg_policy_pool_stats_fn)(void *ctx, mg_pool_stats_t *out);
+
+/* Wall-clock time in milliseconds since the epoch; replaceable for tests. */
+typedef uint64_t (*mg_policy_clock_fn)(void *ctx);
+
+typedef struct mg_policy_options {
+    const char *path;          /* the policy file; NULL runs lua/moongate/default.lua */
+    const char *lua_dir;       /* where lua/ lives; NULL: the build's MG_LUA_DIR or
+                                  $MOONGATE_LUA_DIR */
+    size_t memory_limit;       /* bytes per state; 64 MiB */
+    uint32_t hook_timeout_ms;  /* per hook call and timer callback; 50 */
+    uint32_t load_timeout_ms;  /* running the file's main chunk; 1000 */
+    size_t dict_max_entries;   /* 100000 */
+    size_t dict_max_bytes;     /* keys + string values; 16 MiB */
+    int max_timers;            /* per state; 1024 */
+    /*
+     * false (the default): policy code runs in the interpreter and every call is bounded.
+     * true: the JIT compiles it; faster for heavy policies, but a compiled loop is never
+     * interrupted, so hook_timeout_ms no longer holds. Benchmarks only.
+     */
+    bool jit;
+    mg_pool_limits_t default_limits;     /* limits when a hook fails or says nothing */
+    mg_policy_shutdown_t default_shutdown;
+} mg_policy_options_t;
+
+/* Fills in the defaults above; limits and shutdown come from s (NULL: mg_settings_init()). */
+void mg_policy_options_init(mg_policy_options_t *o, const mg_settings_t *s);
+
+/*
+ * Loads the policy. Returns 0 and *out, or:
+ *   MG_EINVAL   an option is out of range;
+ *   MG_ECONFIG  the file did not load, run or validate; err says "FILE:LINE: message";
+ *   MG_ENOMEM.
+ * The options are copied (strings too).
+ */
+int mg_policy_new(uv_loop_t *loop, const mg_policy_options_t *o, mg_policy_t **out, char *err,
+                  size_t errlen);
+
+/*
+ * Cancels the current state's timers (their callbacks are told "shutdown") and drops the
+ * policy. States still pinned stay valid until released; the memory goes with the last of them.
+ * Timer handles close asynchronously: run the loop afterwards.
+ */
+void mg_policy_free(mg_policy_t *p);
+
+void mg_policy_set_stats_fn(mg_policy_t *p, mg_policy_user_stats_fn user_fn,
+                            mg_policy_pool_stats_fn pool_fn, void *ctx);
+void mg_policy_set_clock(mg_policy_t *p, mg_policy_clock_fn fn, void *ctx);
+
+/*
+ * Builds a new state from the file, runs it, checks its hooks and swaps it in. Returns 0, or
+ * MG_ECONFIG (err has "FILE:LINE: message"; "reload failed: ..." is logged) and the old
+ * policy keeps serving. The old state's timers are told "reload".
+ */
+int mg_policy_reload(mg_policy_t *p, char *err, size_t errlen);
+
+/* Pins the current state for one request. Never NULL. Pair with mg_policy_release(). */
+mg_policy_state_t *mg_policy_acquire(mg_policy_t *p);
+void mg_policy_release(mg_policy_state_t *st);
+
+/* Which load a state came from: 1 for the first, +1 per successful reload. */
+uint64_t mg_policy_state_generation(const mg_policy_state_t *st);
+
+/*
+ * The request hooks. Each always fills *out (or *route) with the decision to act on, and
+ * returns 0 when the hook ran and gave a valid answer (allow or refuse), or, when it failed
+ * (the decision is then a refusal with status 500 and the failure is logged):
+ *   MG_ETIMEDOUT  it ran past hook_timeout_ms;
+ *   MG_ENOMEM     it hit memory_limit;
+ *   MG_EINVAL     it threw, or returned a result of the wrong type or out of range;
+ *   MG_ESTATE     called from inside another hook.
+ */
+int mg_policy_authenticate(mg_policy_state_t *st, const mg_policy_request_t *req,
+                           mg_policy_decision_t *out);
+int mg_policy_admit(mg_policy_state_t *st, const mg_policy_request_t *req, const char *user,
+                    mg_policy_decision_t *out);
+/* On success *route is filled and out->allow is true; a refusal leaves *route zeroed. */
+int mg_policy_route(mg_policy_state_t *st, const mg_policy_request_t *req, const char *user,
+                    mg_policy_route_t *route, mg_policy_decision_t *out);
+/* token is the agent's bearer token; req is its upgrade request. */
+int mg_policy_agent_auth(mg_policy_state_t *st, const char *token,
+                         const mg_policy_request_t *req, mg_policy_decision_t *out);
+
+/*
+ * The hooks outside a request run on the current state. Each fills *out with the hook's answer,
+ * or with the defaults from the options when the hook fails (same codes as above).
+ */
+int mg_policy_limits(mg_policy_t *p, const char *user, mg_pool_limits_t *out);
+int mg_policy_shutdown(mg_policy_t *p, const mg_policy_shutdown_info_t *info,
+                       mg_policy_shutdown_t *out);
+/* Errors are logged and returned; there is nothing to fail closed. */
+int mg_policy_event(mg_policy_t *p, const mg_policy_event_t *ev);
+
+/* An mg_pool_limits_fn over mg_policy_limits(): ctx is the mg_policy_t. */
+int mg_policy_pool_limits_fn(void *ctx, const char *user, mg_pool_limits_t *out);
+
+/* Bytes the current state uses, and its limit (for /metrics). */
+size_t mg_policy_memory_used(mg_policy_t *p);
+
+#endif

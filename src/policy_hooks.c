@@ -1,0 +1,662 @@
+/*
+ * The hooks: plain C data in, validated C values out.
+ *
+ * Each entry point pushes the hook and its arguments as fresh Lua values (the policy keeps no
+ * reference to C memory), calls it through mg__policy_pcall(), and reads the results back
+ * strictly: a result of the wrong type or out of range is an error that names the hook and the
+ * file:line where it is defined, and the request it was deciding fails closed.
+ *
+ * The memory limit applies only while Lua code runs (inside the call); the few allocations made
+ * here to build arguments and read results are not capped, so they cannot raise an error outside
+ * a protected call.
+ */
+#include "moongate/policy_int.h"
+
+#include "moongate/error.h"
+#include "moongate/log.h"
+
+#include <lauxlib.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#define LOG "policy"
+
+static void copy_bytes(char *dst, size_t cap, const char *src, size_t n)
+{
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+}
+
+static void decision_clear(mg_policy_decision_t *d)
+{
+    d->allow = false;
+    d->status = 0;
+    d->user[0] = '\0';
+    d->message[0] = '\0';
+    d->nheaders = 0;
+}
+
+/* The answer to a request whose hook failed: refused, and nothing about why for the client. */
+static void decision_fail(mg_policy_decision_t *d)
+{
+    decision_clear(d);
+    d->status = 500;
+    copy_bytes(d->message, sizeof(d->message), "policy error", 12);
+}
+
+static int bad_result(mg_policy_state_t *st, mg_hook_t h, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int bad_result(mg_policy_state_t *st, mg_hook_t h, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    mg_log_error(LOG, "%s (%s) returned a bad result: %s", mg__hook_names[h], st->hook_where[h],
+                 msg);
+    return MG_EINVAL;
+}
+
+/*   in: ...        out: ... req */
+static void push_request(lua_State *L, const mg_policy_request_t *req)
+{
+    lua_createtable(L, 0, 4);
+    if (req == NULL) {
+        lua_newtable(L);
+        lua_setfield(L, -2, "headers");
+        return;
+    }
+    if (req->method != NULL) {
+        lua_pushstring(L, req->method);
+        lua_setfield(L, -2, "method");
+    }
+    if (req->path != NULL) {
+        lua_pushstring(L, req->path);
+        lua_setfield(L, -2, "path");
+    }
+    if (req->remote_addr != NULL) {
+        lua_pushstring(L, req->remote_addr);
+        lua_setfield(L, -2, "remote_addr");
+    }
+    /* ... req headers */
+    lua_createtable(L, 0, (int)req->nheaders);
+    for (size_t i = 0; i < req->nheaders; i++) {
+        const mg_policy_header_t *hd = &req->headers[i];
+        if (hd->name == NULL || hd->value == NULL)
+            continue;
+        lua_pushstring(L, hd->name);
+        lua_pushvalue(L, -1);
+        lua_rawget(L, -3);
+        /* ... req headers name old */
+        if (lua_isstring(L, -1)) {
+            /* A repeated header reads as one, its values joined as HTTP allows. */
+            lua_pushliteral(L, ", ");
+            lua_pushstring(L, hd->value);
+            lua_concat(L, 3);
+        } else {
+            lua_pop(L, 1);
+            lua_pushstring(L, hd->value);
+        }
+        lua_rawset(L, -3);
+    }
+    lua_setfield(L, -2, "headers");
+}
+
+/* Reads an integer that must be whole and within [min, max]. */
+static bool to_int(lua_State *L, int idx, double min, double max, double *out)
+{
+    if (lua_type(L, idx) != LUA_TNUMBER)
+        return false;
+    double v = lua_tonumber(L, idx);
+    if (v != floor(v) || v < min || v > max)
+        return false;
+    *out = v;
+    return true;
+}
+
+static bool header_name_ok(const char *s, size_t n)
+{
+    if (n == 0 || n >= MG_POLICY_HEADER_NAME_MAX)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || strchr("!#$%&'*+-.^_`|~", c)))
+            return false;
+    }
+    return true;
+}
+
+/* Rejects control characters: a value must not be able to smuggle in a header of its own. */
+static bool header_value_ok(const char *s, size_t n)
+{
+    if (n >= MG_POLICY_HEADER_VALUE_MAX)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if ((c < 0x20 && c != '\t') || c == 0x7f)
+            return false;
+    }
+    return true;
+}
+
+/*
+ * Reads a refusal: status, message and headers at idx, idx+1, idx+2 (each may be nil).
+ *
+ *   in: ... (results)        out: ... (unchanged)
+ */
+static int read_refusal(mg_policy_state_t *st, mg_hook_t h, int idx, int default_status,
+                        const char *default_message, mg_policy_decision_t *out)
+{
+    lua_State *L = st->L;
+    decision_clear(out);
+    double status = default_status;
+    if (!lua_isnil(L, idx) && !to_int(L, idx, 400, 599, &status))
+        return bad_result(st, h, "the status of a refusal must be a whole number from 400 to "
+                                 "599, got %s", luaL_typename(L, idx));
+    out->status = (int)status;
+    size_t n;
+    const char *msg = default_message;
+    n = strlen(msg);
+    if (lua_type(L, idx + 1) == LUA_TSTRING)
+        msg = lua_tolstring(L, idx + 1, &n);
+    else if (!lua_isnil(L, idx + 1))
+        return bad_result(st, h, "the message of a refusal must be a string, got %s",
+                          luaL_typename(L, idx + 1));
+    copy_bytes(out->message, sizeof(out->message), msg, n);
+
+    int t = idx + 2;
+    if (lua_isnil(L, t))
+        return 0;
+    if (!lua_istable(L, t))
+        return bad_result(st, h, "the headers of a refusal must be a table, got %s",
+                          luaL_typename(L, t));
+    lua_pushnil(L);
+    while (lua_next(L, t) != 0) {
+        /* ... key value */
+        size_t kn = 0, vn = 0;
+        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &kn) : NULL;
+        int vt = lua_type(L, -1);
+        const char *v = vt == LUA_TSTRING || vt == LUA_TNUMBER ? lua_tolstring(L, -1, &vn) : NULL;
+        if (k == NULL || !header_name_ok(k, kn) || v == NULL || !header_value_ok(v, vn)) {
+            int rc = bad_result(st, h, "header %s must have a lower-case token name and a "
+                                       "string or number value without control characters",
+                                k != NULL ? k : "(not a string)");
+            lua_pop(L, 2);
+            return rc;
+        }
+        if (out->nheaders == MG_POLICY_MAX_HEADERS) {
+            lua_pop(L, 2);
+            return bad_result(st, h, "a refusal may carry at most %d headers",
+                              MG_POLICY_MAX_HEADERS);
+        }
+        mg_policy_out_header_t *oh = &out->headers[out->nheaders++];
+        copy_bytes(oh->name, sizeof(oh->name), k, kn);
+        copy_bytes(oh->value, sizeof(oh->value), v, vn);
+        lua_pop(L, 1);
+    }
+    return 0;
+}
+
+/* Reads "user" or "nil, status, message, headers" at idx..idx+3. */
+static int read_user(mg_policy_state_t *st, mg_hook_t h, int idx, mg_policy_decision_t *out)
+{
+    lua_State *L = st->L;
+    int t = lua_type(L, idx);
+    if (t == LUA_TSTRING) {
+        size_t n;
+        const char *user = lua_tolstring(L, idx, &n);
+        if (!mg__policy_user_id_valid(user, n))
+            return bad_result(st, h, "\"%.*s\" is not a valid user id (1 to %d letters, digits "
+                                     "and . _ - @ + :)", (int)(n > 64 ? 64 : n), user,
+                              MG_USER_ID_MAX);
+        decision_clear(out);
+        out->allow = true;
+        copy_bytes(out->user, sizeof(out->user), user, n);
+        return 0;
+    }
+    if (t == LUA_TNIL || (t == LUA_TBOOLEAN && !lua_toboolean(L, idx)))
+        return read_refusal(st, h, idx + 1, 401, "Unauthorized", out);
+    return bad_result(st, h, "must return a user id (string), or nil, status, message, headers; "
+                             "got %s", luaL_typename(L, idx));
+}
+
+/*
+ * Pushes hook h of st, calls it with the nargs values pushed after it, and leaves nres
+ * results. Returns the call's code.
+ *
+ *   in: ... fn a1..an        out (0): ... r1..rnres        out (<0): ...
+ */
+static int call_hook(mg_policy_state_t *st, mg_hook_t h, int nargs, int nres)
+{
+    return mg__policy_pcall(st, mg__hook_names[h], st->hook_where[h], nargs, nres,
+                            st->policy->opts.hook_timeout_ms);
+}
+
+int mg_policy_authenticate(mg_policy_state_t *st, const mg_policy_request_t *req,
+                           mg_policy_decision_t *out)
+{
+    lua_State *L = st->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[MG_HOOK_AUTHENTICATE]);
+    push_request(L, req);
+    int rc = call_hook(st, MG_HOOK_AUTHENTICATE, 1, 4);
+    if (rc == 0)
+        rc = read_user(st, MG_HOOK_AUTHENTICATE, 2, out);
+    if (rc != 0)
+        decision_fail(out);
+    lua_settop(L, 1);
+    return rc;
+}
+
+int mg_policy_agent_auth(mg_policy_state_t *st, const char *token,
+                         const mg_policy_request_t *req, mg_policy_decision_t *out)
+{
+    lua_State *L = st->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[MG_HOOK_AGENT_AUTH]);
+    if (token != NULL)
+        lua_pushstring(L, token);
+    else
+        lua_pushnil(L);
+    push_request(L, req);
+    int rc = call_hook(st, MG_HOOK_AGENT_AUTH, 2, 4);
+    if (rc == 0)
+        rc = read_user(st, MG_HOOK_AGENT_AUTH, 2, out);
+    if (rc != 0)
+        decision_fail(out);
+    lua_settop(L, 1);
+    return rc;
+}
+
+/*   in: ...        out: ... stats */
+static void push_user_stats(lua_State *L, mg_policy_t *p, const char *user)
+{
+    mg_pool_user_stats_t s;
+    memset(&s, 0, sizeof(s));
+    bool known = p->user_stats_fn != NULL && user != NULL &&
+                 p->user_stats_fn(p->stats_ctx, user, &s) == 0;
+    if (!known)
+        memset(&s, 0, sizeof(s));
+    lua_createtable(L, 0, 8);
+    lua_pushinteger(L, s.leases + s.waiters);
+    lua_setfield(L, -2, "in_flight");
+    lua_pushinteger(L, s.waiters);
+    lua_setfield(L, -2, "queued");
+    lua_pushinteger(L, s.connections);
+    lua_setfield(L, -2, "connections");
+    lua_pushinteger(L, s.opening);
+    lua_setfield(L, -2, "opening");
+    lua_pushinteger(L, s.leases);
+    lua_setfield(L, -2, "channels");
+    lua_pushboolean(L, known);
+    lua_setfield(L, -2, "known");
+    if (known) {
+        lua_pushinteger(L, s.limits.max_connections);
+        lua_setfield(L, -2, "max_connections");
+        lua_pushinteger(L, s.limits.max_channels);
+        lua_setfield(L, -2, "max_channels");
+    }
+}
+
+void mg__policy_push_user_stats(lua_State *L, mg_policy_t *p, const char *user)
+{
+    push_user_stats(L, p, user);
+}
+
+int mg_policy_admit(mg_policy_state_t *st, const mg_policy_request_t *req, const char *user,
+                    mg_policy_decision_t *out)
+{
+    lua_State *L = st->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[MG_HOOK_ADMIT]);
+    push_request(L, req);
+    lua_pushstring(L, user);
+    push_user_stats(L, st->policy, user);
+    int rc = call_hook(st, MG_HOOK_ADMIT, 3, 4);
+    if (rc == 0) {
+        int t = lua_type(L, 2);
+        if (t == LUA_TBOOLEAN && lua_toboolean(L, 2)) {
+            decision_clear(out);
+            out->allow = true;
+            copy_bytes(out->user, sizeof(out->user), user, strlen(user));
+        } else if (t == LUA_TBOOLEAN) {
+            rc = read_refusal(st, MG_HOOK_ADMIT, 3, 403, "Forbidden", out);
+        } else {
+            rc = bad_result(st, MG_HOOK_ADMIT, "must return true, or false, status, message, "
+                                               "headers; got %s", luaL_typename(L, 2));
+        }
+    }
+    if (rc != 0)
+        decision_fail(out);
+    lua_settop(L, 1);
+    return rc;
+}
+
+/* ---- tables of fields (route, limits, shutdown) ---- */
+
+/*
+ * Fails on a key that is not in names: a misspelt field must not silently take a default.
+ * seen is how many of the names the field readers found; when the table holds just as many
+ * keys, none is unknown and no name needs comparing (the usual, fast case).
+ */
+static int check_fields(mg_policy_state_t *st, mg_hook_t h, int t, const char *const *names,
+                        int seen)
+{
+    lua_State *L = st->L;
+    int keys = 0;
+    lua_pushnil(L);
+    while (lua_next(L, t) != 0) {
+        lua_pop(L, 1);
+        keys++;
+    }
+    if (keys == seen)
+        return 0;
+    lua_pushnil(L);
+    while (lua_next(L, t) != 0) {
+        lua_pop(L, 1);
+        bool known = false;
+        if (lua_type(L, -1) == LUA_TSTRING) {
+            for (int i = 0; names[i] != NULL && !known; i++)
+                known = strcmp(lua_tostring(L, -1), names[i]) == 0;
+        }
+        if (!known) {
+            int rc = bad_result(st, h, "unknown field %s%s",
+                                lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "of type ",
+                                lua_type(L, -1) == LUA_TSTRING ? "" : luaL_typename(L, -1));
+            lua_pop(L, 1);
+            return rc;
+        }
+    }
+    return 0;
+}
+
+/* Reads t.name as a string into buf; absent leaves buf as it is. */
+static int field_str(mg_policy_state_t *st, mg_hook_t h, int t, const char *name, char *buf,
+                     size_t cap, int *seen)
+{
+    lua_State *L = st->L;
+    int rc = 0;
+    lua_getfield(L, t, name);
+    *seen += !lua_isnil(L, -1);
+    if (lua_type(L, -1) == LUA_TSTRING) {
+        size_t n;
+        const char *s = lua_tolstring(L, -1, &n);
+        if (n >= cap || memchr(s, '\0', n) != NULL)
+            rc = bad_result(st, h, "field %s must be a string shorter than %zu bytes, without "
+                                   "NUL", name, cap);
+        else
+            copy_bytes(buf, cap, s, n);
+    } else if (!lua_isnil(L, -1)) {
+        rc = bad_result(st, h, "field %s must be a string, got %s", name, luaL_typename(L, -1));
+    }
+    lua_pop(L, 1);
+    return rc;
+}
+
+static int field_num(mg_policy_state_t *st, mg_hook_t h, int t, const char *name, double min,
+                     double max, double *out, int *seen)
+{
+    lua_State *L = st->L;
+    int rc = 0;
+    lua_getfield(L, t, name);
+    *seen += !lua_isnil(L, -1);
+    if (!lua_isnil(L, -1) && !to_int(L, -1, min, max, out)) {
+        /* lua_tostring would turn the number on the stack into a string: read it as a number. */
+        if (lua_type(L, -1) == LUA_TNUMBER)
+            rc = bad_result(st, h, "field %s must be a whole number from %.0f to %.0f, got "
+                                   "number %.14g", name, min, max, lua_tonumber(L, -1));
+        else
+            rc = bad_result(st, h, "field %s must be a whole number from %.0f to %.0f, got %s",
+                            name, min, max, luaL_typename(L, -1));
+    }
+    lua_pop(L, 1);
+    return rc;
+}
+
+static int field_bool(mg_policy_state_t *st, mg_hook_t h, int t, const char *name, bool *out,
+                      int *seen)
+{
+    lua_State *L = st->L;
+    int rc = 0;
+    lua_getfield(L, t, name);
+    *seen += !lua_isnil(L, -1);
+    if (lua_type(L, -1) == LUA_TBOOLEAN)
+        *out = lua_toboolean(L, -1);
+    else if (!lua_isnil(L, -1))
+        rc = bad_result(st, h, "field %s must be a boolean, got %s", name, luaL_typename(L, -1));
+    lua_pop(L, 1);
+    return rc;
+}
+
+static bool fingerprint_ok(const char *s)
+{
+    if (strncmp(s, "SHA256:", 7) != 0)
+        return false;
+    size_t n = strlen(s + 7);
+    if (n < 43 || n > 44)
+        return false;
+    for (const char *c = s + 7; *c != '\0'; c++) {
+        if (!((*c >= 'A' && *c <= 'Z') || (*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9') ||
+              *c == '+' || *c == '/' || *c == '='))
+            return false;
+    }
+    return true;
+}
+
+/*   in: ... t        out: ... t */
+static int read_route(mg_policy_state_t *st, int t, mg_policy_route_t *r)
+{
+    static const char *const names[] = {
+        "transport", "host", "port", "ssh_user", "key", "key_passphrase", "known_hosts",
+        "host_key", "target_host", "target_port", NULL,
+    };
+    const mg_hook_t h = MG_HOOK_ROUTE;
+    int rc = 0, seen = 0;
+    char transport[16] = "tcp";
+    double port = 22, target_port = 11434;
+    copy_bytes(r->target_host, sizeof(r->target_host), "127.0.0.1", 9);
+    if (rc == 0)
+        rc = field_str(st, h, t, "transport", transport, sizeof(transport), &seen);
+    if (rc == 0)
+        rc = field_str(st, h, t, "host", r->host, sizeof(r->host), &seen);
+    if (rc == 0)
+        rc = field_num(st, h, t, "port", 1, 65535, &port, &seen);
+    if (rc == 0)
+        rc = field_str(st, h, t, "ssh_user", r->ssh_user, sizeof(r->ssh_user), &seen);
+    if (rc == 0)
+        rc = field_str(st, h, t, "key", r->key, sizeof(r->key), &seen);
+    if (rc == 0)
+        rc = field_str(st, h, t, "key_passphrase", r->key_passphrase, sizeof(r->key_passphrase),
+                       &seen);
+    if (rc == 0)
+        rc = field_str(st, h, t, "known_hosts", r->known_hosts, sizeof(r->known_hosts), &seen);
+    if (rc == 0)
+        rc = field_str(st, h, t, "host_key", r->host_key, sizeof(r->host_key), &seen);
+    if (rc == 0)
+        rc = field_str(st, h, t, "target_host", r->target_host, sizeof(r->target_host), &seen);
+    if (rc == 0)
+        rc = field_num(st, h, t, "target_port", 1, 65535, &target_port, &seen);
+    if (rc == 0)
+        rc = check_fields(st, h, t, names, seen);
+    if (rc != 0)
+        return rc;
+    r->port = (int)port;
+    r->target_port = (int)target_port;
+    if (strcmp(transport, "tcp") == 0)
+        r->transport = MG_ROUTE_TCP;
+    else if (strcmp(transport, "agent") == 0)
+        r->transport = MG_ROUTE_AGENT;
+    else
+        return bad_result(st, h, "field transport must be \"tcp\" or \"agent\", got \"%s\"",
+                          transport);
+    if (r->transport == MG_ROUTE_TCP && r->host[0] == '\0')
+        return bad_result(st, h, "field host is required for transport \"tcp\"");
+    if (r->ssh_user[0] == '\0' || r->key[0] == '\0')
+        return bad_result(st, h, "fields ssh_user and key are required");
+    if (r->host_key[0] != '\0' && !fingerprint_ok(r->host_key))
+        return bad_result(st, h, "field host_key must be a fingerprint \"SHA256:<base64>\"");
+    if (r->host_key[0] == '\0' && r->known_hosts[0] == '\0')
+        return bad_result(st, h, "the host key must be checked: give known_hosts or host_key");
+    if (r->target_host[0] == '\0')
+        return bad_result(st, h, "field target_host must not be empty");
+    return 0;
+}
+
+int mg_policy_route(mg_policy_state_t *st, const mg_policy_request_t *req, const char *user,
+                    mg_policy_route_t *route, mg_policy_decision_t *out)
+{
+    lua_State *L = st->L;
+    memset(route, 0, sizeof(*route));
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[MG_HOOK_ROUTE]);
+    push_request(L, req);
+    lua_pushstring(L, user);
+    int rc = call_hook(st, MG_HOOK_ROUTE, 2, 4);
+    if (rc == 0) {
+        int t = lua_type(L, 2);
+        if (t == LUA_TTABLE) {
+            rc = read_route(st, 2, route);
+            if (rc == 0) {
+                decision_clear(out);
+                out->allow = true;
+                copy_bytes(out->user, sizeof(out->user), user, strlen(user));
+            }
+        } else if (t == LUA_TNIL || (t == LUA_TBOOLEAN && !lua_toboolean(L, 2))) {
+            rc = read_refusal(st, MG_HOOK_ROUTE, 3, 503, "No route for this user", out);
+        } else {
+            rc = bad_result(st, MG_HOOK_ROUTE, "must return a table, or nil, status, message, "
+                                               "headers; got %s", luaL_typename(L, 2));
+        }
+    }
+    if (rc != 0) {
+        memset(route, 0, sizeof(*route));
+        decision_fail(out);
+    } else if (!out->allow) {
+        memset(route, 0, sizeof(*route));
+    }
+    lua_settop(L, 1);
+    return rc;
+}
+
+int mg_policy_limits(mg_policy_t *p, const char *user, mg_pool_limits_t *out)
+{
+    static const char *const names[] = {
+        "max_connections", "max_channels", "idle_timeout_ms", "queue_max", "queue_timeout_ms",
+        NULL,
+    };
+    const mg_hook_t h = MG_HOOK_LIMITS;
+    mg_policy_state_t *st = mg_policy_acquire(p);
+    lua_State *L = st->L;
+    const mg_pool_limits_t *d = &p->opts.default_limits;
+    *out = *d;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[h]);
+    lua_pushstring(L, user);
+    int rc = call_hook(st, h, 1, 1);
+    if (rc == 0 && lua_istable(L, 2)) {
+        double mc = d->max_connections, mch = d->max_channels, idle = (double)d->idle_timeout_ms,
+               qm = d->queue_max, qt = (double)d->queue_timeout_ms;
+        int seen = 0;
+        rc = field_num(st, h, 2, "max_connections", 1, 1000, &mc, &seen);
+        if (rc == 0)
+            rc = field_num(st, h, 2, "max_channels", 1, 1000, &mch, &seen);
+        if (rc == 0)
+            rc = field_num(st, h, 2, "idle_timeout_ms", 1000, 86400000, &idle, &seen);
+        if (rc == 0)
+            rc = field_num(st, h, 2, "queue_max", 0, 100000, &qm, &seen);
+        if (rc == 0)
+            rc = field_num(st, h, 2, "queue_timeout_ms", 1, 600000, &qt, &seen);
+        if (rc == 0)
+            rc = check_fields(st, h, 2, names, seen);
+        if (rc == 0) {
+            out->max_connections = (int)mc;
+            out->max_channels = (int)mch;
+            out->idle_timeout_ms = (uint64_t)idle;
+            out->queue_max = (int)qm;
+            out->queue_timeout_ms = (uint64_t)qt;
+        }
+    } else if (rc == 0 && !lua_isnil(L, 2)) {
+        rc = bad_result(st, h, "must return a table or nil, got %s", luaL_typename(L, 2));
+    }
+    if (rc != 0)
+        *out = *d;
+    lua_settop(L, 1);
+    mg_policy_release(st);
+    return rc;
+}
+
+int mg_policy_pool_limits_fn(void *ctx, const char *user, mg_pool_limits_t *out)
+{
+    return mg_policy_limits(ctx, user, out);
+}
+
+int mg_policy_shutdown(mg_policy_t *p, const mg_policy_shutdown_info_t *info,
+                       mg_policy_shutdown_t *out)
+{
+    static const char *const names[] = {
+        "grace_ms", "notify_clients", "force_after_grace", "message", NULL,
+    };
+    const mg_hook_t h = MG_HOOK_SHUTDOWN;
+    mg_policy_state_t *st = mg_policy_acquire(p);
+    lua_State *L = st->L;
+    const mg_policy_shutdown_t *d = &p->opts.default_shutdown;
+    *out = *d;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[h]);
+    lua_createtable(L, 0, 3);
+    if (info != NULL) {
+        lua_pushstring(L, info->reason != NULL ? info->reason : "unknown");
+        lua_setfield(L, -2, "reason");
+        lua_pushinteger(L, info->in_flight);
+        lua_setfield(L, -2, "in_flight");
+        lua_pushinteger(L, info->connections);
+        lua_setfield(L, -2, "connections");
+    }
+    int rc = call_hook(st, h, 1, 1);
+    if (rc == 0 && lua_istable(L, 2)) {
+        double grace = (double)d->grace_ms;
+        int seen = 0;
+        rc = field_num(st, h, 2, "grace_ms", 0, 3600000, &grace, &seen);
+        if (rc == 0)
+            rc = field_bool(st, h, 2, "notify_clients", &out->notify_clients, &seen);
+        if (rc == 0)
+            rc = field_bool(st, h, 2, "force_after_grace", &out->force_after_grace, &seen);
+        if (rc == 0)
+            rc = field_str(st, h, 2, "message", out->message, sizeof(out->message), &seen);
+        if (rc == 0)
+            rc = check_fields(st, h, 2, names, seen);
+        out->grace_ms = (uint64_t)grace;
+    } else if (rc == 0 && !lua_isnil(L, 2)) {
+        rc = bad_result(st, h, "must return a table or nil, got %s", luaL_typename(L, 2));
+    }
+    if (rc != 0)
+        *out = *d;
+    lua_settop(L, 1);
+    mg_policy_release(st);
+    return rc;
+}
+
+int mg_policy_event(mg_policy_t *p, const mg_policy_event_t *ev)
+{
+    mg_policy_state_t *st = mg_policy_acquire(p);
+    lua_State *L = st->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[MG_HOOK_ON_EVENT]);
+    lua_createtable(L, 0, 4);
+    lua_pushstring(L, ev->type != NULL ? ev->type : "unknown");
+    lua_setfield(L, -2, "type");
+    if (ev->user != NULL) {
+        lua_pushstring(L, ev->user);
+        lua_setfield(L, -2, "user");
+    }
+    if (ev->conn_id != 0) {
+        lua_pushnumber(L, (lua_Number)ev->conn_id);
+        lua_setfield(L, -2, "conn");
+    }
+    if (ev->message != NULL) {
+        lua_pushstring(L, ev->message);
+        lua_setfield(L, -2, "message");
+    }
+    int rc = call_hook(st, MG_HOOK_ON_EVENT, 1, 0);
+    lua_settop(L, 1);
+    mg_policy_release(st);
+    return rc;
+}

@@ -1004,6 +1004,11 @@ void *mg_pool_conn_backend_data(const mg_pool_conn_t *pc)
     return pc->backend_data;
 }
 
+void *mg_pool_conn_backend_ctx(const mg_pool_conn_t *pc)
+{
+    return pc->user->pool->backend_ctx;
+}
+
 uint64_t mg_pool_conn_id(const mg_pool_conn_t *pc)
 {
     return pc->id;

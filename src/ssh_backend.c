@@ -7,6 +7,9 @@
 static void on_conn_event(mg_ssh_conn_t *c, mg_ssh_event_t ev, void *data)
 {
     mg_pool_conn_t *pc = data;
+    const mg_ssh_backend_t *b = mg_pool_conn_backend_ctx(pc);
+    if (b->observer)
+        b->observer(b->observer_arg, c, ev);
     switch (ev) {
     case MG_SSH_EV_READY:
         mg_pool_conn_ready(pc);

@@ -197,6 +197,8 @@ void mg_pool_conn_closed(mg_pool_conn_t *pc, int err, const char *message);
 
 void mg_pool_conn_set_backend_data(mg_pool_conn_t *pc, void *data);
 void *mg_pool_conn_backend_data(const mg_pool_conn_t *pc);
+/* The backend_ctx given to mg_pool_new(). */
+void *mg_pool_conn_backend_ctx(const mg_pool_conn_t *pc);
 uint64_t mg_pool_conn_id(const mg_pool_conn_t *pc);
 const char *mg_pool_conn_user(const mg_pool_conn_t *pc);
 int mg_pool_conn_leases(const mg_pool_conn_t *pc);

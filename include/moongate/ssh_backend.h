@@ -20,6 +20,9 @@ typedef struct mg_ssh_backend {
     uv_loop_t *loop;
     /* How long a non-forced close waits for a connection's channels before ending them. */
     uint64_t close_wait_ms;
+    /* Optional: told of every connection event, after the pool (metrics, policy events). */
+    void (*observer)(void *arg, mg_ssh_conn_t *c, mg_ssh_event_t ev);
+    void *observer_arg;
 } mg_ssh_backend_t;
 
 extern const mg_pool_backend_t mg_ssh_pool_backend;

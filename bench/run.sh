@@ -1,0 +1,439 @@
+#!/usr/bin/env bash
+# The gateway benchmark: moongate against the upstream direct and against `ssh -L`, all measured
+# in one run on this machine, printed as tables with ratios, targets and PASS/MISS.
+#
+#   bench/run.sh [BUILD_DIR]          (default: build; needs BUILD_DIR/tests/mg-upstream and
+#                                      mg-streamclient, wrk, OpenSSH; BUILD_DIR/moongate optional)
+#
+# Everything runs on 127.0.0.1 from a private temp dir: mg-upstream (the LLM server stand-in), a
+# private OpenSSH sshd (the user's machine), `ssh -N -L` through that sshd (baseline), and
+# BUILD_DIR/moongate when it exists (else its column reads "n/a (moongate not built)"). Every
+# process started here is stopped on exit. bench/README.md explains each scenario.
+#
+# Exit status: 0 when the bench ran (a missed target is a finding, not a failure), 1 when the
+# bench itself could not run (a baseline did not start, a tool is missing), 2 on bad arguments.
+#
+# Environment: BENCH_DURATION (seconds per wrk run, default 6), BENCH_KEEP=1 keeps the temp dir.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+[ $# -le 1 ] || { echo "usage: bench/run.sh [BUILD_DIR]" >&2; exit 2; }
+build=$(cd "${1:-$here/build}" 2>/dev/null && pwd) || { echo "bench: no build dir ${1:-$here/build}" >&2; exit 2; }
+duration=${BENCH_DURATION:-6}
+upstream_bin=$build/tests/mg-upstream
+client_bin=$build/tests/mg-streamclient
+mg_bin=$build/moongate
+
+die() { echo "bench: $*" >&2; exit 1; }
+for tool in wrk ssh ssh-keygen /usr/sbin/sshd awk ss; do
+    command -v "$tool" >/dev/null || die "$tool is not installed"
+done
+[ -x "$upstream_bin" ] || die "$upstream_bin missing: cmake --build $build --target mg-upstream"
+[ -x "$client_bin" ] || die "$client_bin missing: cmake --build $build --target mg-streamclient"
+have_mg=0
+[ -x "$mg_bin" ] && have_mg=1
+
+dir=$(mktemp -d /tmp/moongate-bench.XXXXXX)
+pids=()
+
+# Every pid below was started by this script; sshd's per-connection children are its descendants.
+descendants() {
+    local c
+    for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+        echo "$c"
+        descendants "$c"
+    done
+}
+stop_pid() {  # pid [grace seconds]: SIGTERM, wait, then SIGKILL the pid and what it started
+    local pid=$1 grace=${2:-3} kids i
+    kill -0 "$pid" 2>/dev/null || return 0
+    kids=$(descendants "$pid")
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < grace * 20; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    kill -KILL "$pid" $kids 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+    local i
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do stop_pid "${pids[i]}" 2; done
+    if [ "${BENCH_KEEP:-0}" = 1 ]; then echo "bench: kept $dir" >&2; else rm -rf "$dir"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
+        shuf -i 20000-60000 -n 1
+}
+wait_port() {  # port pid: 0 once 127.0.0.1:port accepts, 1 if pid exited or 10 s passed
+    local i
+    for ((i = 0; i < 200; i++)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.05
+    done
+    return 1
+}
+calc() { awk "BEGIN { printf \"%s\", $* }"; }                # calc 'expr' -> number text
+num() { [[ $1 =~ ^-?[0-9]+(\.[0-9]+)?$ ]]; }                # is $1 a measured number?
+ratio() { if num "$1" && num "$2" && [ "$(calc "($2 > 0)")" = 1 ]; then calc "sprintf(\"%.2fx\", $1 / $2)"; else echo "-"; fi; }
+verdict() { if num "$1"; then [ "$(calc "($2)")" = 1 ] && echo PASS || echo MISS; else echo "$3"; fi; }
+
+# --- The pieces ---------------------------------------------------------------------------------
+
+echo "bench: build $build, temp dir $dir, ${duration}s per wrk run, $(nproc) cores"
+echo "bench: load average $(cut -d' ' -f1-3 /proc/loadavg) before the run (other work on the machine lowers every figure; compare ratios)"
+echo "bench: moongate $([ $have_mg = 1 ] && echo "$mg_bin" || echo "not built ($mg_bin missing)")"
+
+"$upstream_bin" -l 127.0.0.1:0 --port-file "$dir/upstream.port" >"$dir/upstream.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do [ -s "$dir/upstream.port" ] && break; sleep 0.05; done
+[ -s "$dir/upstream.port" ] || die "mg-upstream did not start: $(cat "$dir/upstream.log")"
+up_port=$(cat "$dir/upstream.port")
+
+ssh-keygen -q -t ed25519 -N '' -C bench-host -f "$dir/host_key"
+ssh-keygen -q -t ed25519 -N '' -C bench-gateway -f "$dir/gateway_key"
+ssh_user=$(id -un)
+ssh_port=$(free_port)
+# The gateway's key is limited to the upstream's port, as a user would set it up.
+echo "restrict,port-forwarding,permitopen=\"127.0.0.1:$up_port\" $(cat "$dir/gateway_key.pub")" \
+    >"$dir/authorized_keys"
+echo "[127.0.0.1]:$ssh_port $(cut -d' ' -f1,2 "$dir/host_key.pub")" >"$dir/known_hosts"
+# MaxStartups: the memory scenario opens 100 SSH connections at once (the default drops past 10).
+cat >"$dir/sshd_config" <<CONF
+ListenAddress 127.0.0.1
+Port $ssh_port
+HostKey $dir/host_key
+AuthorizedKeysFile $dir/authorized_keys
+PidFile $dir/sshd.pid
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin prohibit-password
+StrictModes no
+UsePAM no
+AllowTcpForwarding yes
+MaxStartups 1000
+LogLevel ERROR
+CONF
+[ "$(id -u)" = 0 ] && mkdir -p /run/sshd
+/usr/sbin/sshd -D -e -f "$dir/sshd_config" 2>"$dir/sshd.log" &
+pids+=($!)
+wait_port "$ssh_port" "${pids[-1]}" || die "sshd did not start: $(cat "$dir/sshd.log")"
+
+# The baseline: OpenSSH's client forwarding, default cipher, through the same sshd and key.
+fwd_port=$(free_port)
+ssh -N -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o IdentityAgent=none \
+    -o StrictHostKeyChecking=yes -o UserKnownHostsFile="$dir/known_hosts" \
+    -o ExitOnForwardFailure=yes -i "$dir/gateway_key" -p "$ssh_port" \
+    -L "127.0.0.1:$fwd_port:127.0.0.1:$up_port" "$ssh_user@127.0.0.1" 2>"$dir/ssh-L.log" &
+pids+=($!)
+wait_port "$fwd_port" "${pids[-1]}" || die "ssh -L did not start: $(cat "$dir/ssh-L.log")"
+
+token=bench-token-5f2c9a
+cat >"$dir/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"model":"llama3","prompt":"Why is the sky blue?","stream":false}'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+echo "wrk.headers[\"Authorization\"] = \"Bearer $token\"" >>"$dir/post.lua"
+
+# Policies. route.lua: the hooks a deployment needs and nothing else (scenarios 1-3).
+route_tbl="{ host = \"127.0.0.1\", port = $ssh_port, ssh_user = \"$ssh_user\", key = \"$dir/gateway_key\",
+            known_hosts = \"$dir/known_hosts\", target_host = \"127.0.0.1\", target_port = $up_port }"
+limits_tbl="{ max_connections = 3, max_channels = 64, queue_max = 1000, queue_timeout_ms = 30000,
+             idle_timeout_ms = 300000 }"
+cat >"$dir/route.lua" <<LUA
+local route = $route_tbl
+local limits = $limits_tbl
+return {
+  authenticate = function(req) return "bench" end,
+  limits = function(user) return limits end,
+  route = function(req, user) return route end,
+}
+LUA
+# Scenario 4. nothing.lua: authenticate only; every other hook is the built-in default, with the
+# route and limits taken from the environment below. default_like.lua: the default policy's bearer
+# token check plus the token bucket of examples/policies/rate_limit.lua, sized to refuse nobody.
+cat >"$dir/nothing.lua" <<'LUA'
+return {
+  authenticate = function(req) return "bench" end,
+}
+LUA
+cat >"$dir/default_like.lua" <<'LUA'
+local default = require "moongate.default"
+local token_bucket = require "moongate.token_bucket"
+local bucket = token_bucket.new{ limit = 1000000, per = 1, prefix = "bench:" }
+return {
+  authenticate = default.authenticate,
+  admit = function(req, user, stats)
+    local ok, retry_after = bucket:take(user)
+    if not ok then
+      return false, 429, "rate limit", { ["retry-after"] = tostring(retry_after or 1) }
+    end
+    return true
+  end,
+}
+LUA
+# Scenario 5: one user per X-User header.
+cat >"$dir/users.lua" <<LUA
+local route = $route_tbl
+local limits = $limits_tbl
+return {
+  authenticate = function(req) return req.headers["x-user"] end,
+  limits = function(user) return limits end,
+  route = function(req, user) return route end,
+}
+LUA
+mg_env=(MOONGATE_LUA_DIR="$here/lua" MOONGATE_LOG_LEVEL=warn MOONGATE_TOKENS="bench:$token"
+        MOONGATE_SSH_HOST=127.0.0.1 MOONGATE_SSH_PORT="$ssh_port" MOONGATE_SSH_USER="$ssh_user"
+        MOONGATE_SSH_KEY="$dir/gateway_key" MOONGATE_KNOWN_HOSTS="$dir/known_hosts"
+        MOONGATE_TARGET_HOST=127.0.0.1 MOONGATE_TARGET_PORT="$up_port"
+        MOONGATE_FORWARD_HEADERS=x-user
+        MAX_CONNECTIONS_PER_USER=3 SSH_MAX_CHANNELS=64 QUEUE_MAX_PER_USER=1000 QUEUE_TIMEOUT=30000
+        MAX_IDLE_TIME=300000)
+
+# start_mg NAME POLICY: starts moongate; sets mg_port_NAME and mg_pid_NAME (0 if it failed).
+mg_failures=()
+start_mg() {
+    local name=$1 policy=$2 port pid
+    port=$(free_port)
+    env "${mg_env[@]}" "$mg_bin" -c "$dir/$policy" -l "127.0.0.1:$port" >"$dir/mg-$name.log" 2>&1 &
+    pid=$!
+    pids+=($pid)
+    if wait_port "$port" "$pid"; then
+        printf -v "mg_port_$name" %s "$port"
+        printf -v "mg_pid_$name" %s "$pid"
+    else
+        printf -v "mg_pid_$name" %s 0
+        mg_failures+=("moongate ($policy) did not start; its log: $(tail -5 "$dir/mg-$name.log")")
+        echo "bench: moongate with $policy did not start:" >&2
+        tail -20 "$dir/mg-$name.log" >&2
+    fi
+}
+# stop_mg NAME: SIGTERM (moongate drains and exits 0), records a nonzero exit as a failure.
+stop_mg() {
+    local name=$1 pid rc=0 i
+    pid=$(eval echo "\${mg_pid_$name:-0}")
+    [ "$pid" != 0 ] || return 0
+    if ! kill -0 "$pid" 2>/dev/null; then
+        wait "$pid" || rc=$?
+        mg_failures+=("moongate ($name) had exited (status $rc) before the bench stopped it")
+        return 0
+    fi
+    kill -TERM "$pid"
+    for ((i = 0; i < 300; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    if kill -0 "$pid" 2>/dev/null; then
+        stop_pid "$pid" 0
+        mg_failures+=("moongate ($name) did not exit within 15 s of SIGTERM")
+    else
+        wait "$pid" || rc=$?
+        [ "$rc" = 0 ] || mg_failures+=("moongate ($name) exited with status $rc after SIGTERM")
+    fi
+    printf -v "mg_pid_$name" %s 0
+}
+mg_alive() { local pid; pid=$(eval echo "\${mg_pid_$1:-0}"); [ "$pid" != 0 ] && kill -0 "$pid" 2>/dev/null; }
+
+# --- Measurements -------------------------------------------------------------------------------
+
+# run_wrk PORT SECONDS: sets rps, p99 (ms), and werr (empty, or what went wrong).
+run_wrk() {
+    local out
+    out=$(wrk -t2 -c64 -d"$2"s --latency -s "$dir/post.lua" "http://127.0.0.1:$1/echo" 2>&1) || true
+    echo "$out" >>"$dir/wrk.log"
+    rps=$(echo "$out" | awk '/^Requests\/sec:/ { printf "%.0f", $2 }')
+    p99=$(echo "$out" | awk '$1 == "99%" { v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v);
+        printf "%.2f", u == "us" ? v / 1000 : u == "s" ? v * 1000 : v }')
+    werr=$(echo "$out" | awk '/Non-2xx/ { printf "%s non-2xx; ", $NF } /Socket errors/ { printf "socket errors:%s; ", substr($0, index($0, ":") + 1) }')
+    if [ -z "$rps" ] || [ "$rps" = 0 ]; then werr="no requests completed; $werr"; rps=fail; p99=fail; fi
+    if [[ $werr == *non-2xx* ]]; then rps="fail"; p99="fail"; fi
+}
+# run_client PREFIX ARGS...: runs mg-streamclient and sets PREFIX_key for each key=value it prints.
+run_client() {
+    local prefix=$1 line out
+    shift
+    out=$("$client_bin" "$@" 2>>"$dir/client.log") || true
+    while IFS='=' read -r k v; do
+        [[ $k =~ ^[a-z0-9_]+$ ]] && printf -v "${prefix}_$k" %s "$v"
+    done <<<"$out"
+}
+# median of three numbers (or "fail" if any is not a number).
+median3() { if num "$1" && num "$2" && num "$3"; then printf '%s\n' "$1" "$2" "$3" | sort -g | sed -n 2p; else echo fail; fi; }
+
+W1=26 W=12 WM=24
+header() {
+    echo
+    echo "== $1"
+    printf "%-${W1}s %${W}s %${W}s %${WM}s %8s %-22s %s\n" "" "direct" "ssh -L" "moongate" "mg/ssh-L" "target" "result"
+}
+row() { printf "%-${W1}s %${W}s %${W}s %${WM}s %8s %-22s %s\n" "$@"; }
+summary=()
+note() { summary+=("$(printf '%-5s %s' "$1" "$2")"); }
+NA="n/a (moongate not built)"
+mgcell() { if [ $have_mg = 0 ]; then echo "$NA"; elif [ -n "$1" ]; then echo "$1"; else echo fail; fi; }
+mgres() { if [ $have_mg = 0 ]; then echo "n/a"; else verdict "$@"; fi; }
+
+targets=(direct sshl)
+declare -A port=([direct]=$up_port [sshl]=$fwd_port)
+if [ $have_mg = 1 ]; then
+    start_mg a route.lua
+    if [ "$mg_pid_a" != 0 ]; then port[mg]=$mg_port_a; targets+=(mg); fi
+fi
+
+# 1. Small POST, 64 connections.
+echo "bench: 1/5 small POST (${duration}s per target)"
+declare -A RPS P99 WERR
+for t in "${targets[@]}"; do
+    run_wrk "${port[$t]}" 1   # warm-up: connections, channels, the JIT of the client
+    run_wrk "${port[$t]}" "$duration"
+    RPS[$t]=$rps P99[$t]=$p99 WERR[$t]=$werr
+done
+header "1. small POST /echo, wrk -t2 -c64 -d${duration}s"
+r=$(ratio "${RPS[mg]:-}" "${RPS[sshl]}")
+res=$(mgres "${RPS[mg]:-}" "${RPS[mg]:-0} >= 1.5 * ${RPS[sshl]}" MISS)
+row "requests/s" "${RPS[direct]}" "${RPS[sshl]}" "$(mgcell "${RPS[mg]:-}")" "$r" ">= 1.5x ssh -L" "$res"
+[ $have_mg = 1 ] && note "$res" "small POST: moongate ${RPS[mg]:-fail} req/s = $r of ssh -L ${RPS[sshl]} (target >= 1.5x)"
+res=$(mgres "${P99[mg]:-}" "${P99[mg]:-0} < 10" MISS)
+row "p99 latency (ms)" "${P99[direct]}" "${P99[sshl]}" "$(mgcell "${P99[mg]:-}")" "$(ratio "${P99[mg]:-}" "${P99[sshl]}")" "< 10 ms" "$res"
+[ $have_mg = 1 ] && note "$res" "small POST: moongate p99 ${P99[mg]:-fail} ms (target < 10 ms)"
+for t in "${targets[@]}"; do [ -z "${WERR[$t]}" ] || echo "   note ($t): ${WERR[$t]}"; done
+
+# 2. 50 concurrent streams.
+echo
+echo "bench: 2/5 streams"
+spath='/stream?chunks=200&interval_ms=5&size=64'
+for t in "${targets[@]}"; do
+    run_client warm -p "${port[$t]}" -n 50 --path '/stream?chunks=2&interval_ms=5&size=64' --timeout-ms 20000
+    run_client "s_$t" -p "${port[$t]}" -n 50 --path "$spath" --expect-chunks 200 --timeout-ms 30000
+done
+sval() { local v="s_${1}_ok"; if [ "${!v:-0}" = 1 ]; then v="s_${1}_$2"; echo "${!v}"; else echo fail; fi; }
+header "2. 50 streams x 200 chunks, 5 ms apart (GET $spath)"
+gm=""; [ $have_mg = 1 ] && gm=$(sval mg gap_excess_max_ms)
+res=$(mgres "$gm" "$gm <= 5" MISS)
+row "gap excess max (ms)" "$(sval direct gap_excess_max_ms)" "$(sval sshl gap_excess_max_ms)" "$(mgcell "$gm")" "$(ratio "$gm" "$(sval sshl gap_excess_max_ms)")" "<= 5 ms" "$res"
+[ $have_mg = 1 ] && note "$res" "streams: worst chunk gap $gm ms beyond the upstream's own (target <= 5 ms)"
+gp=""; [ $have_mg = 1 ] && gp=$(sval mg gap_excess_p99_ms)
+row "gap excess p99 (ms)" "$(sval direct gap_excess_p99_ms)" "$(sval sshl gap_excess_p99_ms)" "$(mgcell "$gp")" "$(ratio "$gp" "$(sval sshl gap_excess_p99_ms)")" "-" ""
+for q in p50 max; do
+    tm=""; [ $have_mg = 1 ] && tm=$(sval mg "ttfb_${q}_ms")
+    td=$(sval direct "ttfb_${q}_ms")
+    res=$(mgres "$tm" "$tm <= ${td/fail/0} + 10" MISS)
+    row "first byte $q (ms)" "$td" "$(sval sshl "ttfb_${q}_ms")" "$(mgcell "$tm")" "$(ratio "$tm" "$(sval sshl "ttfb_${q}_ms")")" "<= direct + 10 ms" "$res"
+    [ $have_mg = 1 ] && note "$res" "streams: first byte $q moongate $tm ms, direct $td ms (target within 10 ms of direct)"
+done
+
+# 3. 100 MB through one request: the median of three runs.
+echo
+echo "bench: 3/5 100 MB"
+declare -A MBS
+for t in "${targets[@]}"; do
+    runs=()
+    for i in 1 2 3; do
+        run_client b -p "${port[$t]}" --bulk 100000000 --timeout-ms 60000
+        if [ "${b_ok:-0}" = 1 ]; then runs+=("$b_mb_per_s"); else runs+=(fail); fi
+        b_ok=0
+    done
+    MBS[$t]=$(median3 "${runs[@]}")
+done
+header "3. 100 MB in one response (GET /bytes/100000000, verified), median of 3"
+r=$(ratio "${MBS[mg]:-}" "${MBS[sshl]}")
+res=$(mgres "${MBS[mg]:-}" "${MBS[mg]:-0} >= 0.75 * ${MBS[sshl]}" MISS)
+row "MB/s (10^6 B)" "${MBS[direct]}" "${MBS[sshl]}" "$(mgcell "${MBS[mg]:-}")" "$r" ">= 0.75x ssh -L" "$res"
+[ $have_mg = 1 ] && note "$res" "100 MB: moongate ${MBS[mg]:-fail} MB/s = $r of ssh -L ${MBS[sshl]} (target >= 0.75x)"
+[ $have_mg = 1 ] && stop_mg a
+
+# 4. The policy's cost: two gateways, measured alternately (nothing, default-like, twice).
+echo
+echo "bench: 4/5 policy cost"
+echo
+echo "== 4. policy cost: small POST as in 1, do-nothing vs default-like policy (mean of 2 runs each)"
+printf "%-${W1}s %${W}s %${W}s %8s %-22s %s\n" "" "do-nothing" "default-like" "cost" "target" "result"
+if [ $have_mg = 1 ]; then
+    start_mg n nothing.lua
+    start_mg d default_like.lua
+    declare -A SUM=([n]=0 [d]=0) P4=()
+    ok4=1
+    if [ "$mg_pid_n" != 0 ] && [ "$mg_pid_d" != 0 ]; then
+        run_wrk "$mg_port_n" 1; run_wrk "$mg_port_d" 1
+        for round in 1 2; do
+            for v in n d; do
+                pv="mg_port_$v"
+                run_wrk "${!pv}" "$duration"
+                if num "$rps"; then SUM[$v]=$(calc "${SUM[$v]} + $rps"); P4[$v]=$p99; else ok4=0; echo "   note ($v): $werr"; fi
+            done
+        done
+    else
+        ok4=0
+    fi
+    if [ $ok4 = 1 ]; then
+        rn=$(calc "sprintf(\"%.0f\", ${SUM[n]} / 2)") rd=$(calc "sprintf(\"%.0f\", ${SUM[d]} / 2)")
+        cost=$(calc "sprintf(\"%.1f\", 100 * (1 - $rd / $rn))")
+        res=$(verdict "$cost" "$cost <= 10" MISS)
+        printf "%-${W1}s %${W}s %${W}s %8s %-22s %s\n" "requests/s" "$rn" "$rd" "$cost%" "<= 10% slower" "$res"
+        printf "%-${W1}s %${W}s %${W}s\n" "p99 latency (ms), last run" "${P4[n]}" "${P4[d]}"
+        note "$res" "policy cost: default-like $rd req/s vs do-nothing $rn req/s: $cost% slower (target <= 10%)"
+    else
+        printf "%-${W1}s %${W}s %${W}s %8s %-22s %s\n" "requests/s" fail fail "-" "<= 10% slower" MISS
+        note MISS "policy cost: a moongate run failed (see notes above)"
+    fi
+    stop_mg n
+    stop_mg d
+else
+    printf "%-${W1}s %${W}s %${W}s %8s %-22s %s\n" "requests/s" "$NA" "" "" "<= 10% slower" "n/a"
+fi
+echo "   do-nothing: authenticate returns \"bench\"; every other hook the built-in default (route, limits from the environment)"
+echo "   default-like: bearer token of lua/moongate/default.lua + admit through lua/moongate/token_bucket.lua (never refusing)"
+
+# 5. Memory with 100 idle SSH connections.
+echo
+echo "bench: 5/5 memory"
+echo
+echo "== 5. moongate resident memory (VmRSS), 100 users each with one idle SSH connection"
+printf "%-${W1}s %${W}s %-22s %s\n" "" "moongate" "target" "result"
+rss() { awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo fail; }
+if [ $have_mg = 1 ]; then
+    start_mg u users.lua
+    if [ "$mg_pid_u" != 0 ]; then
+        sleep 0.5
+        rss0=$(rss "$mg_pid_u")
+        run_client u -p "$mg_port_u" -n 100 --path /hello --user-header x-user --user-prefix user --timeout-ms 60000
+        sleep 1
+        rss1=fail
+        mg_alive u && rss1=$(rss "$mg_pid_u")
+        nconn=$(ss -Htnp state established "( dport = :$ssh_port )" 2>/dev/null | grep -c "pid=$mg_pid_u," || true)
+        [ "${u_ok:-0}" = 1 ] || { rss1=fail; echo "   note: $((100 - ${u_completed:-0})) of the 100 requests failed (see $dir/client.log)"; }
+        res=$(verdict "$rss1" "$rss1 < 32" MISS)
+        # The figure means something only if the 100 connections really are open.
+        if [ "$nconn" -lt 100 ] && [ "$res" = PASS ]; then
+            res="MISS (only $nconn conns)"
+        fi
+        printf "%-${W1}s %${W}s %-22s %s\n" "RSS idle, no users (MB)" "$rss0" "-" ""
+        printf "%-${W1}s %${W}s %-22s %s\n" "RSS, 100 idle conns (MB)" "$rss1" "< 32 MB" "$res"
+        printf "%-${W1}s %${W}s %-22s %s\n" "SSH connections open" "$nconn" "100" ""
+        note "$res" "memory: moongate $rss1 MB with $nconn idle SSH connections (target < 32 MB; $rss0 MB before)"
+    else
+        printf "%-${W1}s %${W}s %-22s %s\n" "RSS, 100 idle conns (MB)" fail "< 32 MB" MISS
+        note MISS "memory: moongate did not start"
+    fi
+    stop_mg u
+else
+    printf "%-${W1}s %${W}s %-22s %s\n" "RSS, 100 idle conns (MB)" "$NA" "< 32 MB" "n/a"
+fi
+echo "   (MB = 2^20 bytes, from /proc/PID/status)"
+
+# --- Summary ------------------------------------------------------------------------------------
+echo
+echo "== summary (moongate vs targets)"
+if [ $have_mg = 0 ]; then
+    echo "n/a   moongate not built ($mg_bin missing): only the baselines were measured"
+else
+    for s in "${summary[@]}"; do echo "$s"; done
+    for f in "${mg_failures[@]}"; do echo "FAIL  $f"; done
+    [ ${#mg_failures[@]} = 0 ] || [ "${BENCH_KEEP:-0}" = 1 ] ||
+        echo "      (BENCH_KEEP=1 bench/run.sh keeps the temp dir with moongate's logs)"
+fi
+echo "baselines: direct ${RPS[direct]} req/s, ssh -L ${RPS[sshl]} req/s; 100 MB direct ${MBS[direct]} MB/s, ssh -L ${MBS[sshl]} MB/s"
+exit 0

@@ -19,6 +19,7 @@
 #include "moongate/json.h"
 #include "moongate/log.h"
 
+#include <arpa/inet.h>
 #include <libwebsockets.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,20 +29,30 @@
 #define OUT_HIGH_WATER (512 * 1024)
 #define OUT_LOW_WATER (128 * 1024)
 #define BODY_HIGH_WATER (256 * 1024)
-#define WRITE_CHUNK (64 * 1024)
+#define WRITE_CHUNK (96 * 1024)
 #define MAX_HEADERS 96
 #define HEAD_BUF_SIZE (32 * 1024)
+
+typedef struct req req_t;
 
 struct mg_front {
     mg_gateway_t *gw;
     struct lws_context *ctx;
     struct lws_vhost *vhost;
     int port;
+    uv_idle_t kick;           /* writes the responses of kick_list on the loop's next turn */
+    req_t *kick_list;
 };
 
-typedef struct req {
+typedef struct pss pss_t;
+
+struct req {
     mg_gateway_t *gw;
+    mg_front_t *front;
+    pss_t *pss;
     struct lws *wsi;
+    req_t *kick_next, *kick_prev;
+    bool kick_queued;
     mg_policy_state_t *pol;
     mg_exchange_t *x;
     char id[MG_HTTP1_REQUEST_ID_MAX + 1];
@@ -77,17 +88,18 @@ typedef struct req {
     uint64_t t_start, t_first;
     uint64_t bytes_down;
     bool counted;
-} req_t;
+};
 
-typedef struct pss {
+struct pss {
     req_t *r;
-} pss_t;
+};
 
 static const char *const method_names[] = {
     "GET", "POST", "OPTIONS", "PUT", "PATCH", "DELETE", "CONNECT", "HEAD",
 };
 
 static _Thread_local unsigned char write_buf[LWS_PRE + WRITE_CHUNK];
+_Static_assert(WRITE_CHUNK > HEAD_BUF_SIZE, "a head and some body fit one write");
 
 /* ---- request bookkeeping ---- */
 
@@ -107,8 +119,44 @@ static void req_count(req_t *r)
                (unsigned long long)r->bytes_down, (double)(uv_hrtime() - r->t_start) / 1e6);
 }
 
+static void on_kick(uv_idle_t *h);
+
+static void kick_unlink(req_t *r)
+{
+    if (!r->kick_queued)
+        return;
+    if (r->kick_prev)
+        r->kick_prev->kick_next = r->kick_next;
+    else
+        r->front->kick_list = r->kick_next;
+    if (r->kick_next)
+        r->kick_next->kick_prev = r->kick_prev;
+    r->kick_next = r->kick_prev = NULL;
+    r->kick_queued = false;
+}
+
+/*
+ * Asks for the response to be written on the loop's next turn. Writing directly, instead of
+ * asking lws for a writable callback, saves the poll changes that lws makes through libuv
+ * (each costs two epoll_ctl calls), and one turn gathers a head, its body and its end.
+ */
+static void kick(req_t *r)
+{
+    if (r->kick_queued)
+        return;
+    r->kick_queued = true;
+    r->kick_prev = NULL;
+    r->kick_next = r->front->kick_list;
+    if (r->kick_next)
+        r->kick_next->kick_prev = r;
+    r->front->kick_list = r;
+    if (!uv_is_active((uv_handle_t *)&r->front->kick))
+        uv_idle_start(&r->front->kick, on_kick);
+}
+
 static void req_free(req_t *r)
 {
+    kick_unlink(r);
     if (r->x) {
         mg_exchange_abort(r->x);
         r->x = NULL;
@@ -183,7 +231,7 @@ static void respond(req_t *r, int status, const char *ctype, const char *body, s
     if (strcmp(r->method, "HEAD") != 0)
         mg__buf_append(&r->out, body, len);
     r->resp_complete = true;
-    lws_callback_on_writable(r->wsi);
+    kick(r);
 }
 
 /* {"error": message, "request_id": id} with status, and the decision's headers. */
@@ -302,7 +350,7 @@ static void x_on_head(mg_exchange_t *x, const mg_http1_resp_head_t *h)
                     r->id, HEAD_BUF_SIZE);
         r->abort_client = true;
     }
-    lws_callback_on_writable(r->wsi);
+    kick(r);
 }
 
 static void x_on_body(mg_exchange_t *x, const char *buf, size_t len)
@@ -322,7 +370,7 @@ static void x_on_body(mg_exchange_t *x, const char *buf, size_t len)
         r->exchange_paused = true;
         mg_exchange_pause(x);
     }
-    lws_callback_on_writable(r->wsi);
+    kick(r);
 }
 
 static void pump_body(req_t *r);
@@ -355,7 +403,7 @@ static void x_on_done(mg_exchange_t *x, int status, const char *message)
         }
         respond_error(r, code, message, &d);
     }
-    lws_callback_on_writable(r->wsi);
+    kick(r);
 }
 
 static const mg_exchange_cbs_t x_cbs = {
@@ -641,7 +689,7 @@ static void start_request(req_t *r)
             rd.nheaders = 1;
             snprintf(rd.headers[0].name, sizeof(rd.headers[0].name), "retry-after");
             snprintf(rd.headers[0].value, sizeof(rd.headers[0].value), "%d",
-                     rc == MG_EBACKOFF ? 5 : 1);
+                     1);
         }
         respond_error(r, code, err, &rd);
         return;
@@ -649,12 +697,14 @@ static void start_request(req_t *r)
     pump_body(r);
 }
 
-static req_t *req_new(mg_gateway_t *gw, struct lws *wsi)
+static req_t *req_new(mg_gateway_t *gw, struct lws *wsi, pss_t *pss)
 {
     req_t *r = calloc(1, sizeof(*r));
     if (r == NULL)
         return NULL;
     r->gw = gw;
+    r->front = gw->front;
+    r->pss = pss;
     r->wsi = wsi;
     r->t_start = uv_hrtime();
     r->body_expected = MG_HTTP1_NO_LENGTH;
@@ -664,7 +714,7 @@ static req_t *req_new(mg_gateway_t *gw, struct lws *wsi)
 
 static int on_http(mg_gateway_t *gw, struct lws *wsi, pss_t *pss)
 {
-    req_t *r = req_new(gw, wsi);
+    req_t *r = req_new(gw, wsi, pss);
     if (r == NULL)
         return -1;
     pss->r = r;
@@ -782,21 +832,27 @@ static void on_body_complete(req_t *r)
 static int on_writeable(pss_t *pss, req_t *r)
 {
     struct lws *wsi = r->wsi;
-    if (r->head != NULL && !r->head_sent && r->head_len > 0) {
-        if (lws_write(wsi, r->head + LWS_PRE, r->head_len, LWS_WRITE_HTTP_HEADERS) !=
-            (int)r->head_len)
+    /* The head goes out with the first piece of body, in one write; for HTTP/1 lws sends
+       headers and body alike. Being writable, the first write needs no check of the pipe. */
+    bool first = true;
+    while (r->head_len > 0 && (!r->head_sent || r->out.len > r->out.off) &&
+           (first || !lws_send_pipe_choked(wsi))) {
+        size_t n = 0, h = 0;
+        if (!r->head_sent) {
+            h = r->head_len;
+            memcpy(write_buf + LWS_PRE, r->head + LWS_PRE, h);
+        }
+        n = r->out.len - r->out.off;
+        if (n > WRITE_CHUNK - h)
+            n = WRITE_CHUNK - h;
+        memcpy(write_buf + LWS_PRE + h, r->out.data + r->out.off, n);
+        if (lws_write(wsi, write_buf + LWS_PRE, h + n,
+                      r->head_sent ? LWS_WRITE_HTTP : LWS_WRITE_HTTP_HEADERS) != (int)(h + n))
             return -1;
         r->head_sent = true;
-    }
-    while (r->head_sent && r->out.len > r->out.off && !lws_send_pipe_choked(wsi)) {
-        size_t n = r->out.len - r->out.off;
-        if (n > WRITE_CHUNK)
-            n = WRITE_CHUNK;
-        memcpy(write_buf + LWS_PRE, r->out.data + r->out.off, n);
-        if (lws_write(wsi, write_buf + LWS_PRE, n, LWS_WRITE_HTTP) != (int)n)
-            return -1;
         r->bytes_down += n;
         mg__buf_consume(&r->out, n, 1024 * 1024);
+        first = false;
     }
     if (r->exchange_paused && r->x && r->out.len - r->out.off < OUT_LOW_WATER) {
         r->exchange_paused = false;
@@ -818,6 +874,24 @@ static int on_writeable(pss_t *pss, req_t *r)
         return lws_http_transaction_completed(wsi) ? -1 : 0;
     }
     return 0;
+}
+
+static void on_kick(uv_idle_t *h)
+{
+    mg_front_t *f = h->data;
+    while (f->kick_list) {
+        req_t *r = f->kick_list;
+        kick_unlink(r);
+        struct lws *wsi = r->wsi;
+        if (lws_partial_buffered(wsi)) {
+            /* lws still holds bytes of an earlier write; it asks for writable itself. */
+            lws_callback_on_writable(wsi);
+            continue;
+        }
+        if (on_writeable(r->pss, r) < 0)
+            lws_set_timeout(wsi, PENDING_TIMEOUT_CLOSE_SEND, LWS_TO_KILL_ASYNC);
+    }
+    uv_idle_stop(h);
 }
 
 static int callback_http(struct lws *wsi, enum lws_callback_reasons reason, void *user,
@@ -887,6 +961,10 @@ int mg__front_new(mg_gateway_t *gw, mg_front_t **out, char *err, size_t errlen)
                    LWS_SERVER_OPTION_UV_NO_SIGSEGV_SIGFPE_SPIN;
     if (gw->opts.tls_cert)
         info.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
+    /* lws 4.1 with IPv6 binds [::] even when told an IPv4 address: keep 127.0.0.1 private. */
+    struct in_addr v4;
+    if (gw->opts.listen_host && inet_pton(AF_INET, gw->opts.listen_host, &v4) == 1)
+        info.options |= LWS_SERVER_OPTION_DISABLE_IPV6;
     info.foreign_loops = loops;
     info.count_threads = 1;
     info.timeout_secs = gw->opts.header_timeout_s;
@@ -923,6 +1001,8 @@ int mg__front_new(mg_gateway_t *gw, mg_front_t **out, char *err, size_t errlen)
         return MG_ECONFIG;
     }
     f->port = lws_get_vhost_listen_port(f->vhost);
+    uv_idle_init(gw->loop, &f->kick);
+    f->kick.data = f;
     *out = f;
     return 0;
 }
@@ -930,6 +1010,11 @@ int mg__front_new(mg_gateway_t *gw, mg_front_t **out, char *err, size_t errlen)
 int mg__front_port(const mg_front_t *f)
 {
     return f->port;
+}
+
+static void on_kick_closed(uv_handle_t *h)
+{
+    free(h->data);
 }
 
 void mg__front_free(mg_front_t *f)
@@ -940,5 +1025,8 @@ void mg__front_free(mg_front_t *f)
     for (int i = 0; i < 1000 && uv_run(f->gw->loop, UV_RUN_NOWAIT) != 0; i++)
         ;
     lws_context_destroy(f->ctx);
-    free(f);
+    if (f->kick.loop != NULL)
+        uv_close((uv_handle_t *)&f->kick, on_kick_closed);
+    else
+        free(f);
 }

@@ -1,0 +1,558 @@
+/*
+ * Shared pieces of the end-to-end tests of the moongate program: start it as a child process
+ * with a test policy (pointed at a real sshd and mg-upstream), learn its port from its log, talk
+ * to it over plain blocking sockets with deadlines, and stop it, failing the test if it did not
+ * exit 0 or if its log holds a sanitizer report.
+ *
+ * The gateway listens on 127.0.0.1:0 and says where in its log ("listening on
+ * http://127.0.0.1:PORT"), so no other process can take the port in between.
+ */
+#ifndef MG_GWTEST_H
+#define MG_GWTEST_H
+
+#include "http_client.h"
+#include "proc.h"
+#include "sshd.h"
+#include "upstream.h"
+
+#include "moongate/error.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <cmocka.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+extern char **environ;
+
+/* One moongate process. Fields are read-only for tests. */
+typedef struct gw {
+    mg_test_proc_t proc;
+    uint16_t port;
+    char dir[MG_TEST_PATH_MAX];
+    char policy[MG_TEST_PATH_MAX];
+    char log[MG_TEST_PATH_MAX];     /* its stderr: the log, and any sanitizer report */
+    char out[MG_TEST_PATH_MAX];     /* its stdout */
+    uint64_t ok_responses;      /* 2xx responses seen by gw_request() */
+    bool running;
+} gw_t;
+
+/* ---- files ---- */
+
+/* Writes the test policy: alice is served, limited gets 429 with retry-after: 7. */
+static inline void gw_write_policy(const char *path, const mg_test_sshd_t *sshd,
+                                   uint16_t upstream_port)
+{
+    char text[4096];
+    int n = snprintf(
+        text, sizeof(text),
+        "local mg = require \"moongate\"\n"
+        "return {\n"
+        "  authenticate = function(req)\n"
+        "    local t = req.headers[\"authorization\"]\n"
+        "    if t == \"Bearer alice-token\" then return \"alice\" end\n"
+        "    if t == \"Bearer limited-token\" then return \"limited\" end\n"
+        "    return nil, 401, \"bad or missing token\"\n"
+        "  end,\n"
+        "  admit = function(req, user, stats)\n"
+        "    if user == \"limited\" then\n"
+        "      return false, 429, \"slow down\", { [\"retry-after\"] = \"7\" }\n"
+        "    end\n"
+        "    return true\n"
+        "  end,\n"
+        "  route = function(req, user)\n"
+        "    return { host = \"127.0.0.1\", port = %u, ssh_user = \"%s\", key = \"%s\",\n"
+        "             known_hosts = \"%s\", target_host = \"127.0.0.1\", target_port = %u }\n"
+        "  end,\n"
+        "}\n",
+        (unsigned)sshd->port, sshd->user, sshd->client_key, sshd->known_hosts,
+        (unsigned)upstream_port);
+    assert_true(n > 0 && n < (int)sizeof(text));
+    assert_int_equal(mg_test_write_file(path, text, (size_t)n, 0600), 0);
+}
+
+/* Occurrences of needle in the gateway's log. */
+static inline int gw_log_count(const gw_t *g, const char *needle)
+{
+    char *data = NULL;
+    if (mg_test_read_file(g->log, &data, NULL) != 0)
+        return 0;
+    int n = 0;
+    for (const char *p = data; (p = strstr(p, needle)) != NULL; p += strlen(needle))
+        n++;
+    free(data);
+    return n;
+}
+
+/* Waits up to timeout_ms until needle occurs at least count times in the log. */
+static inline bool gw_wait_log(const gw_t *g, const char *needle, int count, int timeout_ms)
+{
+    double end = mg_test_now_ms() + timeout_ms;
+    while (gw_log_count(g, needle) < count) {
+        if (mg_test_now_ms() > end)
+            return false;
+        mg_test_sleep_ms(20);
+    }
+    return true;
+}
+
+/* Prints the last lines of the gateway's log (for a failure's context). */
+static inline void gw_print_log_tail(const gw_t *g, int lines)
+{
+    char *data = NULL;
+    size_t len = 0;
+    if (mg_test_read_file(g->log, &data, &len) != 0)
+        return;
+    const char *p = data + len;
+    int seen = 0;
+    while (p > data && seen <= lines)
+        if (*--p == '\n')
+            seen++;
+    print_message("---- %s (tail) ----\n%s\n----\n", g->log, p);
+    free(data);
+}
+
+/* ---- the process ---- */
+
+static inline int gw_connect(uint16_t port, int timeout_ms);
+
+
+static inline const char *gw_binary(char *out, size_t cap)
+{
+    const char *bin = getenv("MG_BINARY_DIR");
+    snprintf(out, cap, "%s/moongate", bin && *bin ? bin : MG_BINARY_DIR);
+    return out;
+}
+
+/*
+ * Starts moongate with the test policy for sshd and upstream_port. extra_env: NULL or a
+ * NULL-terminated list of "NAME=value" that override the inherited environment.
+ */
+static inline void gw_start(gw_t *g, const mg_test_sshd_t *sshd, uint16_t upstream_port,
+                            const char *const *extra_env)
+{
+    memset(g, 0, sizeof(*g));
+    assert_int_equal(mg_test_mkdtemp(g->dir, sizeof(g->dir), "mg-gw"), 0);
+    assert_int_equal(mg_test_path_join(g->policy, sizeof(g->policy), g->dir, "policy.lua"), 0);
+    assert_int_equal(mg_test_path_join(g->log, sizeof(g->log), g->dir, "moongate.log"), 0);
+    assert_int_equal(mg_test_path_join(g->out, sizeof(g->out), g->dir, "stdout.log"), 0);
+    gw_write_policy(g->policy, sshd, upstream_port);
+
+    /* The inherited environment, minus the names extra_env sets, plus extra_env. */
+    static char *envp[1024];
+    size_t n = 0;
+    for (char **e = environ; *e && n < 900; e++) {
+        bool overridden = false;
+        for (const char *const *x = extra_env; x && *x; x++) {
+            size_t k = strcspn(*x, "=");
+            if (strncmp(*e, *x, k + 1) == 0)
+                overridden = true;
+        }
+        if (!overridden)
+            envp[n++] = *e;
+    }
+    for (const char *const *x = extra_env; x && *x && n < 1020; x++)
+        envp[n++] = (char *)*x;
+    envp[n] = NULL;
+
+    char bin[MG_TEST_PATH_MAX];
+    char *argv[] = { (char *)gw_binary(bin, sizeof(bin)), "-c", g->policy, "-l", "127.0.0.1:0",
+                     NULL };
+    mg_test_spawn_opts_t so = { .stdout_path = g->out, .stderr_path = g->log, .envp = envp };
+    assert_int_equal(mg_test_proc_spawn(&g->proc, argv, &so), 0);
+    g->running = true;
+
+    /* ASan builds start slowly; 15 s is far above what a healthy start takes. */
+    const char *needle = "listening on http://127.0.0.1:";
+    double end = mg_test_now_ms() + 15000;
+    for (;;) {
+        char *data = NULL;
+        if (mg_test_read_file(g->log, &data, NULL) == 0) {
+            const char *p = strstr(data, needle);
+            if (p)
+                g->port = (uint16_t)atoi(p + strlen(needle));
+            free(data);
+        }
+        if (g->port != 0)
+            break;
+        if (mg_test_proc_wait(&g->proc, 0) == 0 || mg_test_now_ms() > end) {
+            gw_print_log_tail(g, 40);
+            fail_msg("moongate did not start (exit code %d)", mg_test_proc_exit_code(&g->proc));
+        }
+        mg_test_sleep_ms(20);
+    }
+    /* Not mg_test_wait_port(): that reads /proc/net/tcp, and lws may listen on an AF_INET6
+       socket (see /proc/net/tcp6). A connection proves it listens. */
+    for (;;) {
+        int fd = gw_connect(g->port, 1000);
+        if (fd >= 0) {
+            close(fd);
+            break;
+        }
+        if (mg_test_proc_wait(&g->proc, 0) == 0 || mg_test_now_ms() > end) {
+            gw_print_log_tail(g, 40);
+            fail_msg("moongate does not accept connections on port %u", (unsigned)g->port);
+        }
+        mg_test_sleep_ms(20);
+    }
+}
+
+/* Fails the test if the log holds a sanitizer report. */
+static inline void gw_assert_log_clean(const gw_t *g)
+{
+    static const char *const bad[] = {
+        "ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+        "WARNING: ThreadSanitizer", "ERROR: UndefinedBehaviorSanitizer",
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        if (gw_log_count(g, bad[i]) > 0) {
+            gw_print_log_tail(g, 80);
+            fail_msg("moongate's log holds a sanitizer report (\"%s\")", bad[i]);
+        }
+}
+
+static inline void gw_assert_alive(gw_t *g)
+{
+    if (mg_test_proc_wait(&g->proc, 0) == 0) {
+        g->running = false;
+        gw_print_log_tail(g, 60);
+        fail_msg("moongate exited unexpectedly (exit code %d)", mg_test_proc_exit_code(&g->proc));
+    }
+}
+
+/*
+ * Waits up to timeout_ms for the process to exit after a signal the caller sent; fails unless
+ * it exited 0 with a clean log.
+ */
+static inline void gw_assert_exits_cleanly(gw_t *g, int timeout_ms)
+{
+    int rc = mg_test_proc_wait(&g->proc, timeout_ms);
+    if (rc != 0) {
+        mg_test_proc_stop(&g->proc, 1000);
+        g->running = false;
+        gw_print_log_tail(g, 60);
+        fail_msg("moongate did not exit within %d ms", timeout_ms);
+    }
+    g->running = false;
+    int code = mg_test_proc_exit_code(&g->proc);
+    if (code != 0) {
+        gw_print_log_tail(g, 80);
+        fail_msg("moongate exited with %d, expected 0", code);
+    }
+    gw_assert_log_clean(g);
+}
+
+/* SIGTERM, then the same checks as gw_assert_exits_cleanly(). */
+static inline void gw_stop(gw_t *g)
+{
+    if (!g->running)
+        return;
+    mg_test_proc_kill(&g->proc, SIGTERM);
+    gw_assert_exits_cleanly(g, 15000);
+}
+
+/* Without checks, for teardown after a failure. */
+static inline void gw_kill(gw_t *g)
+{
+    if (g->running)
+        mg_test_proc_stop(&g->proc, 2000);
+    g->running = false;
+}
+
+/* ---- sockets ---- */
+
+/* Waits until fd is ready for ev or deadline (mg_test_now_ms) passes. 0 or MG_ETIMEDOUT. */
+static inline int gw_poll(int fd, short ev, double deadline)
+{
+    for (;;) {
+        int left = (int)(deadline - mg_test_now_ms());
+        if (left <= 0)
+            return MG_ETIMEDOUT;
+        struct pollfd p = { .fd = fd, .events = ev };
+        int n = poll(&p, 1, left);
+        if (n > 0)
+            return 0;
+        if (n < 0 && errno != EINTR)
+            return MG_ECLOSED;
+    }
+}
+
+/* A non-blocking socket connected to 127.0.0.1:port, or a negative code. */
+static inline int gw_connect(uint16_t port, int timeout_ms)
+{
+    double deadline = mg_test_now_ms() + timeout_ms;
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(port),
+                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    int one = 1, soerr = 0;
+    socklen_t slen = sizeof(soerr);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return MG_ECONNECT;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0) {
+        if (errno != EINPROGRESS || gw_poll(fd, POLLOUT, deadline) != 0 ||
+            getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &slen) != 0 || soerr != 0) {
+            close(fd);
+            return MG_ECONNECT;
+        }
+    }
+    return fd;
+}
+
+/* Moments (mg_test_now_ms) at which reads delivered body bytes. */
+typedef struct gw_arrivals {
+    double t[1024];
+    int n;
+} gw_arrivals_t;
+
+/*
+ * Full duplex on one connection: sends request (all of it, while reading) and feeds what comes
+ * back into r until the response is complete, the peer closes, or timeout_ms passes. arr (may
+ * be NULL) records when body bytes arrived. Thread-safe. Returns 0, MG_ECONNECT, MG_ETIMEDOUT,
+ * MG_ECLOSED (cut short) or MG_EINVAL (a malformed response).
+ */
+static inline int gw_exchange(uint16_t port, const char *request, size_t len,
+                              mg_test_http_response_t *r, int timeout_ms, gw_arrivals_t *arr)
+{
+    double deadline = mg_test_now_ms() + timeout_ms;
+    int fd = gw_connect(port, timeout_ms);
+    if (fd < 0)
+        return fd;
+    int err = 0;
+    size_t sent = 0;
+    bool write_closed = false;
+    static _Thread_local char buf[256 * 1024];
+    while (!r->complete) {
+        short ev = POLLIN;
+        if (sent < len && !write_closed)
+            ev |= POLLOUT;
+        if ((err = gw_poll(fd, ev, deadline)) != 0)
+            break;
+        if (sent < len && !write_closed) {
+            ssize_t w = send(fd, request + sent, len - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (w > 0)
+                sent += (size_t)w;
+            else if (w < 0 && errno != EAGAIN && errno != EINTR)
+                write_closed = true; /* the peer may have answered early: read it */
+        }
+        ssize_t n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (n > 0) {
+            uint64_t before = r->body_received;
+            if ((err = mg_test_http_response_feed(r, buf, (size_t)n, NULL)) != 0)
+                break;
+            if (arr && r->body_received > before && arr->n < (int)(sizeof(arr->t) / sizeof(double)))
+                arr->t[arr->n++] = mg_test_now_ms();
+        } else if (n == 0) {
+            err = mg_test_http_response_eof(r);
+            break;
+        } else if (errno != EAGAIN && errno != EINTR) {
+            err = r->status ? mg_test_http_response_eof(r) : MG_ECLOSED;
+            break;
+        }
+    }
+    close(fd);
+    return err;
+}
+
+/* ---- requests to a gateway ---- */
+
+#define GW_AUTH_ALICE "Authorization: Bearer alice-token\r\n"
+
+/*
+ * One request to g with a kept body (r is initialized here; the caller frees it). Counts 2xx
+ * responses in g->ok_responses. Returns what gw_exchange() returns.
+ */
+static inline int gw_request(gw_t *g, const char *method, const char *path, const char *headers,
+                             const void *body, size_t body_len, mg_test_http_response_t *r,
+                             int timeout_ms)
+{
+    char *req = NULL;
+    size_t len = 0;
+    assert_int_equal(mg_test_http_request(&req, &len, method, path, headers, body, body_len), 0);
+    mg_test_http_response_init(r);
+    r->keep_body = true;
+    int rc = gw_exchange(g->port, req, len, r, timeout_ms, NULL);
+    free(req);
+    if (rc == 0 && r->status >= 200 && r->status < 300)
+        g->ok_responses++;
+    return rc;
+}
+
+/* Fails, with the response and the log's tail, unless the exchange gave status. */
+static inline void gw_expect_status(const gw_t *g, int rc, const mg_test_http_response_t *r,
+                                    int status, const char *what)
+{
+    if (rc == 0 && r->complete && r->status == status)
+        return;
+    print_message("%s: rc=%d complete=%d status=%d body=%.*s\n", what, rc, (int)r->complete,
+                  r->status, (int)(r->body_len > 400 ? 400 : r->body_len),
+                  r->body ? r->body : "");
+    gw_print_log_tail(g, 30);
+    fail_msg("%s: expected %d, got %d (rc %d)", what, status, r->status, rc);
+}
+
+/* GET /healthz; returns the status, or a negative code. */
+static inline int gw_healthz(const gw_t *g, int timeout_ms)
+{
+    char *req = NULL;
+    size_t len = 0;
+    assert_int_equal(mg_test_http_request(&req, &len, "GET", "/healthz", NULL, NULL, 0), 0);
+    mg_test_http_response_t r;
+    mg_test_http_response_init(&r);
+    int rc = gw_exchange(g->port, req, len, &r, timeout_ms, NULL);
+    free(req);
+    int status = rc == 0 ? r.status : rc;
+    mg_test_http_response_free(&r);
+    return status;
+}
+
+/* ---- a minimal JSON checker ---- */
+
+typedef struct gw_json {
+    const char *p, *end;
+    int depth;
+} gw_json_t;
+
+static inline void gw_json_ws(gw_json_t *j)
+{
+    while (j->p < j->end && *j->p != 0 && strchr(" \t\r\n", *j->p))
+        j->p++;
+}
+
+static inline bool gw_json_lit(gw_json_t *j, const char *lit)
+{
+    size_t n = strlen(lit);
+    if ((size_t)(j->end - j->p) < n || memcmp(j->p, lit, n) != 0)
+        return false;
+    j->p += n;
+    return true;
+}
+
+static inline bool gw_json_string(gw_json_t *j)
+{
+    if (j->p >= j->end || *j->p != '"')
+        return false;
+    for (j->p++; j->p < j->end; j->p++) {
+        unsigned char c = (unsigned char)*j->p;
+        if (c == '"') {
+            j->p++;
+            return true;
+        }
+        if (c < 0x20)
+            return false;
+        if (c == '\\') {
+            if (++j->p >= j->end || !strchr("\"\\/bfnrtu", *j->p))
+                return false;
+            if (*j->p == 'u') {
+                for (int i = 0; i < 4; i++)
+                    if (++j->p >= j->end || !strchr("0123456789abcdefABCDEF", *j->p))
+                        return false;
+            }
+        }
+    }
+    return false;
+}
+
+static inline bool gw_json_value(gw_json_t *j);
+
+static inline bool gw_json_number(gw_json_t *j)
+{
+    const char *s = j->p;
+    if (j->p < j->end && *j->p == '-')
+        j->p++;
+    size_t digits = 0;
+    while (j->p < j->end && *j->p != 0 && ((*j->p >= '0' && *j->p <= '9') || strchr(".eE+-", *j->p)))
+        j->p++, digits++;
+    return digits > 0 && j->p > s;
+}
+
+static inline bool gw_json_value(gw_json_t *j)
+{
+    if (++j->depth > 64)
+        return false;
+    gw_json_ws(j);
+    bool ok = false;
+    if (j->p >= j->end) {
+        ok = false;
+    } else if (*j->p == '{' || *j->p == '[') {
+        bool obj = *j->p == '{';
+        char close = obj ? '}' : ']';
+        j->p++;
+        gw_json_ws(j);
+        if (j->p < j->end && *j->p == close) {
+            j->p++;
+            ok = true;
+        } else {
+            for (;;) {
+                if (obj) {
+                    gw_json_ws(j);
+                    if (!gw_json_string(j))
+                        break;
+                    gw_json_ws(j);
+                    if (j->p >= j->end || *j->p != ':')
+                        break;
+                    j->p++;
+                }
+                if (!gw_json_value(j))
+                    break;
+                gw_json_ws(j);
+                if (j->p < j->end && *j->p == ',') {
+                    j->p++;
+                    continue;
+                }
+                if (j->p < j->end && *j->p == close) {
+                    j->p++;
+                    ok = true;
+                }
+                break;
+            }
+        }
+    } else if (*j->p == '"') {
+        ok = gw_json_string(j);
+    } else if (*j->p == 't' || *j->p == 'f' || *j->p == 'n') {
+        ok = gw_json_lit(j, "true") || gw_json_lit(j, "false") || gw_json_lit(j, "null");
+    } else {
+        ok = gw_json_number(j);
+    }
+    j->depth--;
+    return ok;
+}
+
+/* True if text is one JSON value (and nothing else but blanks). */
+static inline bool gw_json_valid(const char *text, size_t len)
+{
+    gw_json_t j = { text, text + len, 0 };
+    if (!gw_json_value(&j))
+        return false;
+    gw_json_ws(&j);
+    return j.p == j.end;
+}
+
+/* The string value of "key":"..." (no escapes) into out; false if absent. */
+static inline bool gw_json_get_string(const char *text, const char *key, char *out, size_t cap)
+{
+    char pat[128];
+    snprintf(pat, sizeof(pat), "\"%s\":\"", key);
+    const char *p = strstr(text, pat);
+    if (p == NULL)
+        return false;
+    p += strlen(pat);
+    size_t n = strcspn(p, "\"\\");
+    if (n >= cap || p[n] != '"')
+        return false;
+    memcpy(out, p, n);
+    out[n] = '\0';
+    return true;
+}
+
+#endif

@@ -138,10 +138,16 @@ static void kick_unlink(req_t *r)
 /*
  * Asks for the response to be written on the loop's next turn. Writing directly, instead of
  * asking lws for a writable callback, saves the poll changes that lws makes through libuv
- * (each costs two epoll_ctl calls), and one turn gathers a head, its body and its end.
+ * (each costs two epoll_ctl calls), and one turn gathers a head, its body and its end. Plain
+ * HTTP only: over TLS, lws must write from its writable callback.
  */
 static void kick(req_t *r)
 {
+    if (r->gw->opts.tls_cert != NULL) {
+        /* lws's TLS writes must come from its writable callback. */
+        lws_callback_on_writable(r->wsi);
+        return;
+    }
     if (r->kick_queued)
         return;
     r->kick_queued = true;
@@ -988,6 +994,8 @@ int mg__front_new(mg_gateway_t *gw, mg_front_t **out, char *err, size_t errlen)
     vi.user = f;
     vi.timeout_secs = gw->opts.header_timeout_s;
     vi.keepalive_timeout = 75;
+    /* Responses are framed for HTTP/1.1 (chunked), so TLS must not negotiate h2. */
+    vi.alpn = "http/1.1";
     vi.ssl_cert_filepath = gw->opts.tls_cert;
     vi.ssl_private_key_filepath = gw->opts.tls_key;
     vi.options = info.options;

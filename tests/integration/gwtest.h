@@ -173,12 +173,13 @@ static inline void gw_start(gw_t *g, const mg_test_sshd_t *sshd, uint16_t upstre
     g->running = true;
 
     /* ASan builds start slowly; 15 s is far above what a healthy start takes. */
-    const char *needle = "listening on http://127.0.0.1:";
+    const char *needle = "://127.0.0.1:"; /* "listening on http(s)://127.0.0.1:PORT" */
     double end = mg_test_now_ms() + 15000;
     for (;;) {
         char *data = NULL;
         if (mg_test_read_file(g->log, &data, NULL) == 0) {
-            const char *p = strstr(data, needle);
+            const char *p = strstr(data, "listening on ");
+            p = p ? strstr(p, needle) : NULL;
             if (p)
                 g->port = (uint16_t)atoi(p + strlen(needle));
             free(data);

@@ -708,6 +708,54 @@ static void test_bad_input(void **state)
     assert_int_equal(bad, 0);
 }
 
+/* ---- TLS: HTTPS with a certificate and key from the settings, HTTP/1.1 only ---- */
+
+static void test_tls(void **state)
+{
+    world_t *w = *state;
+    static gw_t g;
+    char dir[MG_TEST_PATH_MAX], crt[MG_TEST_PATH_MAX], key[MG_TEST_PATH_MAX];
+    char out[MG_TEST_PATH_MAX];
+    assert_int_equal(mg_test_mkdtemp(dir, sizeof(dir), "mg-tls"), 0);
+    assert_int_equal(mg_test_path_join(crt, sizeof(crt), dir, "tls.crt"), 0);
+    assert_int_equal(mg_test_path_join(key, sizeof(key), dir, "tls.key"), 0);
+    assert_int_equal(mg_test_path_join(out, sizeof(out), dir, "curl.out"), 0);
+    char *const gen[] = { "openssl", "req", "-x509", "-newkey", "ed25519", "-nodes",
+                          "-keyout", key, "-out", crt, "-days", "2", "-subj", "/CN=127.0.0.1",
+                          NULL };
+    int code = -1;
+    assert_int_equal(mg_test_proc_run(gen, NULL, 10000, &code), 0);
+    assert_int_equal(code, 0);
+
+    char env_crt[MG_TEST_PATH_MAX + 32], env_key[MG_TEST_PATH_MAX + 32];
+    snprintf(env_crt, sizeof(env_crt), "MOONGATE_TLS_CERT=%s", crt);
+    snprintf(env_key, sizeof(env_key), "MOONGATE_TLS_KEY=%s", key);
+    const char *env[] = { env_crt, env_key, NULL };
+    gw_start(&g, &w->sshd, w->up.port, env);
+
+    char url[128];
+    snprintf(url, sizeof(url), "https://127.0.0.1:%u/stream?chunks=3&interval_ms=50&size=4",
+             g.port);
+    /* curl offers h2 first: the gateway must answer in HTTP/1.1, streamed and complete. */
+    char *const get[] = { "curl", "-sSk", "--http2", "-N", "-H", "Authorization: Bearer alice-token",
+                          "-w", "\nversion=%{http_version} status=%{http_code}\n", url, NULL };
+    mg_test_spawn_opts_t so = { .stdout_path = out };
+    assert_int_equal(mg_test_proc_run(get, &so, 15000, &code), 0);
+    char *text = NULL;
+    size_t len = 0;
+    assert_int_equal(mg_test_read_file(out, &text, &len), 0);
+    print_message("%s", text);
+    assert_int_equal(code, 0);
+    assert_non_null(strstr(text, "\"i\":2"));
+    assert_non_null(strstr(text, "version=1.1 status=200"));
+    free(text);
+
+    /* Plain HTTP to the TLS port is not served. */
+    assert_true(gw_healthz(&g, 2000) != 200);
+    gw_stop(&g);
+    mg_test_rm_rf(dir);
+}
+
 /* ---- 11. /metrics is Prometheus text and counts what happened ---- */
 
 static bool metric_name_ok(const char *s, size_t n)
@@ -919,6 +967,7 @@ int main(void)
         cmocka_unit_test(test_sigterm_drains_stream),
         cmocka_unit_test(test_second_sigterm_exits_at_once),
         cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_tls),
         cmocka_unit_test(test_metrics),
         cmocka_unit_test(test_stats),
         cmocka_unit_test(test_listens_on_loopback_only),

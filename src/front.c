@@ -974,6 +974,9 @@ int mg__front_new(mg_gateway_t *gw, mg_front_t **out, char *err, size_t errlen)
     info.foreign_loops = loops;
     info.count_threads = 1;
     info.timeout_secs = gw->opts.header_timeout_s;
+    /* What bounds an unfinished request head (slowloris): how long a client may hold lws's
+       header-parsing slot. */
+    info.timeout_secs_ah_idle = gw->opts.header_timeout_s;
     info.max_http_header_data = 16 * 1024;
     info.max_http_header_pool = 1024;
     info.pt_serv_buf_size = 64 * 1024;
@@ -993,6 +996,7 @@ int mg__front_new(mg_gateway_t *gw, mg_front_t **out, char *err, size_t errlen)
     vi.protocols = protocols;
     vi.user = f;
     vi.timeout_secs = gw->opts.header_timeout_s;
+    vi.timeout_secs_ah_idle = gw->opts.header_timeout_s;
     vi.keepalive_timeout = 75;
     /* Responses are framed for HTTP/1.1 (chunked), so TLS must not negotiate h2. */
     vi.alpn = "http/1.1";

@@ -756,6 +756,136 @@ static void test_tls(void **state)
     mg_test_rm_rf(dir);
 }
 
+/* ---- the command line: -t checks a policy; a bad setting stops start-up, naming it ---- */
+
+static void test_cli_check_and_bad_setting(void **state)
+{
+    world_t *w = *state;
+    char dir[MG_TEST_PATH_MAX], good[MG_TEST_PATH_MAX], bad[MG_TEST_PATH_MAX];
+    char out[MG_TEST_PATH_MAX], errf[MG_TEST_PATH_MAX], bin[MG_TEST_PATH_MAX];
+    assert_int_equal(mg_test_mkdtemp(dir, sizeof(dir), "mg-cli"), 0);
+    assert_int_equal(mg_test_path_join(good, sizeof(good), dir, "good.lua"), 0);
+    assert_int_equal(mg_test_path_join(bad, sizeof(bad), dir, "bad.lua"), 0);
+    assert_int_equal(mg_test_path_join(out, sizeof(out), dir, "out"), 0);
+    assert_int_equal(mg_test_path_join(errf, sizeof(errf), dir, "err"), 0);
+    gw_write_policy(good, &w->sshd, w->up.port);
+    const char *broken = "return {\n  authenticate = function(req) return 'x' end,\n  admit = 42,\n}\n";
+    assert_int_equal(mg_test_write_file(bad, broken, strlen(broken), 0644), 0);
+    gw_binary(bin, sizeof(bin));
+
+    int code = -1;
+    mg_test_spawn_opts_t so = { .stdout_path = out, .stderr_path = errf };
+    char *const check_good[] = { bin, "-t", "-c", good, NULL };
+    assert_int_equal(mg_test_proc_run(check_good, &so, 10000, &code), 0);
+    assert_int_equal(code, 0);
+
+    char *const check_bad[] = { bin, "-t", "-c", bad, NULL };
+    assert_int_equal(mg_test_proc_run(check_bad, &so, 10000, &code), 0);
+    assert_int_equal(code, 1);
+    char *text = NULL;
+    assert_int_equal(mg_test_read_file(errf, &text, NULL), 0);
+    print_message("moongate -t on a bad policy: %s", text);
+    assert_non_null(strstr(text, "bad.lua"));
+    assert_non_null(strstr(text, "admit"));
+    free(text);
+
+    char *envp[] = { "SSH_MAX_CHANNELS=ten", "PATH=/usr/bin:/bin", NULL };
+    mg_test_spawn_opts_t se = { .stdout_path = out, .stderr_path = errf, .envp = envp };
+    char *const serve[] = { bin, "-c", good, "-l", "127.0.0.1:0", NULL };
+    assert_int_equal(mg_test_proc_run(serve, &se, 10000, &code), 0);
+    assert_int_equal(code, 2);
+    assert_int_equal(mg_test_read_file(errf, &text, NULL), 0);
+    assert_non_null(strstr(text, "SSH_MAX_CHANNELS"));
+    free(text);
+    mg_test_rm_rf(dir);
+}
+
+/* ---- slowloris: a request head that never completes is cut at the header timeout ---- */
+
+static void test_header_timeout(void **state)
+{
+    world_t *w = *state;
+    static gw_t g;
+    const char *env[] = { "MOONGATE_HEADER_TIMEOUT=1", NULL };
+    gw_start(&g, &w->sshd, w->up.port, env);
+    int fd = gw_connect(g.port, 2000);
+    assert_true(fd >= 0);
+    const char *part = "GET /hello HTTP/1.1\r\nHost: x\r\n";
+    assert_int_equal(send(fd, part, strlen(part), MSG_NOSIGNAL), (ssize_t)strlen(part));
+    double t0 = mg_test_now_ms();
+    char buf[256];
+    ssize_t n = -1;
+    if (gw_poll(fd, POLLIN, t0 + 5000) == 0)
+        n = recv(fd, buf, sizeof(buf), 0);
+    double took = mg_test_now_ms() - t0;
+    close(fd);
+    print_message("an unfinished head was cut after %.0f ms\n", took);
+    assert_true(n <= 0);   /* closed, without a response */
+    assert_true(took < 4000);
+    assert_int_equal(gw_healthz(&g, 2000), 200);
+    gw_stop(&g);
+}
+
+/* ---- an upstream that sends no response head in time: 504 ---- */
+
+static void test_upstream_head_timeout(void **state)
+{
+    world_t *w = *state;
+    static gw_t g;
+    const char *env[] = { "UPSTREAM_HEAD_TIMEOUT=400", NULL };
+    gw_start(&g, &w->sshd, w->up.port, env);
+    mg_test_http_response_t r;
+    /* A first request sets up the connection while the upstream still answers. */
+    assert_int_equal(gw_request(&g, "GET", "/hello", GW_AUTH_ALICE, NULL, 0, &r, 5000), 0);
+    assert_int_equal(r.status, 200);
+    mg_test_http_response_free(&r);
+
+    assert_int_equal(kill(w->up.pid, SIGSTOP), 0);
+    double t0 = mg_test_now_ms();
+    int rc = gw_request(&g, "GET", "/hello", GW_AUTH_ALICE, NULL, 0, &r, 5000);
+    double took = mg_test_now_ms() - t0;
+    assert_int_equal(kill(w->up.pid, SIGCONT), 0);
+    assert_int_equal(rc, 0);
+    print_message("stopped upstream: %d after %.0f ms: %s\n", r.status, took,
+                  r.body ? r.body : "");
+    assert_int_equal(r.status, 504);
+    assert_non_null(strstr(r.body, "no response within 400 ms"));
+    assert_true(took >= 350 && took < 3000);
+    mg_test_http_response_free(&r);
+
+    /* The upstream is back: so is service. */
+    assert_int_equal(gw_request(&g, "GET", "/hello", GW_AUTH_ALICE, NULL, 0, &r, 5000), 0);
+    assert_int_equal(r.status, 200);
+    mg_test_http_response_free(&r);
+    gw_stop(&g);
+}
+
+/* ---- channel reuse: sequential requests ride one channel, as /stats shows ---- */
+
+static void test_channel_reuse(void **state)
+{
+    world_t *w = *state;
+    static gw_t g;
+    gw_start(&g, &w->sshd, w->up.port, NULL);
+    mg_test_http_response_t r;
+    for (int i = 0; i < 5; i++) {
+        assert_int_equal(gw_request(&g, "POST", "/echo", GW_AUTH_ALICE, "abc", 3, &r, 5000), 0);
+        assert_int_equal(r.status, 200);
+        assert_string_equal(r.body, "abc");
+        mg_test_http_response_free(&r);
+    }
+    assert_int_equal(gw_request(&g, "GET", "/stats", NULL, NULL, 0, &r, 5000), 0);
+    assert_int_equal(r.status, 200);
+    char reused[32] = "";
+    const char *p = strstr(r.body, "\"reused\":");
+    assert_non_null(p);
+    snprintf(reused, sizeof(reused), "%.*s", (int)strcspn(p + 9, ",}"), p + 9);
+    print_message("stats: 5 requests, %s served on a reused channel\n", reused);
+    assert_int_equal(atoi(reused), 4);
+    mg_test_http_response_free(&r);
+    gw_stop(&g);
+}
+
 /* ---- 11. /metrics is Prometheus text and counts what happened ---- */
 
 static bool metric_name_ok(const char *s, size_t n)
@@ -968,6 +1098,10 @@ int main(void)
         cmocka_unit_test(test_second_sigterm_exits_at_once),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_tls),
+        cmocka_unit_test(test_cli_check_and_bad_setting),
+        cmocka_unit_test(test_header_timeout),
+        cmocka_unit_test(test_upstream_head_timeout),
+        cmocka_unit_test(test_channel_reuse),
         cmocka_unit_test(test_metrics),
         cmocka_unit_test(test_stats),
         cmocka_unit_test(test_listens_on_loopback_only),

@@ -608,6 +608,11 @@ static void route_to_opts(req_t *r)
     r->route_opts.key_passphrase = rt->key_passphrase[0] ? rt->key_passphrase : NULL;
     r->route_opts.known_hosts = rt->known_hosts[0] ? rt->known_hosts : NULL;
     r->route_opts.host_key_sha256 = rt->host_key[0] ? rt->host_key : NULL;
+    r->route_opts.agent = rt->transport == MG_ROUTE_AGENT;
+    if (r->route_opts.agent && rt->host[0] == '\0')
+        r->route_opts.host = r->user; /* a name for known_hosts; nothing is dialed */
+    if (r->route_opts.port <= 0)
+        r->route_opts.port = 22;
     /* The pool enforces the user's channel limit; the session only needs room for it. */
     r->route_opts.max_channels = 1000;
 }
@@ -643,10 +648,6 @@ static void start_request(req_t *r)
     if (mg_policy_route(r->pol, &preq, r->user, &r->route, &d) != 0 || !d.allow) {
         mg_counter_inc(gw->metrics.policy_errors);
         respond_error(r, d.status ? d.status : 500, d.message[0] ? d.message : "no route", &d);
-        return;
-    }
-    if (r->route.transport != MG_ROUTE_TCP) {
-        respond_error(r, 502, "the agent transport is not available in this version", NULL);
         return;
     }
     route_to_opts(r);
@@ -916,6 +917,8 @@ static int callback_http(struct lws *wsi, enum lws_callback_reasons reason, void
             req_free(r);
         }
         return on_http(f->gw, wsi, pss);
+    case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
+        return mg__tunnel_confirm_upgrade(f->gw, wsi);
     case LWS_CALLBACK_HTTP_BODY:
         return r ? on_body(r, in, len) : 0;
     case LWS_CALLBACK_HTTP_BODY_COMPLETION:
@@ -939,10 +942,16 @@ static int callback_http(struct lws *wsi, enum lws_callback_reasons reason, void
     return lws_callback_http_dummy(wsi, reason, user, in, len);
 }
 
-static const struct lws_protocols protocols[] = {
-    { "moongate-http", callback_http, sizeof(pss_t), 0, 0, NULL, 0 },
-    { NULL, NULL, 0, 0, 0, NULL, 0 },
-};
+extern const struct lws_protocols mg__tunnel_protocol;
+
+static const struct lws_protocols *protocols(void)
+{
+    static struct lws_protocols list[3];
+    list[0] = (struct lws_protocols){ "moongate-http", callback_http, sizeof(pss_t), 0, 0, NULL,
+                                      0 };
+    list[1] = mg__tunnel_protocol;
+    return list;
+}
 
 static void lws_log_emit(int level, const char *line)
 {
@@ -958,7 +967,9 @@ int mg__front_new(mg_gateway_t *gw, mg_front_t **out, char *err, size_t errlen)
     if (f == NULL)
         return MG_ENOMEM;
     f->gw = gw;
-    lws_set_log_level(LLL_ERR | LLL_WARN, lws_log_emit);
+    /* MOONGATE_LWS_LOG: libwebsockets' own log mask (e.g. 15 adds notices and info). */
+    const char *lws_mask = getenv("MOONGATE_LWS_LOG");
+    lws_set_log_level(lws_mask && *lws_mask ? atoi(lws_mask) : LLL_ERR | LLL_WARN, lws_log_emit);
 
     void *loops[1] = { gw->loop };
     struct lws_context_creation_info info;
@@ -993,7 +1004,13 @@ int mg__front_new(mg_gateway_t *gw, mg_front_t **out, char *err, size_t errlen)
     vi.vhost_name = "moongate";
     vi.port = gw->opts.listen_port == 0 ? CONTEXT_PORT_NO_LISTEN_SERVER : gw->opts.listen_port;
     vi.iface = gw->opts.listen_host;
-    vi.protocols = protocols;
+    vi.protocols = protocols();
+    /* Agent WebSockets: ping after 30 s of quiet, hang up after 45 s without a pong. */
+    static const lws_retry_bo_t ws_keepalive = {
+        .secs_since_valid_ping = 30,
+        .secs_since_valid_hangup = 45,
+    };
+    vi.retry_and_idle_policy = &ws_keepalive;
     vi.user = f;
     vi.timeout_secs = gw->opts.header_timeout_s;
     vi.timeout_secs_ah_idle = gw->opts.header_timeout_s;
@@ -1017,6 +1034,11 @@ int mg__front_new(mg_gateway_t *gw, mg_front_t **out, char *err, size_t errlen)
     f->kick.data = f;
     *out = f;
     return 0;
+}
+
+mg_gateway_t *mg__front_gateway(const mg_front_t *f)
+{
+    return f->gw;
 }
 
 int mg__front_port(const mg_front_t *f)

@@ -255,6 +255,13 @@ int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gate
         snprintf(err, errlen, "cannot create the proxy: %s", mg_strerror(rc));
         goto fail;
     }
+    if ((rc = mg__tunnel_new(gw, &gw->tunnel)) != 0) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    gw->backend.agent_open = mg__tunnel_agent_open;
+    gw->backend.agent_cancel = mg__tunnel_agent_cancel;
+    gw->backend.agent_arg = gw->tunnel;
     if ((rc = mg__front_new(gw, &gw->front, err, errlen)) != 0)
         goto fail;
     *out = gw;
@@ -300,7 +307,8 @@ static void on_flush_tick(uv_timer_t *t)
 {
     mg_gateway_t *gw = t->data;
     /* Responses whose upstream part ended may still be on their way to slow clients. */
-    if (gw->in_flight > 0 && uv_now(gw->loop) < gw->flush_deadline)
+    if ((gw->in_flight > 0 || mg__tunnel_count(gw->tunnel) > 0) &&
+        uv_now(gw->loop) < gw->flush_deadline)
         return;
     uv_timer_stop(t);
     uv_close((uv_handle_t *)t, (uv_close_cb)free);
@@ -356,6 +364,7 @@ void mg_gateway_drain(mg_gateway_t *gw, const char *why,
                 "ms", why, gw->in_flight, ps.total_connections, (unsigned long long)sd.grace_ms);
     mg_cleanup_stop(gw->cleanup);
     mg_proxy_drain(gw->proxy);
+    mg__tunnel_drain(gw->tunnel);
     mg_shutdown_opts_t so;
     mg_shutdown_opts_init(&so, &gw->settings);
     so.grace_ms = sd.grace_ms;
@@ -370,6 +379,8 @@ void mg_gateway_free(mg_gateway_t *gw)
 {
     if (gw->front)
         mg__front_free(gw->front);
+    if (gw->tunnel)
+        mg__tunnel_free(gw->tunnel);
     if (gw->proxy)
         mg_proxy_free(gw->proxy);
     if (gw->cleanup)

@@ -197,6 +197,9 @@ static void link_make_idle(link_t *l)
         link_close(l);
         return;
     }
+    /* The last exchange may have paused reading; an idle channel must read (to see an EOF,
+       and so that the next exchange hears its response). */
+    mg_ssh_chan_read_start(l->ch);
     l->idle = true;
     l->prev = NULL;
     l->next = px->idle_head;

@@ -40,6 +40,13 @@ static int backend_open(void *ctx, mg_pool_conn_t *pc, const char *user, void *o
     }
     mg_ssh_conn_opts_t o = *route;
     o.user = user;
+    if (o.agent) {
+        if (b->agent_open == NULL) {
+            snprintf(err, errlen, "no agent endpoint for user %s", user);
+            return MG_ECONNECT;
+        }
+        return b->agent_open(b->agent_arg, pc, &o, on_conn_event, err, errlen);
+    }
     mg_ssh_conn_t *c;
     int rc = mg_ssh_conn_start(b->loop, &o, NULL, on_conn_event, pc, &c);
     if (rc != 0) {
@@ -57,6 +64,8 @@ static void backend_close(void *ctx, mg_pool_conn_t *pc, bool force, const char 
     mg_ssh_conn_t *c = mg_pool_conn_backend_data(pc);
     if (c != NULL)
         mg_ssh_conn_close(c, reason, force ? 0 : b->close_wait_ms);
+    else if (b->agent_cancel != NULL)
+        b->agent_cancel(b->agent_arg, pc);
 }
 
 const mg_pool_backend_t mg_ssh_pool_backend = {

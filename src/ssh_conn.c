@@ -108,6 +108,7 @@ struct mg_ssh_conn {
     bool driving;
     bool redrive;
     bool progress;        /* bytes arrived or the transport drained: writers may retry */
+    bool queue_full;      /* a write was refused for the transport's queue */
     bool teardown_wanted;
     bool torn_down;
     bool closing_handles;
@@ -753,8 +754,15 @@ static void drive(mg_ssh_conn_t *c)
         teardown(c);
         return;
     }
-    if (c->tr)
-        mg_transport_flush(c->tr);
+    if (c->tr == NULL)
+        return;
+    mg_transport_flush(c->tr);
+    /* A flush that empties the queue at once brings no drain callback: wake refused writers. */
+    if (c->queue_full && c->tr->write_queued < WRITE_HIGH_WATER) {
+        c->queue_full = false;
+        c->progress = true;
+        schedule_drive(c);
+    }
 }
 
 static void on_idle(uv_idle_t *h)
@@ -822,6 +830,7 @@ static void on_tr_eof(mg_transport_t *t, int status)
 static void on_tr_drain(mg_transport_t *t)
 {
     mg_ssh_conn_t *c = t->data;
+    c->queue_full = false;
     c->progress = true;
     drive(c);
 }
@@ -1065,6 +1074,8 @@ ssize_t mg_ssh_chan_write(mg_ssh_chan_t *ch, const char *buf, size_t len)
         return 0;
     if (c->tr == NULL || c->tr->write_queued >= WRITE_HIGH_WATER) {
         ch->want_write = true;
+        c->queue_full = true;
+        schedule_drive(c);
         return MG_EAGAIN;
     }
     ssize_t n = libssh2_channel_write(ch->ch, buf, len);

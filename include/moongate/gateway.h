@@ -30,6 +30,7 @@
 
 typedef struct mg_gateway mg_gateway_t;
 typedef struct mg_front mg_front_t;
+typedef struct mg_tunnel mg_tunnel_t;
 
 #define MG_FORWARD_HEADERS_MAX 32
 
@@ -61,6 +62,7 @@ struct mg_gateway {
     mg_cleanup_t *cleanup;
     mg_proxy_t *proxy;
     mg_front_t *front;
+    mg_tunnel_t *tunnel;
     mg_metrics_t *metrics_reg;
     mg_gateway_metrics_t metrics;
     mg_shutdown_t shutdown;
@@ -108,6 +110,20 @@ void mg_gateway_free(mg_gateway_t *gw);
 
 int mg__front_new(mg_gateway_t *gw, mg_front_t **out, char *err, size_t errlen);
 int mg__front_port(const mg_front_t *f);
+mg_gateway_t *mg__front_gateway(const mg_front_t *f);
 void mg__front_free(mg_front_t *f);
+
+/* ---- between the gateway, its front end and the agent endpoint (tunnel.c) ---- */
+
+struct lws;
+int mg__tunnel_new(mg_gateway_t *gw, mg_tunnel_t **out);
+/* 0: let the WebSocket upgrade go on; 1: refused (a status was sent). */
+int mg__tunnel_confirm_upgrade(mg_gateway_t *gw, struct lws *wsi);
+int mg__tunnel_agent_open(void *arg, mg_pool_conn_t *pc, const mg_ssh_conn_opts_t *o,
+                          mg_ssh_conn_cb cb, char *err, size_t errlen);
+void mg__tunnel_agent_cancel(void *arg, mg_pool_conn_t *pc);
+void mg__tunnel_drain(mg_tunnel_t *t);
+int mg__tunnel_count(const mg_tunnel_t *t);
+void mg__tunnel_free(mg_tunnel_t *t);
 
 #endif

@@ -23,6 +23,17 @@ typedef struct mg_ssh_backend {
     /* Optional: told of every connection event, after the pool (metrics, policy events). */
     void (*observer)(void *arg, mg_ssh_conn_t *c, mg_ssh_event_t ev);
     void *observer_arg;
+    /*
+     * For routes with opts->agent: start the connection over one of the user's agent
+     * WebSockets, now or when one arrives, as mg_ssh_conn_start(loop, opts, transport, cb, pc)
+     * followed by mg_pool_conn_set_backend_data(pc, conn); or report mg_pool_conn_failed(pc)
+     * later. Returns 0, or an error with a message (no agent connected, ...).
+     */
+    int (*agent_open)(void *arg, mg_pool_conn_t *pc, const mg_ssh_conn_opts_t *opts,
+                      mg_ssh_conn_cb cb, char *err, size_t errlen);
+    /* The pool closes pc before agent_open started its connection. */
+    void (*agent_cancel)(void *arg, mg_pool_conn_t *pc);
+    void *agent_arg;
 } mg_ssh_backend_t;
 
 extern const mg_pool_backend_t mg_ssh_pool_backend;

@@ -60,6 +60,8 @@ typedef struct mg_ssh_conn_opts {
     uint64_t keepalive_interval_ms;
     int keepalive_max_misses;
     int max_channels;
+    bool agent;                  /* for the pool backend: reach the server through the user's
+                                    moongate-agent (docs/tunnel.md), not by dialing host:port */
 } mg_ssh_conn_opts_t;
 
 typedef enum mg_ssh_event {

@@ -243,6 +243,54 @@ static void test_100mb_intact(void **state)
     mg_test_http_response_free(&r);
 }
 
+/* ---- a slow client: the response ends while the channel's reads are paused for it ---- */
+
+static void test_slow_client_then_reuse(void **state)
+{
+    world_t *w = *state;
+    gw_t *g = shared_gw(w);
+    for (int round = 0; round < 3; round++) {
+        char *req = NULL;
+        size_t len = 0;
+        assert_int_equal(mg_test_http_request(&req, &len, "GET", "/bytes/4000000", GW_AUTH_ALICE,
+                                              NULL, 0),
+                         0);
+        int fd = gw_connect(g->port, 2000);
+        assert_true(fd >= 0);
+        assert_int_equal(send(fd, req, len, MSG_NOSIGNAL), (ssize_t)len);
+        free(req);
+        mg_test_http_response_t r;
+        mg_test_http_response_init(&r);
+        r.hash_body = true;
+        double deadline = mg_test_now_ms() + 30000;
+        char buf[16384];
+        /* Read slowly, so the gateway holds more than its buffer's high-water mark. */
+        mg_test_sleep_ms(300);
+        while (!r.complete) {
+            assert_int_equal(gw_poll(fd, POLLIN, deadline), 0);
+            ssize_t n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+            if (n < 0 && errno == EAGAIN)
+                continue;
+            assert_true(n > 0);
+            assert_int_equal(mg_test_http_response_feed(&r, buf, (size_t)n, NULL), 0);
+            mg_test_sleep_ms(1);
+        }
+        close(fd);
+        char want[65];
+        assert_int_equal(mg_test_stream_sha256_hex(4000000, want), 0);
+        assert_string_equal(r.body_sha256, want);
+        mg_test_http_response_free(&r);
+
+        /* The next request rides the same (reused) channel and must be answered at once. */
+        double t0 = mg_test_now_ms();
+        assert_int_equal(gw_request(g, "GET", "/hello", GW_AUTH_ALICE, NULL, 0, &r, 3000), 0);
+        assert_int_equal(r.status, 200);
+        print_message("round %d: the next request took %.1f ms\n", round,
+                      mg_test_now_ms() - t0);
+        mg_test_http_response_free(&r);
+    }
+}
+
 /* ---- 5. the client leaves mid-stream ---- */
 
 static void test_client_leaves_mid_stream(void **state)
@@ -1090,6 +1138,7 @@ int main(void)
         cmocka_unit_test(test_hello_echo_and_request_ids),
         cmocka_unit_test(test_stream_arrives_in_pieces),
         cmocka_unit_test(test_100mb_intact),
+        cmocka_unit_test(test_slow_client_then_reuse),
         cmocka_unit_test(test_client_leaves_mid_stream),
         cmocka_unit_test(test_sshd_killed_then_replaced),
         cmocka_unit_test(test_reload_under_load),

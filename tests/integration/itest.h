@@ -67,6 +67,23 @@ static inline void itest_loop_close(uv_loop_t *loop)
     assert_int_equal(uv_loop_close(loop), 0);
 }
 
+/* Waits (1 s at most) until the file at path contains needle, e.g. a line in sshd's log. */
+static inline bool itest_file_contains(const char *path, const char *needle)
+{
+    for (int i = 0; i < 50; i++) {
+        char *text = NULL;
+        size_t len = 0;
+        bool seen = false;
+        if (mg_test_read_file(path, &text, &len) == 0)
+            seen = strstr(text, needle) != NULL;
+        free(text);
+        if (seen)
+            return true;
+        mg_test_sleep_ms(20);
+    }
+    return false;
+}
+
 /* ---- one SSH connection ---- */
 
 typedef struct itest_conn {

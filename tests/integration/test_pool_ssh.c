@@ -393,18 +393,7 @@ static void test_shutdown_waits_for_slow_transfer(void **state)
     assert_int_equal(sh.result.connections_closed, 1);
     assert_true(sh.result.duration_ms >= 700);
 
-    char *log = NULL;
-    size_t len = 0;
-    bool seen = false;
-    for (int i = 0; i < 50 && !seen; i++) {
-        mg_test_sleep_ms(20);
-        free(log);
-        log = NULL;
-        assert_int_equal(mg_test_read_file(w->sshd.log, &log, &len), 0);
-        seen = strstr(log, "moongate shutting down") != NULL;
-    }
-    free(log);
-    assert_true(seen);
+    assert_true(itest_file_contains(w->sshd.log, "moongate shutting down"));
     mg_pool_free(w->pool);
     itest_loop_close(&w->loop);
 }

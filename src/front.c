@@ -457,8 +457,6 @@ static bool admin_allowed(req_t *r)
            strncmp(r->remote, "::ffff:127.", 11) == 0;
 }
 
-void mg__front_render_stats(mg_gateway_t *gw, mg_json_t *j);
-
 static bool serve_local(req_t *r)
 {
     const char *path = r->path.data;
@@ -489,7 +487,7 @@ static bool serve_local(req_t *r)
     } else {
         mg_json_t j;
         mg_json_init(&j, 16 * 1024 * 1024);
-        mg__front_render_stats(r->gw, &j);
+        mg__gateway_render_stats(r->gw, &j);
         size_t len = 0;
         const char *body = mg_json_buf(&j, &len);
         if (body)

@@ -445,9 +445,7 @@ static void stats_conn(const char *user, mg_pool_conn_t *pc, void *arg)
     mg_json_end_object(j);
 }
 
-void mg__front_render_stats(mg_gateway_t *gw, mg_json_t *j);
-
-void mg__front_render_stats(mg_gateway_t *gw, mg_json_t *j)
+void mg__gateway_render_stats(mg_gateway_t *gw, mg_json_t *j)
 {
     mg_pool_stats_t ps;
     mg_pool_stats(gw->pool, &ps);

@@ -111,6 +111,9 @@ void mg_gateway_free(mg_gateway_t *gw);
 int mg__front_new(mg_gateway_t *gw, mg_front_t **out, char *err, size_t errlen);
 int mg__front_port(const mg_front_t *f);
 mg_gateway_t *mg__front_gateway(const mg_front_t *f);
+/* /stats: the pool with each connection, channel reuse, cleanup, shutdown, policy memory. */
+struct mg_json;
+void mg__gateway_render_stats(mg_gateway_t *gw, struct mg_json *j);
 void mg__front_free(mg_front_t *f);
 
 /* ---- between the gateway, its front end and the agent endpoint (tunnel.c) ---- */

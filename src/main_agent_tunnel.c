@@ -320,7 +320,9 @@ static int on_writeable(conn_t *c, struct lws *wsi)
 static int on_receive(conn_t *c, struct lws *wsi, const char *in, size_t len)
 {
     if (lws_frame_is_binary(wsi)) {
-        if (!c->local_closing && !c->close_pending)
+        if (!c->local_started && !c->close_pending)
+            start_local(c);
+        if (c->local_started && !c->local_closing && !c->close_pending)
             local_write(c, in, len);
         return 0;
     }
@@ -396,7 +398,9 @@ static int callback_tunnel(struct lws *wsi, enum lws_callback_reasons reason, vo
             ws_close_soon(c, LWS_CLOSE_STATUS_NORMAL, "agent stopping");
             return 0;
         }
-        start_local(c);
+        /* The local stream opens with the gateway's first bytes (its SSH client speaks
+           first): a WebSocket the gateway keeps in reserve holds no sshd process, and a
+           system sshd does not time out an unauthenticated connection under it. */
         return 0;
     }
     case LWS_CALLBACK_CLIENT_RECEIVE:

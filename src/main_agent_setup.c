@@ -228,7 +228,7 @@ int mg_agent_setup_main(int argc, char **argv)
         "UseDNS no\n"
         "# The gateway keeps WebSockets spare until it needs them; sshd must not give up on one\n"
         "# before the SSH login starts (only the gateway reaches this sshd, through the agent).\n"
-        "LoginGraceTime 0\n"
+        "LoginGraceTime 30\n"
         "PidFile none\n"
         "LogLevel INFO\n",
         cfg, key, ak);

@@ -3,12 +3,15 @@
 # in one run on this machine, printed as tables with ratios, targets and PASS/MISS.
 #
 #   bench/run.sh [BUILD_DIR]          (default: build; needs BUILD_DIR/tests/mg-upstream and
-#                                      mg-streamclient, wrk, OpenSSH; BUILD_DIR/moongate optional)
+#                                      mg-streamclient, wrk, OpenSSH; BUILD_DIR/moongate and
+#                                      BUILD_DIR/moongate-agent optional)
 #
 # Everything runs on 127.0.0.1 from a private temp dir: mg-upstream (the LLM server stand-in), a
 # private OpenSSH sshd (the user's machine), `ssh -N -L` through that sshd (baseline), and
-# BUILD_DIR/moongate when it exists (else its column reads "n/a (moongate not built)"). Every
-# process started here is stopped on exit. bench/README.md explains each scenario.
+# BUILD_DIR/moongate when it exists (else its column reads "n/a (moongate not built)"); in
+# scenario 1 also a moongate whose route is transport = "agent", reached by BUILD_DIR/moongate-agent
+# (--ssh to the same sshd) when that exists. Every process started here is stopped on exit.
+# bench/README.md explains each scenario.
 #
 # Exit status: 0 when the bench ran (a missed target is a finding, not a failure), 1 when the
 # bench itself could not run (a baseline did not start, a tool is missing), 2 on bad arguments.
@@ -23,6 +26,7 @@ duration=${BENCH_DURATION:-6}
 upstream_bin=$build/tests/mg-upstream
 client_bin=$build/tests/mg-streamclient
 mg_bin=$build/moongate
+agent_bin=$build/moongate-agent
 
 die() { echo "bench: $*" >&2; exit 1; }
 for tool in wrk ssh ssh-keygen /usr/sbin/sshd awk ss; do
@@ -32,6 +36,8 @@ done
 [ -x "$client_bin" ] || die "$client_bin missing: cmake --build $build --target mg-streamclient"
 have_mg=0
 [ -x "$mg_bin" ] && have_mg=1
+have_agent=0
+[ $have_mg = 1 ] && [ -x "$agent_bin" ] && have_agent=1
 
 dir=$(mktemp -d /tmp/moongate-bench.XXXXXX)
 pids=()
@@ -87,6 +93,7 @@ verdict() { if num "$1"; then [ "$(calc "($2)")" = 1 ] && echo PASS || echo MISS
 echo "bench: build $build, temp dir $dir, ${duration}s per wrk run, $(nproc) cores"
 echo "bench: load average $(cut -d' ' -f1-3 /proc/loadavg) before the run (other work on the machine lowers every figure; compare ratios)"
 echo "bench: moongate $([ $have_mg = 1 ] && echo "$mg_bin" || echo "not built ($mg_bin missing)")"
+echo "bench: moongate-agent $([ $have_agent = 1 ] && echo "$agent_bin" || echo "not measured ($agent_bin or moongate missing)")"
 
 "$upstream_bin" -l 127.0.0.1:0 --port-file "$dir/upstream.port" >"$dir/upstream.log" 2>&1 &
 pids+=($!)
@@ -151,6 +158,24 @@ local route = $route_tbl
 local limits = $limits_tbl
 return {
   authenticate = function(req) return "bench" end,
+  limits = function(user) return limits end,
+  route = function(req, user) return route end,
+}
+LUA
+# agent.lua: route.lua's route and limits, but through the user's moongate-agent (scenario 1).
+agent_token=bench-agent-token-8d41e7
+host_fp=$(ssh-keygen -l -E sha256 -f "$dir/host_key.pub" | awk '{ print $2 }')
+cat >"$dir/agent.lua" <<LUA
+local route = { transport = "agent", host = "bench-laptop", ssh_user = "$ssh_user",
+                key = "$dir/gateway_key", host_key = "$host_fp",
+                target_host = "127.0.0.1", target_port = $up_port }
+local limits = $limits_tbl
+return {
+  authenticate = function(req) return "bench" end,
+  agent_auth = function(token, req)
+    if token == "$agent_token" then return "bench" end
+    return nil, 401, "unknown agent token"
+  end,
   limits = function(user) return limits end,
   route = function(req, user) return route end,
 }
@@ -282,11 +307,36 @@ if [ $have_mg = 1 ]; then
     start_mg a route.lua
     if [ "$mg_pid_a" != 0 ]; then port[mg]=$mg_port_a; targets+=(mg); fi
 fi
+# Scenario 1's agent column: a moongate routing through a moongate-agent that reaches the sshd.
+agent_ok=0
+if [ $have_agent = 1 ]; then
+    start_mg g agent.lua
+    if [ "$mg_pid_g" != 0 ]; then
+        # The agent logs a line per WebSocket (info), nothing per request.
+        MOONGATE_TOKEN=$agent_token MOONGATE_LOG_LEVEL=info "$agent_bin" \
+            --gateway "ws://127.0.0.1:$mg_port_g/tunnel" --ssh "127.0.0.1:$ssh_port" \
+            >"$dir/agent.log" 2>&1 &
+        agent_pid=$!
+        pids+=($agent_pid)
+        for _ in $(seq 200); do
+            grep -q "connected: websocket" "$dir/agent.log" && { agent_ok=1; break; }
+            kill -0 "$agent_pid" 2>/dev/null || break
+            sleep 0.05
+        done
+        if [ $agent_ok = 1 ]; then
+            port[agent]=$mg_port_g
+        else
+            mg_failures+=("moongate-agent did not connect; its log: $(tail -5 "$dir/agent.log")")
+        fi
+    fi
+fi
 
 # 1. Small POST, 64 connections.
 echo "bench: 1/5 small POST (${duration}s per target)"
 declare -A RPS P99 WERR
-for t in "${targets[@]}"; do
+s1_targets=("${targets[@]}")
+[ $agent_ok = 1 ] && s1_targets+=(agent)
+for t in "${s1_targets[@]}"; do
     run_wrk "${port[$t]}" 1   # warm-up: connections, channels, the JIT of the client
     run_wrk "${port[$t]}" "$duration"
     RPS[$t]=$rps P99[$t]=$p99 WERR[$t]=$werr
@@ -299,7 +349,38 @@ row "requests/s" "${RPS[direct]}" "${RPS[sshl]}" "$(mgcell "${RPS[mg]:-}")" "$r"
 res=$(mgres "${P99[mg]:-}" "${P99[mg]:-0} < 10" MISS)
 row "p99 latency (ms)" "${P99[direct]}" "${P99[sshl]}" "$(mgcell "${P99[mg]:-}")" "$(ratio "${P99[mg]:-}" "${P99[sshl]}")" "< 10 ms" "$res"
 [ $have_mg = 1 ] && note "$res" "small POST: moongate p99 ${P99[mg]:-fail} ms (target < 10 ms)"
-for t in "${targets[@]}"; do [ -z "${WERR[$t]}" ] || echo "   note ($t): ${WERR[$t]}"; done
+for t in "${s1_targets[@]}"; do [ -z "${WERR[$t]}" ] || echo "   note ($t): ${WERR[$t]}"; done
+# The agent column: the same gateway and sshd, the SSH connection carried by moongate-agent's
+# WebSocket instead of a TCP connection the gateway dials.
+echo
+printf "%-${W1}s %${W}s %${W}s %9s %-22s %s\n" "via moongate-agent" "mg TCP" "mg agent" "agent/TCP" "target" "result"
+if [ $have_agent = 1 ]; then
+    # Two runs each, interleaved (TCP, agent, TCP, agent), so that other load on the machine
+    # weighs on both alike: the first pair is the loop above, the second is run here.
+    tcp_rps=fail tcp_p99=fail ag_rps=fail ag_p99=fail
+    if [ $agent_ok = 1 ] && num "${RPS[mg]:-}" && num "${RPS[agent]}"; then
+        run_wrk "${port[mg]}" "$duration"; r2m=$rps p2m=$p99
+        run_wrk "${port[agent]}" "$duration"; r2a=$rps p2a=$p99
+        if num "$r2m" && num "$r2a"; then
+            tcp_rps=$(calc "sprintf(\"%.0f\", (${RPS[mg]} + $r2m) / 2)")
+            ag_rps=$(calc "sprintf(\"%.0f\", (${RPS[agent]} + $r2a) / 2)")
+            tcp_p99=$(calc "sprintf(\"%.2f\", (${P99[mg]} + $p2m) / 2)")
+            ag_p99=$(calc "sprintf(\"%.2f\", (${P99[agent]} + $p2a) / 2)")
+        else
+            echo "   note (second pair): ${werr:-a run failed}"
+        fi
+    fi
+    r=$(ratio "$ag_rps" "$tcp_rps")
+    res=$(verdict "$ag_rps" "$ag_rps >= 0.9 * ${tcp_rps/fail/0}" MISS)
+    num "$tcp_rps" || res=MISS
+    printf "%-${W1}s %${W}s %${W}s %9s %-22s %s\n" "requests/s, mean of 2" "$tcp_rps" "$ag_rps" "$r" ">= 0.9x moongate TCP" "$res"
+    note "$res" "small POST via moongate-agent: $ag_rps req/s = $r of moongate over TCP $tcp_rps in the same runs (target >= 0.9x)"
+    printf "%-${W1}s %${W}s %${W}s %9s\n" "p99 latency (ms), mean" "$tcp_p99" "$ag_p99" "$(ratio "$ag_p99" "$tcp_p99")"
+    [ -n "${agent_pid:-}" ] && stop_pid "$agent_pid" 3
+    stop_mg g
+else
+    printf "%-${W1}s %${W}s %${W}s %9s %-22s %s\n" "requests/s" "${RPS[mg]:-n/a}" "n/a" "-" ">= 0.9x moongate TCP" "n/a"
+fi
 
 # 2. 50 concurrent streams.
 echo

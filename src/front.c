@@ -719,6 +719,9 @@ static req_t *req_new(mg_gateway_t *gw, struct lws *wsi, pss_t *pss)
 
 static int on_http(mg_gateway_t *gw, struct lws *wsi, pss_t *pss)
 {
+    /* The head is in: from here moongate's own deadlines bound the request (queue, upstream
+       head). lws's would cut a long stream, or a request waiting for a channel. */
+    lws_set_timeout(wsi, NO_PENDING_TIMEOUT, 0);
     req_t *r = req_new(gw, wsi, pss);
     if (r == NULL)
         return -1;
@@ -797,6 +800,8 @@ static int on_http(mg_gateway_t *gw, struct lws *wsi, pss_t *pss)
     }
     if (!r->has_body)
         r->body_complete = true;
+    else /* a body that stops arriving is bounded like a head that does */
+        lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, (int)gw->opts.header_timeout_s);
     start_request(r);
     return 0;
 }
@@ -806,6 +811,7 @@ static int on_body(req_t *r, const void *in, size_t len)
     if (r->resp_complete || r->abort_client)
         return 0; /* already answered (an error); drop what follows */
     r->body_received += len;
+    lws_set_timeout(r->wsi, PENDING_TIMEOUT_HTTP_CONTENT, (int)r->gw->opts.header_timeout_s);
     if (r->body_received > r->gw->opts.max_body_bytes) {
         if (r->x) {
             mg_exchange_abort(r->x);
@@ -828,6 +834,7 @@ static int on_body(req_t *r, const void *in, size_t len)
 
 static void on_body_complete(req_t *r)
 {
+    lws_set_timeout(r->wsi, NO_PENDING_TIMEOUT, 0);
     r->body_complete = true;
     pump_body(r);
 }

@@ -29,6 +29,7 @@ struct mg_proxy {
     mg_pool_t *pool;
     mg_proxy_opts_t opts;
     link_t *idle_head;      /* most recently idle first */
+    mg_exchange_t *waiting_head, *waiting_tail; /* waiting for a pool lease, oldest first */
     int idle_count;
     int active;
     int links;
@@ -77,6 +78,7 @@ struct mg_exchange {
     bool retried;
     bool paused;
     bool want_body;          /* write_body said EAGAIN: call on_body_writable */
+    mg_exchange_t *wait_next, *wait_prev;
     int dispatching;
     uint64_t conn_id;
 };
@@ -97,6 +99,34 @@ void mg_proxy_opts_init(mg_proxy_opts_t *o)
 }
 
 /* ---- exchange lifetime ---- */
+
+static void waiting_add(mg_exchange_t *x)
+{
+    mg_proxy_t *px = x->px;
+    x->wait_next = NULL;
+    x->wait_prev = px->waiting_tail;
+    if (px->waiting_tail)
+        px->waiting_tail->wait_next = x;
+    else
+        px->waiting_head = x;
+    px->waiting_tail = x;
+}
+
+static void waiting_remove(mg_exchange_t *x)
+{
+    mg_proxy_t *px = x->px;
+    if (x->wait_prev)
+        x->wait_prev->wait_next = x->wait_next;
+    else if (px->waiting_head == x)
+        px->waiting_head = x->wait_next;
+    else
+        return; /* not on the list */
+    if (x->wait_next)
+        x->wait_next->wait_prev = x->wait_prev;
+    else
+        px->waiting_tail = x->wait_prev;
+    x->wait_next = x->wait_prev = NULL;
+}
 
 static void exchange_free(mg_exchange_t *x)
 {
@@ -190,11 +220,44 @@ static void link_close(link_t *l)
     mg_ssh_chan_close(l->ch);
 }
 
+/* Gives the finished link to exchange x, which sends its head on it at once. */
+static void link_reuse(link_t *l, mg_exchange_t *x)
+{
+    mg_proxy_t *px = l->px;
+    uv_timer_stop(&l->timer);
+    l->uses++;
+    l->x = x;
+    x->link = l;
+    x->conn_id = mg_ssh_conn_id(mg_ssh_chan_conn(l->ch));
+    px->reused++;
+    mg_http1_resp_parser_expect(l->parser, x->method);
+    if (x->paused)
+        mg_ssh_chan_read_stop(l->ch);
+    uv_timer_start(&l->timer, on_link_timer, px->opts.head_timeout_ms, 0);
+    exchange_send(x);
+}
+
 static void link_make_idle(link_t *l)
 {
     mg_proxy_t *px = l->px;
     if (px->draining || l->closing) {
         link_close(l);
+        return;
+    }
+    /* A request waiting for a lease of this user takes the link instead: same target, it
+       rides it; another target, the link closes so that its lease frees up. */
+    for (mg_exchange_t *w = px->waiting_head; w; w = w->wait_next) {
+        if (strcmp(w->user, l->user) != 0)
+            continue;
+        if (w->req.target_port == l->target_port && strcmp(w->target_host, l->target_host) == 0) {
+            waiting_remove(w);
+            mg_pool_acquire_cancel(&w->acq);
+            w->acquiring = false;
+            mg_ssh_chan_read_start(l->ch);
+            link_reuse(l, w);
+        } else {
+            link_close(l);
+        }
         return;
     }
     /* The last exchange may have paused reading; an idle channel must read (to see an EOF,
@@ -429,6 +492,7 @@ static void on_acquired(mg_pool_acquire_t *req, int status)
 {
     mg_exchange_t *x = req->data;
     x->acquiring = false;
+    waiting_remove(x);
     if (status == 0)
         status = link_start(x, req->conn);
     if (status != 0)
@@ -441,8 +505,10 @@ static int exchange_acquire(mg_exchange_t *x)
     x->acq.data = x;
     x->acquiring = true;
     int rc = mg_pool_acquire(x->px->pool, &x->acq, x->user, (void *)x->req.route, on_acquired);
-    if (rc == MG_EAGAIN)
+    if (rc == MG_EAGAIN) {
+        waiting_add(x);
         return 0;
+    }
     x->acquiring = false;
     if (rc == 0)
         rc = link_start(x, x->acq.conn);
@@ -563,16 +629,7 @@ int mg_exchange_start(mg_proxy_t *px, const mg_exchange_req_t *req,
     link_t *l = idle_find(px, x->user, x->target_host, req->target_port);
     if (l != NULL) {
         idle_unlink(l);
-        uv_timer_stop(&l->timer);
-        l->uses++;
-        l->x = x;
-        x->link = l;
-        x->conn_id = mg_ssh_conn_id(mg_ssh_chan_conn(l->ch));
-        px->reused++;
-        mg_http1_resp_parser_expect(l->parser, x->method);
-        uv_timer_start(&l->timer, on_link_timer, px->opts.head_timeout_ms, 0);
-        /* Writing needs no callback: the head goes out now, the rest on on_writable. */
-        exchange_send(x);
+        link_reuse(l, x);
         *out = x;
         return 0;
     }
@@ -639,6 +696,7 @@ void mg_exchange_abort(mg_exchange_t *x)
     if (x->acquiring) {
         mg_pool_acquire_cancel(&x->acq);
         x->acquiring = false;
+        waiting_remove(x);
     }
     if (x->link) {
         link_t *l = x->link;

@@ -46,7 +46,7 @@ struct tun {
     mg__buf_t in;               /* bytes that came before the SSH connection did */
     size_t msg_bytes;           /* of the incoming message so far */
     bool attached;
-    bool send_open;             /* owe the agent {"type":"open"} */
+    int send_open;              /* {"type":"open"} messages owed to the agent */
     bool closing;               /* send a close frame at the next writable */
     int close_code;
     char close_reason[120];
@@ -203,7 +203,7 @@ static void tun_close(mg_transport_t *base, bool graceful)
     }
     mg_tunnel_t *t = tun->t;
     tun_close_ws(tun, LWS_CLOSE_STATUS_NORMAL,
-                 t->draining ? t->gw->drain_message : "idle connection closed");
+                 t->draining ? t->gw->drain_message : "SSH connection closed");
     if (!graceful) {
         tun->out.off = tun->out.len;
         base->write_queued = 0;
@@ -313,7 +313,7 @@ int mg__tunnel_agent_open(void *arg, mg_pool_conn_t *pc, const mg_ssh_conn_opts_
     /* Ask the newest of the user's agents for one more WebSocket. */
     tun_t *ask = u->tuns;
     if (ask && ask->wsi) {
-        ask->send_open = true;
+        ask->send_open++;
         lws_callback_on_writable(ask->wsi);
     }
     mg_log_debug("tunnel", "user=%s asked the agent for another connection", u->id);
@@ -458,9 +458,9 @@ static int on_receive(tun_t *tun, struct lws *wsi, const char *in, size_t len)
 
 static int on_writeable(tun_t *tun, struct lws *wsi)
 {
-    if (tun->send_open) {
+    if (tun->send_open > 0) {
         static const char msg[] = "{\"type\":\"open\"}";
-        tun->send_open = false;
+        tun->send_open--;
         memcpy(ws_buf + LWS_PRE, msg, sizeof(msg) - 1);
         if (lws_write(wsi, ws_buf + LWS_PRE, sizeof(msg) - 1, LWS_WRITE_TEXT) < 0)
             return -1;

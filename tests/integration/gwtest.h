@@ -135,23 +135,13 @@ static inline const char *gw_binary(char *out, size_t cap)
 }
 
 /*
- * Starts moongate with the test policy for sshd and upstream_port. extra_env: NULL or a
- * NULL-terminated list of "NAME=value" that override the inherited environment.
+ * Fills envp (cap entries) with the inherited environment, minus the names extra_env sets, plus
+ * extra_env (NULL or a NULL-terminated list of "NAME=value"), NULL-terminated.
  */
-static inline void gw_start(gw_t *g, const mg_test_sshd_t *sshd, uint16_t upstream_port,
-                            const char *const *extra_env)
+static inline void gw_env_merge(char **envp, size_t cap, const char *const *extra_env)
 {
-    memset(g, 0, sizeof(*g));
-    assert_int_equal(mg_test_mkdtemp(g->dir, sizeof(g->dir), "mg-gw"), 0);
-    assert_int_equal(mg_test_path_join(g->policy, sizeof(g->policy), g->dir, "policy.lua"), 0);
-    assert_int_equal(mg_test_path_join(g->log, sizeof(g->log), g->dir, "moongate.log"), 0);
-    assert_int_equal(mg_test_path_join(g->out, sizeof(g->out), g->dir, "stdout.log"), 0);
-    gw_write_policy(g->policy, sshd, upstream_port);
-
-    /* The inherited environment, minus the names extra_env sets, plus extra_env. */
-    static char *envp[1024];
     size_t n = 0;
-    for (char **e = environ; *e && n < 900; e++) {
+    for (char **e = environ; *e && n < cap - cap / 8; e++) {
         bool overridden = false;
         for (const char *const *x = extra_env; x && *x; x++) {
             size_t k = strcspn(*x, "=");
@@ -161,12 +151,23 @@ static inline void gw_start(gw_t *g, const mg_test_sshd_t *sshd, uint16_t upstre
         if (!overridden)
             envp[n++] = *e;
     }
-    for (const char *const *x = extra_env; x && *x && n < 1020; x++)
+    for (const char *const *x = extra_env; x && *x && n + 1 < cap; x++)
         envp[n++] = (char *)*x;
     envp[n] = NULL;
+}
+
+/*
+ * Starts moongate on g->policy (already written, in g->dir) listening on listen ("127.0.0.1:0"
+ * or a fixed "127.0.0.1:PORT"), and returns once it accepts connections; g->port is the port its
+ * log names.
+ */
+static inline void gw_launch(gw_t *g, const char *listen, const char *const *extra_env)
+{
+    static char *envp[1024];
+    gw_env_merge(envp, sizeof(envp) / sizeof(envp[0]), extra_env);
 
     char bin[MG_TEST_PATH_MAX];
-    char *argv[] = { (char *)gw_binary(bin, sizeof(bin)), "-c", g->policy, "-l", "127.0.0.1:0",
+    char *argv[] = { (char *)gw_binary(bin, sizeof(bin)), "-c", g->policy, "-l", (char *)listen,
                      NULL };
     mg_test_spawn_opts_t so = { .stdout_path = g->out, .stderr_path = g->log, .envp = envp };
     assert_int_equal(mg_test_proc_spawn(&g->proc, argv, &so), 0);
@@ -206,6 +207,42 @@ static inline void gw_start(gw_t *g, const mg_test_sshd_t *sshd, uint16_t upstre
         }
         mg_test_sleep_ms(20);
     }
+}
+
+/* Makes g's private dir and names its files. */
+static inline void gw_prepare(gw_t *g)
+{
+    memset(g, 0, sizeof(*g));
+    assert_int_equal(mg_test_mkdtemp(g->dir, sizeof(g->dir), "mg-gw"), 0);
+    assert_int_equal(mg_test_path_join(g->policy, sizeof(g->policy), g->dir, "policy.lua"), 0);
+    assert_int_equal(mg_test_path_join(g->log, sizeof(g->log), g->dir, "moongate.log"), 0);
+    assert_int_equal(mg_test_path_join(g->out, sizeof(g->out), g->dir, "stdout.log"), 0);
+}
+
+/*
+ * Starts moongate with the test policy for sshd and upstream_port. extra_env: NULL or a
+ * NULL-terminated list of "NAME=value" that override the inherited environment.
+ */
+static inline void gw_start(gw_t *g, const mg_test_sshd_t *sshd, uint16_t upstream_port,
+                            const char *const *extra_env)
+{
+    gw_prepare(g);
+    gw_write_policy(g->policy, sshd, upstream_port);
+    gw_launch(g, "127.0.0.1:0", extra_env);
+}
+
+/*
+ * Starts moongate with policy_text as its policy, on 127.0.0.1:port (0: a port it picks and
+ * logs). extra_env as for gw_start().
+ */
+static inline void gw_start_policy(gw_t *g, const char *policy_text, uint16_t port,
+                                   const char *const *extra_env)
+{
+    gw_prepare(g);
+    assert_int_equal(mg_test_write_file(g->policy, policy_text, strlen(policy_text), 0600), 0);
+    char listen[32];
+    snprintf(listen, sizeof(listen), "127.0.0.1:%u", (unsigned)port);
+    gw_launch(g, listen, extra_env);
 }
 
 /* Fails the test if the log holds a sanitizer report. */
@@ -322,13 +359,28 @@ typedef struct gw_arrivals {
  * be NULL) records when body bytes arrived. Thread-safe. Returns 0, MG_ECONNECT, MG_ETIMEDOUT,
  * MG_ECLOSED (cut short) or MG_EINVAL (a malformed response).
  */
+static inline int gw_exchange_fd(int fd, const char *request, size_t len,
+                                 mg_test_http_response_t *r, int timeout_ms, gw_arrivals_t *arr);
+
 static inline int gw_exchange(uint16_t port, const char *request, size_t len,
                               mg_test_http_response_t *r, int timeout_ms, gw_arrivals_t *arr)
 {
-    double deadline = mg_test_now_ms() + timeout_ms;
+    double t0 = mg_test_now_ms();
     int fd = gw_connect(port, timeout_ms);
     if (fd < 0)
         return fd;
+    int left = timeout_ms - (int)(mg_test_now_ms() - t0);
+    return gw_exchange_fd(fd, request, len, r, left > 0 ? left : 1, arr);
+}
+
+/*
+ * gw_exchange() on a socket the caller connected with gw_connect() (for instance to send many
+ * requests at one moment); closes fd.
+ */
+static inline int gw_exchange_fd(int fd, const char *request, size_t len,
+                                 mg_test_http_response_t *r, int timeout_ms, gw_arrivals_t *arr)
+{
+    double deadline = mg_test_now_ms() + timeout_ms;
     int err = 0;
     size_t sent = 0;
     bool write_closed = false;
@@ -554,6 +606,140 @@ static inline bool gw_json_get_string(const char *text, const char *key, char *o
     memcpy(out, p, n);
     out[n] = '\0';
     return true;
+}
+
+/* ---- moongate-agent ---- */
+
+/* Occurrences of needle in the file at path (0 if it cannot be read). */
+static inline int gw_file_count(const char *path, const char *needle)
+{
+    char *data = NULL;
+    if (mg_test_read_file(path, &data, NULL) != 0)
+        return 0;
+    int n = 0;
+    for (const char *p = data; (p = strstr(p, needle)) != NULL; p += strlen(needle))
+        n++;
+    free(data);
+    return n;
+}
+
+/* Prints the last lines of the file at path, titled with it. */
+static inline void gw_print_file_tail(const char *path, int lines)
+{
+    char *data = NULL;
+    size_t len = 0;
+    if (mg_test_read_file(path, &data, &len) != 0)
+        return;
+    const char *p = data + len;
+    int seen = 0;
+    while (p > data && seen <= lines)
+        if (*--p == '\n')
+            seen++;
+    print_message("---- %s (tail) ----\n%s\n----\n", path, p);
+    free(data);
+}
+
+/* One moongate-agent process. Fields are read-only for tests. */
+typedef struct gw_agent {
+    mg_test_proc_t proc;
+    char dir[MG_TEST_PATH_MAX];
+    char log[MG_TEST_PATH_MAX];     /* its stderr: the log, and any sanitizer report */
+    char out[MG_TEST_PATH_MAX];     /* its stdout */
+    bool running;
+} gw_agent_t;
+
+/*
+ * Starts `moongate-agent --gateway ws://127.0.0.1:GW_PORT/tunnel ARGS...` with MOONGATE_TOKEN
+ * set to token. args: a NULL-terminated list, e.g. {"--ssh", "127.0.0.1:2222", NULL} or
+ * {"--sshd-inetd", "/usr/sbin/sshd -i -e -f CONFIG", NULL}. Returns at once: the agent connects
+ * in the background (gw_agent_wait_log() on "connected: websocket" to wait for it).
+ */
+static inline void gw_agent_start(gw_agent_t *a, uint16_t gw_port, const char *token,
+                                  const char *const *args)
+{
+    memset(a, 0, sizeof(*a));
+    assert_int_equal(mg_test_mkdtemp(a->dir, sizeof(a->dir), "mg-agent"), 0);
+    assert_int_equal(mg_test_path_join(a->log, sizeof(a->log), a->dir, "agent.log"), 0);
+    assert_int_equal(mg_test_path_join(a->out, sizeof(a->out), a->dir, "stdout.log"), 0);
+    char bin[MG_TEST_PATH_MAX], url[64], tok[512];
+    const char *bd = getenv("MG_BINARY_DIR");
+    snprintf(bin, sizeof(bin), "%s/moongate-agent", bd && *bd ? bd : MG_BINARY_DIR);
+    snprintf(url, sizeof(url), "ws://127.0.0.1:%u/tunnel", (unsigned)gw_port);
+    snprintf(tok, sizeof(tok), "MOONGATE_TOKEN=%s", token);
+    const char *env[] = { tok, NULL };
+    static char *envp[1024];
+    gw_env_merge(envp, sizeof(envp) / sizeof(envp[0]), env);
+    char *argv[32] = { bin, "--gateway", url };
+    size_t n = 3;
+    for (const char *const *x = args; x && *x && n < 31; x++)
+        argv[n++] = (char *)*x;
+    argv[n] = NULL;
+    mg_test_spawn_opts_t so = { .stdout_path = a->out, .stderr_path = a->log, .envp = envp };
+    assert_int_equal(mg_test_proc_spawn(&a->proc, argv, &so), 0);
+    a->running = true;
+}
+
+static inline int gw_agent_log_count(const gw_agent_t *a, const char *needle)
+{
+    return gw_file_count(a->log, needle);
+}
+
+/* Waits up to timeout_ms until needle occurs at least count times in the agent's log. */
+static inline bool gw_agent_wait_log(const gw_agent_t *a, const char *needle, int count,
+                                     int timeout_ms)
+{
+    double end = mg_test_now_ms() + timeout_ms;
+    while (gw_agent_log_count(a, needle) < count) {
+        if (mg_test_now_ms() > end)
+            return false;
+        mg_test_sleep_ms(20);
+    }
+    return true;
+}
+
+/* Fails the test if the agent's log holds a sanitizer report. */
+static inline void gw_agent_assert_log_clean(const gw_agent_t *a)
+{
+    static const char *const bad[] = {
+        "ERROR: AddressSanitizer", "LeakSanitizer", "runtime error:",
+        "WARNING: ThreadSanitizer", "ERROR: UndefinedBehaviorSanitizer",
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        if (gw_agent_log_count(a, bad[i]) > 0) {
+            gw_print_file_tail(a->log, 80);
+            fail_msg("moongate-agent's log holds a sanitizer report (\"%s\")", bad[i]);
+        }
+}
+
+/* SIGTERM; fails unless the agent exits 0 within 5 s with a clean log. */
+static inline void gw_agent_stop(gw_agent_t *a)
+{
+    if (!a->running)
+        return;
+    mg_test_proc_kill(&a->proc, SIGTERM);
+    int rc = mg_test_proc_wait(&a->proc, 5000);
+    a->running = false;
+    if (rc != 0) {
+        mg_test_proc_stop(&a->proc, 1000);
+        gw_print_file_tail(a->log, 40);
+        fail_msg("moongate-agent did not exit within 5 s of SIGTERM");
+    }
+    int code = mg_test_proc_exit_code(&a->proc);
+    if (code != 0) {
+        gw_print_file_tail(a->log, 60);
+        fail_msg("moongate-agent exited with %d after SIGTERM, expected 0", code);
+    }
+    gw_agent_assert_log_clean(a);
+}
+
+/* SIGKILL and reap, without checks: an agent that died, or teardown after a failure. */
+static inline void gw_agent_kill(gw_agent_t *a)
+{
+    if (!a->running)
+        return;
+    mg_test_proc_kill(&a->proc, SIGKILL);
+    mg_test_proc_wait(&a->proc, 5000);
+    a->running = false;
 }
 
 #endif

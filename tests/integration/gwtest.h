@@ -654,22 +654,33 @@ typedef struct gw_agent {
  * {"--sshd-inetd", "/usr/sbin/sshd -i -e -f CONFIG", NULL}. Returns at once: the agent connects
  * in the background (gw_agent_wait_log() on "connected: websocket" to wait for it).
  */
+/* Starts moongate-agent against url (ws:// or wss://) with the token in MOONGATE_TOKEN. */
+static inline void gw_agent_start_url(gw_agent_t *a, const char *url, const char *token,
+                                      const char *const *args);
+
 static inline void gw_agent_start(gw_agent_t *a, uint16_t gw_port, const char *token,
                                   const char *const *args)
+{
+    char url[64];
+    snprintf(url, sizeof(url), "ws://127.0.0.1:%u/tunnel", (unsigned)gw_port);
+    gw_agent_start_url(a, url, token, args);
+}
+
+static inline void gw_agent_start_url(gw_agent_t *a, const char *url, const char *token,
+                                      const char *const *args)
 {
     memset(a, 0, sizeof(*a));
     assert_int_equal(mg_test_mkdtemp(a->dir, sizeof(a->dir), "mg-agent"), 0);
     assert_int_equal(mg_test_path_join(a->log, sizeof(a->log), a->dir, "agent.log"), 0);
     assert_int_equal(mg_test_path_join(a->out, sizeof(a->out), a->dir, "stdout.log"), 0);
-    char bin[MG_TEST_PATH_MAX], url[64], tok[512];
+    char bin[MG_TEST_PATH_MAX], tok[512];
     const char *bd = getenv("MG_BINARY_DIR");
     snprintf(bin, sizeof(bin), "%s/moongate-agent", bd && *bd ? bd : MG_BINARY_DIR);
-    snprintf(url, sizeof(url), "ws://127.0.0.1:%u/tunnel", (unsigned)gw_port);
     snprintf(tok, sizeof(tok), "MOONGATE_TOKEN=%s", token);
     const char *env[] = { tok, NULL };
     static char *envp[1024];
     gw_env_merge(envp, sizeof(envp) / sizeof(envp[0]), env);
-    char *argv[32] = { bin, "--gateway", url };
+    char *argv[32] = { bin, "--gateway", (char *)url };
     size_t n = 3;
     for (const char *const *x = args; x && *x && n < 31; x++)
         argv[n++] = (char *)*x;

@@ -304,6 +304,58 @@ static int count_lines(const mg_test_http_response_t *r)
     return n;
 }
 
+/* ---- wss://: the agent verifies the gateway's certificate (system CAs, or --ca-file) ---- */
+
+static void test_wss_verifies_certificate(void **state)
+{
+    world_t *w = *state;
+    char dir[MG_TEST_PATH_MAX], crt[MG_TEST_PATH_MAX], key[MG_TEST_PATH_MAX];
+    assert_int_equal(mg_test_mkdtemp(dir, sizeof(dir), "mg-wss"), 0);
+    assert_int_equal(mg_test_path_join(crt, sizeof(crt), dir, "tls.crt"), 0);
+    assert_int_equal(mg_test_path_join(key, sizeof(key), dir, "tls.key"), 0);
+    char *const gen[] = { "openssl", "req", "-x509", "-newkey", "ed25519", "-nodes", "-keyout",
+                          key, "-out", crt, "-days", "2", "-subj", "/CN=localhost", "-addext",
+                          "subjectAltName=DNS:localhost", NULL };
+    int code = -1;
+    assert_int_equal(mg_test_proc_run(gen, NULL, 10000, &code), 0);
+    assert_int_equal(code, 0);
+    char env_crt[MG_TEST_PATH_MAX + 32], env_key[MG_TEST_PATH_MAX + 32];
+    snprintf(env_crt, sizeof(env_crt), "MOONGATE_TLS_CERT=%s", crt);
+    snprintf(env_key, sizeof(env_key), "MOONGATE_TLS_KEY=%s", key);
+    const char *env[] = { env_crt, env_key, NULL };
+    route_opts_t o = { .known_hosts = w->known_hosts };
+    gw_t *g = start_gateway(w, 0, &o, 0, env);
+    char url[96];
+    snprintf(url, sizeof(url), "wss://localhost:%u/tunnel", (unsigned)g->port);
+
+    /* A certificate no trusted CA signed is refused: no tunnel. */
+    const char *plain[] = { "--sshd-inetd", w->inetd, NULL };
+    gw_agent_start_url(&w->ag[0], url, AGENT_TOKEN, plain);
+    assert_true(gw_agent_wait_log(&w->ag[0], "cannot connect", 1, 10000));
+    assert_int_equal(gw_agent_log_count(&w->ag[0], "connected: websocket"), 0);
+    gw_agent_stop(&w->ag[0]);
+
+    /* Trusted through --ca-file: the tunnel comes up and carries a request. */
+    const char *with_ca[] = { "--sshd-inetd", w->inetd, "--ca-file", crt, NULL };
+    gw_agent_start_url(&w->ag[1], url, AGENT_TOKEN, with_ca);
+    wait_connected(g, &w->ag[1], 1);
+    char cmd_url[96];
+    snprintf(cmd_url, sizeof(cmd_url), "https://127.0.0.1:%u/hello", (unsigned)g->port);
+    char out[MG_TEST_PATH_MAX];
+    assert_int_equal(mg_test_path_join(out, sizeof(out), dir, "curl.out"), 0);
+    char *const get[] = { "curl", "-sSk", "-H", "Authorization: Bearer alice-token", cmd_url, NULL };
+    mg_test_spawn_opts_t so = { .stdout_path = out };
+    assert_int_equal(mg_test_proc_run(get, &so, 15000, &code), 0);
+    assert_int_equal(code, 0);
+    char *text = NULL;
+    assert_int_equal(mg_test_read_file(out, &text, NULL), 0);
+    assert_string_equal(text, "hello\n");
+    free(text);
+    gw_agent_stop(&w->ag[1]);
+    gw_stop(g);
+    mg_test_rm_rf(dir);
+}
+
 /* ---- a raw WebSocket client, enough to see upgrades refused and close frames ---- */
 
 typedef struct ws {
@@ -958,6 +1010,7 @@ int main(void)
         cmocka_unit_test_teardown(test_wrong_host_key, test_teardown),
         cmocka_unit_test_teardown(test_demand_opens_more_connections, test_teardown),
         cmocka_unit_test_teardown(test_sigterm_with_stream_in_flight, test_teardown),
+        cmocka_unit_test_teardown(test_wss_verifies_certificate, test_teardown),
         cmocka_unit_test_teardown(test_outlives_header_timeout, test_teardown),
     };
     /* MG_TEST_FILTER=test_connection_limit (a cmocka pattern, * and ?) runs a few of them. */

@@ -26,6 +26,8 @@
 #include <libwebsockets.h>
 
 #include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -560,6 +562,14 @@ static void on_local_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         local_ended(c, LWS_CLOSE_STATUS_NORMAL, "ssh stream ended",
                     nread == UV_EOF ? "sshd closed it" : uv_strerror((int)nread));
         return;
+    }
+    if (c->a->inetd_argv == NULL) {
+        /* sshd leaves Nagle on for forwarding sessions: it holds its next small packet until
+           we ACK this one, and a delayed ACK costs 40 ms. Re-arm quick ACKs after each read. */
+        uv_os_fd_t fd;
+        int one = 1;
+        if (uv_fileno((uv_handle_t *)s, &fd) == 0)
+            setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one));
     }
     if (c->wsi == NULL || c->close_pending)
         return;

@@ -375,6 +375,8 @@ static void x_on_body(mg_exchange_t *x, const char *buf, size_t len)
     if (r->out.len - r->out.off > OUT_HIGH_WATER && !r->exchange_paused) {
         r->exchange_paused = true;
         mg_exchange_pause(x);
+        /* A client that takes nothing more must not hold the channel forever. */
+        lws_set_timeout(r->wsi, PENDING_TIMEOUT_HTTP_CONTENT, (int)r->gw->opts.send_timeout_s);
     }
     kick(r);
 }
@@ -865,10 +867,13 @@ static int on_writeable(pss_t *pss, req_t *r)
         r->bytes_down += n;
         mg__buf_consume(&r->out, n, 1024 * 1024);
         first = false;
+        if (r->exchange_paused) /* the client is taking bytes: give it the full time again */
+            lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, (int)r->gw->opts.send_timeout_s);
     }
     if (r->exchange_paused && r->x && r->out.len - r->out.off < OUT_LOW_WATER) {
         r->exchange_paused = false;
         mg_exchange_resume(r->x);
+        lws_set_timeout(wsi, NO_PENDING_TIMEOUT, 0);
     }
     if (r->out.len > r->out.off) {
         lws_callback_on_writable(wsi);

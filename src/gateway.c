@@ -86,6 +86,7 @@ int mg_gateway_opts_from_env(mg_gateway_opts_t *o, char *err, size_t errlen)
         .listen_port = 8080,
         .max_body_bytes = 10 * 1024 * 1024,
         .header_timeout_s = 10,
+        .send_timeout_s = 60,
         .upstream_head_timeout_ms = 120000,
         .upstream_keepalive_ms = 10000,
     };
@@ -97,17 +98,19 @@ int mg_gateway_opts_from_env(mg_gateway_opts_t *o, char *err, size_t errlen)
         snprintf(err, errlen, "MOONGATE_LISTEN: must be HOST:PORT, got \"%s\"", v);
         return MG_ECONFIG;
     }
-    uint64_t n = o->header_timeout_s;
+    uint64_t n = o->header_timeout_s, send = o->send_timeout_s;
     int rc;
     if ((rc = env_u64("MOONGATE_MAX_BODY", 0, (uint64_t)1 << 40, &o->max_body_bytes, err,
                       errlen)) ||
         (rc = env_u64("MOONGATE_HEADER_TIMEOUT", 1, 3600, &n, err, errlen)) ||
+        (rc = env_u64("MOONGATE_SEND_TIMEOUT", 1, 86400, &send, err, errlen)) ||
         (rc = env_u64("UPSTREAM_HEAD_TIMEOUT", 100, 3600000, &o->upstream_head_timeout_ms, err,
                       errlen)) ||
         (rc = env_u64("UPSTREAM_KEEPALIVE", 0, 3600000, &o->upstream_keepalive_ms, err,
                       errlen)))
         return rc;
     o->header_timeout_s = (uint32_t)n;
+    o->send_timeout_s = (uint32_t)send;
     o->tls_cert = getenv("MOONGATE_TLS_CERT");
     o->tls_key = getenv("MOONGATE_TLS_KEY");
     if (o->tls_cert && !*o->tls_cert)

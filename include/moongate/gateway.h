@@ -42,6 +42,8 @@ typedef struct mg_gateway_opts {
     const char *tls_key;
     uint64_t max_body_bytes;      /* request bodies larger than this get 413; 10 MiB */
     uint32_t header_timeout_s;    /* a request head must arrive within this; 10 */
+    uint32_t send_timeout_s;      /* a client that takes none of its response this long is
+                                     cut, freeing the channel it holds; 60 */
     uint64_t upstream_head_timeout_ms; /* 120000 */
     uint64_t upstream_keepalive_ms;    /* idle channel reuse window; 10000 */
     const char *admin_token;      /* if set, /metrics and /stats need "Bearer TOKEN"; else

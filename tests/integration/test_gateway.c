@@ -934,6 +934,59 @@ static void test_channel_reuse(void **state)
     gw_stop(&g);
 }
 
+/* ---- a client that stops reading is cut after the send timeout, and frees its channel ---- */
+
+static void test_stalled_client_cut(void **state)
+{
+    world_t *w = *state;
+    static gw_t g;
+    const char *env[] = { "MOONGATE_SEND_TIMEOUT=2", NULL };
+    gw_start(&g, &w->sshd, w->up.port, env);
+    char *req = NULL;
+    size_t len = 0;
+    assert_int_equal(mg_test_http_request(&req, &len, "GET", "/bytes/50000000", GW_AUTH_ALICE,
+                                          NULL, 0),
+                     0);
+    int fd = gw_connect(g.port, 2000);
+    assert_true(fd >= 0);
+    assert_int_equal(send(fd, req, len, MSG_NOSIGNAL), (ssize_t)len);
+    free(req);
+
+    /* Read nothing; wait for the gateway to give up on us. */
+    double t0 = mg_test_now_ms();
+    bool closed = false;
+    while (!closed && mg_test_now_ms() - t0 < 15000) {
+        mg_test_sleep_ms(200);
+        mg_test_http_response_t r;
+        assert_int_equal(gw_request(&g, "GET", "/stats", NULL, NULL, 0, &r, 3000), 0);
+        closed = strstr(r.body, "\"leases\":0") != NULL;
+        mg_test_http_response_free(&r);
+    }
+    double took = mg_test_now_ms() - t0;
+    print_message("a client that read nothing was cut after %.0f ms\n", took);
+    assert_true(closed);
+    assert_true(took >= 1500);
+    /* The connection is closed on the client's side too: EOF after what was buffered, or a
+       reset (the gateway closed with bytes we never read). */
+    char buf[65536];
+    ssize_t n;
+    double end = mg_test_now_ms() + 15000;
+    for (;;) {
+        if (gw_poll(fd, POLLIN, end) != 0) {
+            n = -1;
+            errno = ETIMEDOUT;
+            break;
+        }
+        n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (n == 0 || (n < 0 && errno != EAGAIN))
+            break;
+    }
+    assert_true(n == 0 || (n < 0 && errno == ECONNRESET));
+    close(fd);
+    assert_int_equal(gw_healthz(&g, 2000), 200);
+    gw_stop(&g);
+}
+
 /* ---- 11. /metrics is Prometheus text and counts what happened ---- */
 
 static bool metric_name_ok(const char *s, size_t n)
@@ -1151,6 +1204,7 @@ int main(void)
         cmocka_unit_test(test_header_timeout),
         cmocka_unit_test(test_upstream_head_timeout),
         cmocka_unit_test(test_channel_reuse),
+        cmocka_unit_test(test_stalled_client_cut),
         cmocka_unit_test(test_metrics),
         cmocka_unit_test(test_stats),
         cmocka_unit_test(test_listens_on_loopback_only),

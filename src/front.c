@@ -9,7 +9,8 @@
  * client is slow (and the exchange stops reading the channel past a high-water mark).
  *
  * lws 4.1 has no chunked-response API: the head says "transfer-encoding: chunked" and
- * mg_http1_chunk_head() frames each piece. Every write happens in LWS_CALLBACK_HTTP_WRITEABLE.
+ * mg_http1_chunk_head() frames each piece. Plain HTTP is written on the loop's next turn
+ * (kick()), TLS from lws's writable callback; either way through on_writeable().
  */
 #include "moongate/gateway.h"
 

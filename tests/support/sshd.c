@@ -408,6 +408,58 @@ int mg_test_ssh_argv_add(mg_test_ssh_argv_t *a, const char *arg)
     return 0;
 }
 
+/* Reads the real uid of pid from /proc/PID/status (a zombie's too). Returns 0 or -1. */
+static int read_uid(pid_t pid, uid_t *uid)
+{
+    char path[64], line[256];
+    unsigned long v;
+    int err = -1;
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "re");
+    if (f == NULL)
+        return -1;
+    while (fgets(line, sizeof line, f) != NULL) {
+        if (sscanf(line, "Uid: %lu", &v) == 1) {
+            *uid = (uid_t)v;
+            err = 0;
+            break;
+        }
+    }
+    fclose(f);
+    return err;
+}
+
+/*
+ * Waits until every login to s has finished on the server side. The client is told it is
+ * logged in by sshd's unprivileged pre-authentication child, which then exits and is reaped
+ * by its monitor; until then the tree holds that child, running or a zombie. Its uid is the
+ * privilege separation user's ("sshd"), which is how it is told apart from the monitor (root)
+ * and the post-authentication child (the user's).
+ */
+static int wait_logins_settled(const mg_test_sshd_t *s, int timeout_ms)
+{
+    const struct passwd *pw = getpwnam("sshd");
+    if (pw == NULL)
+        return 0; /* no privilege separation user: no pre-authentication child either */
+    uid_t privsep = pw->pw_uid;
+    double deadline = mg_test_now_ms() + timeout_ms;
+    for (;;) {
+        pid_t tree[MAX_TREE];
+        size_t n = 0;
+        bool busy = false;
+        mg_test_proc_descendants(s->pid, tree, MAX_TREE, &n);
+        for (size_t i = 0; i < n && !busy; i++) {
+            uid_t uid;
+            busy = read_uid(tree[i], &uid) == 0 && uid == privsep;
+        }
+        if (!busy)
+            return 0;
+        if (mg_test_now_ms() >= deadline)
+            return MG_ETIMEDOUT;
+        mg_test_sleep_ms(2);
+    }
+}
+
 int mg_test_sshd_forward(mg_test_sshd_t *s, uint16_t target_port, uint16_t *local_port,
                          mg_test_proc_t *proc)
 {
@@ -428,6 +480,8 @@ int mg_test_sshd_forward(mg_test_sshd_t *s, uint16_t target_port, uint16_t *loca
     if ((err = mg_test_proc_spawn(proc, (char *const *)a.argv, &so)) != 0)
         return err;
     err = mg_test_wait_port(*local_port, 5000, proc);
+    if (err == 0)
+        err = wait_logins_settled(s, 5000);
     if (err != 0)
         mg_test_proc_stop(proc, 1000);
     return err;

@@ -140,7 +140,8 @@ int mg_test_ssh_argv_add(mg_test_ssh_argv_t *a, const char *arg);
 
 /*
  * Starts `ssh -N -L 127.0.0.1:LOCAL:127.0.0.1:target_port` against this server (the baseline that
- * benchmarks compare with) and waits until the local port listens. *local_port gets the port;
+ * benchmarks compare with) and waits until the local port listens and the server has finished
+ * the login (its pre-authentication child is gone). *local_port gets the port;
  * proc is the ssh process (stop it with mg_test_proc_stop()). Its stderr goes to DIR/ssh-L.log.
  * Returns 0, MG_ETIMEDOUT, MG_ECLOSED (ssh exited), or a spawn error.
  */

@@ -952,6 +952,127 @@ int mg_http1_request_head(const mg_http1_request_t *req, char **out, size_t *out
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * The response head the client gets
+ */
+
+const char *mg_http1_reason(int status)
+{
+    switch (status) {
+    case 100: return "Continue";
+    case 101: return "Switching Protocols";
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 203: return "Non-Authoritative Information";
+    case 204: return "No Content";
+    case 205: return "Reset Content";
+    case 206: return "Partial Content";
+    case 300: return "Multiple Choices";
+    case 301: return "Moved Permanently";
+    case 302: return "Found";
+    case 303: return "See Other";
+    case 304: return "Not Modified";
+    case 307: return "Temporary Redirect";
+    case 308: return "Permanent Redirect";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 402: return "Payment Required";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 406: return "Not Acceptable";
+    case 408: return "Request Timeout";
+    case 409: return "Conflict";
+    case 410: return "Gone";
+    case 411: return "Length Required";
+    case 412: return "Precondition Failed";
+    case 413: return "Content Too Large";
+    case 414: return "URI Too Long";
+    case 415: return "Unsupported Media Type";
+    case 416: return "Range Not Satisfiable";
+    case 417: return "Expectation Failed";
+    case 421: return "Misdirected Request";
+    case 422: return "Unprocessable Content";
+    case 425: return "Too Early";
+    case 426: return "Upgrade Required";
+    case 428: return "Precondition Required";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 451: return "Unavailable For Legal Reasons";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    case 505: return "HTTP Version Not Supported";
+    default: return "Unknown";
+    }
+}
+
+static bool response_field_dropped(const mg_http1_response_t *r, const mg_http1_header_t *h)
+{
+    return NAME_IS(h->name, h->name_len, "content-length") ||
+           NAME_IS(h->name, h->name_len, "x-request-id") ||
+           mg_http1_header_is_hop(r->headers, r->nheaders, h->name, h->name_len);
+}
+
+static void emit_response(const mg_http1_response_t *r, sink_t *s)
+{
+    PUT_LIT(s, "HTTP/1.1 ");
+    put_u64(s, (uint64_t)r->status);
+    PUT_LIT(s, " ");
+    put_str(s, mg_http1_reason(r->status));
+    PUT_LIT(s, "\r\n");
+    for (size_t i = 0; i < r->nheaders; i++) {
+        const mg_http1_header_t *h = &r->headers[i];
+        if (response_field_dropped(r, h))
+            continue;
+        put(s, h->name, h->name_len);
+        PUT_LIT(s, ": ");
+        put(s, h->value, h->value_len);
+        PUT_LIT(s, "\r\n");
+    }
+    if (r->body_length >= 0) {
+        PUT_LIT(s, "Content-Length: ");
+        put_u64(s, (uint64_t)r->body_length);
+        PUT_LIT(s, "\r\n");
+    } else if (r->body_length == MG_HTTP1_BODY_LENGTH_CHUNKED) {
+        PUT_LIT(s, "Transfer-Encoding: chunked\r\n");
+    }
+    if (r->close)
+        PUT_LIT(s, "Connection: close\r\n");
+    if (r->request_id) {
+        PUT_LIT(s, "X-Request-Id: ");
+        put_str(s, r->request_id);
+        PUT_LIT(s, "\r\n");
+    }
+    PUT_LIT(s, "\r\n");
+}
+
+int mg_http1_response_head(const mg_http1_response_t *r, char *out, size_t cap, size_t *len)
+{
+    if (r->status < 100 || r->status > 599 || r->body_length < MG_HTTP1_BODY_LENGTH_NONE ||
+        (r->nheaders && !r->headers) ||
+        (r->request_id && !mg_http1_request_id_valid(r->request_id, strlen(r->request_id))))
+        return MG_EINVAL;
+    for (size_t i = 0; i < r->nheaders; i++) {
+        const mg_http1_header_t *h = &r->headers[i];
+        if (!mg_http1_token_valid(h->name, h->name_len) ||
+            !mg_http1_value_valid(h->value, h->value_len))
+            return MG_EINVAL;
+    }
+    sink_t s = { NULL, 0 };
+    emit_response(r, &s);
+    if (s.len > cap)
+        return MG_ENOMEM;
+    s.data = out;
+    s.len = 0;
+    emit_response(r, &s);
+    *len = s.len;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
  * Chunked framing
  */
 

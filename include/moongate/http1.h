@@ -1,18 +1,23 @@
 /*
- * http1: the HTTP/1.1 codec for the upstream side of a request, with no I/O of its own.
+ * http1: the HTTP/1.1 codec, with no I/O of its own.
  *
- * The front receives a client's request through libwebsockets, checks it with
- * mg_http1_check_request(), and builds the head it sends over the SSH channel with
- * mg_http1_request_head(): hop-by-hop headers dropped, X-Forwarded-* and X-Request-Id set, the body
+ * Client side: a mg_http1_req_parser_t reads a client's requests from the byte stream, one at a
+ * time: the head through nodejs/http-parser with the strictness of RFC 9112 added where
+ * Debian's (non-strict) build of it is lenient, then the body, Content-Length or chunked, by a
+ * strict decoder of our own, trailers included. mg_http1_response_head() frames the response
+ * head the client gets.
+ *
+ * Upstream side: mg_http1_check_request() and mg_http1_request_head() build the head sent over
+ * the SSH channel: hop-by-hop headers dropped, X-Forwarded-* and X-Request-Id set, the body
  * re-framed. The upstream's answer comes back as a byte stream in pieces of any size; a
- * mg_http1_resp_parser_t (a thin wrapper around nodejs/http-parser) turns it into one on_head
+ * mg_http1_resp_parser_t (a thin wrapper around http-parser) turns it into one on_head
  * callback, on_body callbacks carrying the decoded body as it arrives, and one on_complete, then
  * stops at the end of the message so that the channel can carry the next one. The chunk framing
  * helpers frame body pieces for a chunked response to the client or a chunked request upstream
  * without copying them, and mg_http1_request_id_new() names requests.
  *
  * Nothing here allocates per header or per body piece: a parser owns one head buffer, reused
- * from response to response, and bounded by head_max.
+ * from message to message, and bounded by its head limit.
  *
  * Not thread-safe per object; the request id generator may be called from any thread.
  */
@@ -128,6 +133,106 @@ bool mg_http1_resp_parser_busy(const mg_http1_resp_parser_t *p);
 const char *mg_http1_resp_parser_error(const mg_http1_resp_parser_t *p);
 
 /* ---------------------------------------------------------------------------------------------
+ * Request parser (the client side)
+ */
+
+#define MG_HTTP1_REQ_LINE_MAX_DEFAULT (16 * 1024)  /* request line; longer: 414 */
+#define MG_HTTP1_REQ_HEAD_MAX_DEFAULT (32 * 1024)  /* request line + fields; larger: 431 */
+#define MG_HTTP1_REQ_FIELDS_MAX_DEFAULT 100        /* header fields; more: 431 */
+#define MG_HTTP1_REQ_HEAD_MAX_LIMIT (64 * 1024)    /* the largest head_max allowed */
+#define MG_HTTP1_REQ_TRAILER_MAX 8192              /* bytes of a chunked body's trailer section */
+
+typedef struct mg_http1_req_limits {
+    size_t line_max;   /* 0: the default above */
+    size_t head_max;
+    size_t fields_max;
+} mg_http1_req_limits_t;
+
+/* How a request's body is delimited. */
+typedef enum mg_http1_req_body {
+    MG_HTTP1_REQ_BODY_NONE,    /* no body (no Content-Length, or 0) */
+    MG_HTTP1_REQ_BODY_LENGTH,  /* content_length bytes (> 0) */
+    MG_HTTP1_REQ_BODY_CHUNKED, /* Transfer-Encoding: chunked (decoded before on_body) */
+} mg_http1_req_body_t;
+
+/*
+ * A request head as parsed. Every string is NUL-terminated as well as counted, and points into
+ * the parser, where it stays valid until the parser begins the next request.
+ */
+typedef struct mg_http1_req_head {
+    const char *method;       /* a method http-parser knows, upper case: "POST" */
+    const char *target;       /* the request-target exactly as received (origin-form, or "*" */
+    size_t target_len;        /*   for OPTIONS): visible ASCII, never decoded */
+    int http_minor;           /* HTTP/1.x; 2..9 are served as 1.1 */
+    const mg_http1_header_t *headers; /* in the order received, names and values as sent */
+    size_t nheaders;
+    const char *host;         /* the Host value, or NULL (HTTP/1.0 without one) */
+    mg_http1_req_body_t body;
+    uint64_t content_length;  /* for MG_HTTP1_REQ_BODY_LENGTH */
+    bool keep_alive;          /* the client may send another request after this one */
+    bool expect_continue;     /* Expect: 100-continue (HTTP/1.1 only) */
+    bool upgrade;             /* Connection: upgrade with an Upgrade field (no body) */
+} mg_http1_req_head_t;
+
+/*
+ * Callbacks. Each returns 0 to go on or a negative code to stop the parser for good (the feed
+ * returns MG_ECANCELED); on_body may also return MG_EAGAIN to stop the feed right after this
+ * piece, with the parser ready to go on at the next feed.
+ */
+typedef struct mg_http1_req_cbs {
+    int (*on_head)(void *data, const mg_http1_req_head_t *head);
+    /* Decoded body bytes as they arrive (never empty); at points into the bytes being fed. */
+    int (*on_body)(void *data, const char *at, size_t len);
+    /* A chunked body's trailer fields (checked like header fields), just before on_complete;
+       not called when there are none. Valid during the call. Optional. */
+    int (*on_trailers)(void *data, const mg_http1_header_t *fields, size_t n);
+    /* The request is complete (right after on_head when it has no body). */
+    int (*on_complete)(void *data);
+} mg_http1_req_cbs_t;
+
+typedef struct mg_http1_req_parser mg_http1_req_parser_t;
+
+/*
+ * Makes a parser. lim may be NULL (the defaults); head_max may be at most
+ * MG_HTTP1_REQ_HEAD_MAX_LIMIT and line_max at most head_max. Returns 0, MG_EINVAL or MG_ENOMEM.
+ */
+int mg_http1_req_parser_new(const mg_http1_req_limits_t *lim, const mg_http1_req_cbs_t *cbs,
+                            void *data, mg_http1_req_parser_t **out);
+void mg_http1_req_parser_free(mg_http1_req_parser_t *p);
+
+/*
+ * Parses up to len bytes and returns how far it got in *consumed. It stops
+ *   - right after on_head when the request has a body: the caller feeds the body when it is
+ *     ready for it (after answering Expect: 100-continue, say);
+ *   - right after on_complete: the bytes after it belong to the next request, or, after an
+ *     upgrade, to the new protocol;
+ *   - right after an on_body that returned MG_EAGAIN.
+ * Returns 0 then (or when every byte was consumed), or
+ *   MG_EINVAL     a malformed request, or one over a limit: mg_http1_req_parser_status() says
+ *                 which status to answer (400, 405, 414, 417, 431, 501, 505) and
+ *                 mg_http1_req_parser_error() why. Nothing of the request may be used.
+ *   MG_ECANCELED  a callback stopped it;
+ *   MG_ESTATE     after an error;
+ *   MG_ENOMEM.
+ */
+int mg_http1_req_parser_feed(mg_http1_req_parser_t *p, const char *data, size_t len,
+                             size_t *consumed);
+
+/* True between requests (before any byte of the next one, blank lines aside). */
+bool mg_http1_req_parser_idle(const mg_http1_req_parser_t *p);
+
+/* True once a head was parsed and its body (if any) is not complete yet. */
+bool mg_http1_req_parser_in_body(const mg_http1_req_parser_t *p);
+
+/* Gives back the memory the last request's head held; call it between requests, once that
+   head is no longer used (a kept-alive connection going idle). */
+void mg_http1_req_parser_trim(mg_http1_req_parser_t *p);
+
+/* After MG_EINVAL: the status to answer and the reason, for the client. 0 and "" otherwise. */
+int mg_http1_req_parser_status(const mg_http1_req_parser_t *p);
+const char *mg_http1_req_parser_error(const mg_http1_req_parser_t *p);
+
+/* ---------------------------------------------------------------------------------------------
  * Checking the client's request
  */
 
@@ -197,6 +302,33 @@ typedef struct mg_http1_request {
  */
 int mg_http1_request_head(const mg_http1_request_t *req, char **out, size_t *out_len,
                           const char **why);
+
+/* ---------------------------------------------------------------------------------------------
+ * The response head the client gets
+ */
+
+typedef struct mg_http1_response {
+    int status;               /* 100..599 */
+    const mg_http1_header_t *headers; /* end-to-end fields, in order, names as given */
+    size_t nheaders;
+    int64_t body_length;      /* >= 0: Content-Length; MG_HTTP1_BODY_LENGTH_CHUNKED; or
+                                 MG_HTTP1_BODY_LENGTH_NONE: no framing field (no body, or a
+                                 body that the close of the connection ends) */
+    bool close;               /* "Connection: close" */
+    const char *request_id;   /* X-Request-Id; NULL: none */
+} mg_http1_response_t;
+
+/*
+ * Writes the status line (always HTTP/1.1, with the standard reason phrase), the fields minus
+ * hop-by-hop ones, those Connection lists, Content-Length, Transfer-Encoding and X-Request-Id
+ * (which the framing and request_id replace), then the framing, Connection and X-Request-Id,
+ * into out. Returns 0 with *len, MG_EINVAL (an invalid status, name or value) or MG_ENOMEM (it
+ * does not fit in cap bytes).
+ */
+int mg_http1_response_head(const mg_http1_response_t *r, char *out, size_t cap, size_t *len);
+
+/* The standard reason phrase of status ("Unknown" when there is none). */
+const char *mg_http1_reason(int status);
 
 /* ---------------------------------------------------------------------------------------------
  * Chunked framing (client responses and upstream request bodies)

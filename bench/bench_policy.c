@@ -94,7 +94,9 @@ static double run_case(uv_loop_t *loop, const char *path, bool jit, uint64_t clo
         { "user-agent", "bench/1.0" },
         { "accept", "*/*" },
     };
-    mg_policy_request_t req = { "POST", "/api/generate", "203.0.113.7", headers, 5 };
+    mg_policy_request_t req = { .method = "POST", .path = "/api/generate",
+                                .decoded_path = "/api/generate", .remote_addr = "203.0.113.7",
+                                .headers = headers, .nheaders = 5 };
 
     double runs[5];
     double result = 0;

@@ -10,6 +10,6 @@ if dpkg-query -W -f='${Status}' libluajit2-5.1-dev 2>/dev/null | grep -q 'instal
 fi
 apt-get install -y -qq --no-install-recommends \
     build-essential cmake pkg-config ca-certificates \
-    libssh2-1-dev libssl-dev libuv1-dev "$lua_dev" libwebsockets-dev libcmocka-dev libhttp-parser-dev \
+    libssh2-1-dev libssl-dev libuv1-dev "$lua_dev" libwebsockets-dev libcmocka-dev libhttp-parser-dev libwslay-dev \
     openssh-server openssh-client curl >/dev/null
 echo "install-deps: done"

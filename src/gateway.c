@@ -1,12 +1,21 @@
 /*
- * The gateway: builds the modules in order, wires their callbacks to each other, and runs the
- * drain. See include/moongate/gateway.h.
+ * The gateway: builds the modules in order, wires their callbacks to each other, sends each
+ * request to the endpoint it is for, and runs the drain. See include/moongate/gateway.h.
  */
 #include "moongate/gateway.h"
 
+#include "admin.h"
+#include "moongate/cleanup.h"
 #include "moongate/error.h"
-#include "moongate/json.h"
 #include "moongate/log.h"
+#include "moongate/metrics.h"
+#include "moongate/policy.h"
+#include "moongate/pool.h"
+#include "moongate/proxy.h"
+#include "moongate/ssh_backend.h"
+#include "request.h"
+#include "server.h"
+#include "tunnel.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -14,7 +23,34 @@
 #include <string.h>
 #include <sys/time.h>
 
+#define LOG "gateway"
 #define DRAIN_FLUSH_MS 2000
+
+struct mg_gateway {
+    uv_loop_t *loop;
+    mg_settings_t settings;
+    mg_gateway_opts_t opts;
+    mg_policy_t *policy;
+    mg_pool_t *pool;
+    mg_ssh_backend_t backend;
+    mg_cleanup_t *cleanup;
+    mg_proxy_t *proxy;
+    mg_server_t *server;
+    mg_tunnel_t *tunnel;
+    mg_metrics_t *metrics_reg;
+    mg_gateway_metrics_t metrics;
+    mg_req_env_t req_env;
+    mg_admin_env_t admin_env;
+    mg_tunnel_env_t tunnel_env;
+    mg_shutdown_t shutdown;
+    bool draining;
+    char drain_message[256];
+    void (*on_drained)(mg_gateway_t *gw, const mg_shutdown_result_t *result, void *arg);
+    void *drained_arg;
+    uv_timer_t timer;             /* the drain's flush, then the teardown's wait */
+    bool timer_ready;
+    uint64_t deadline;
+};
 
 static uint64_t wall_ms(void)
 {
@@ -70,47 +106,61 @@ static int env_u64(const char *name, uint64_t lo, uint64_t hi, uint64_t *out, ch
     return 0;
 }
 
-/* Names that LLM clients send and libwebsockets does not know by itself. */
-static const char *const default_forward[] = {
-    "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-api-key", "openai-organization",
-    "openai-project", "anthropic-version", "anthropic-beta", "x-stainless-lang", "traceparent",
-    "tracestate", "keep-alive", "te", "trailer", "proxy-connection",
-};
+static int env_u32(const char *name, uint32_t lo, uint32_t hi, uint32_t *out, char *err,
+                   size_t errlen)
+{
+    uint64_t v = *out;
+    int rc = env_u64(name, lo, hi, &v, err, errlen);
+    if (rc == 0)
+        *out = (uint32_t)v;
+    return rc;
+}
 
 int mg_gateway_opts_from_env(mg_gateway_opts_t *o, char *err, size_t errlen)
 {
     static char listen_host[256];
-    static char forward_copy[2048];
     *o = (mg_gateway_opts_t){
         .listen_host = "127.0.0.1",
         .listen_port = 8080,
         .max_body_bytes = 10 * 1024 * 1024,
         .header_timeout_s = 10,
         .send_timeout_s = 60,
+        .keepalive_timeout_s = 75,
+        .max_clients = 10000,
+        .max_request_line = MG_HTTP1_REQ_LINE_MAX_DEFAULT,
+        .max_header_size = MG_HTTP1_REQ_HEAD_MAX_DEFAULT,
+        .max_headers = MG_HTTP1_REQ_FIELDS_MAX_DEFAULT,
         .upstream_head_timeout_ms = 120000,
         .upstream_keepalive_ms = 10000,
     };
-    for (size_t i = 0; i < sizeof(default_forward) / sizeof(default_forward[0]); i++)
-        o->forward_headers[o->nforward_headers++] = default_forward[i];
-
     const char *v = getenv("MOONGATE_LISTEN");
     if (v && *v && mg_gateway_parse_listen(o, v, listen_host, sizeof(listen_host)) != 0) {
         snprintf(err, errlen, "MOONGATE_LISTEN: must be HOST:PORT, got \"%s\"", v);
         return MG_ECONFIG;
     }
-    uint64_t n = o->header_timeout_s, send = o->send_timeout_s;
     int rc;
     if ((rc = env_u64("MOONGATE_MAX_BODY", 0, (uint64_t)1 << 40, &o->max_body_bytes, err,
                       errlen)) ||
-        (rc = env_u64("MOONGATE_HEADER_TIMEOUT", 1, 3600, &n, err, errlen)) ||
-        (rc = env_u64("MOONGATE_SEND_TIMEOUT", 1, 86400, &send, err, errlen)) ||
+        (rc = env_u32("MOONGATE_HEADER_TIMEOUT", 1, 3600, &o->header_timeout_s, err, errlen)) ||
+        (rc = env_u32("MOONGATE_SEND_TIMEOUT", 1, 86400, &o->send_timeout_s, err, errlen)) ||
+        (rc = env_u32("MOONGATE_KEEPALIVE_TIMEOUT", 1, 86400, &o->keepalive_timeout_s, err,
+                      errlen)) ||
+        (rc = env_u32("MOONGATE_MAX_CLIENTS", 1, 1000000, &o->max_clients, err, errlen)) ||
+        (rc = env_u32("MOONGATE_MAX_HEADER_SIZE", 1024, MG_HTTP1_REQ_HEAD_MAX_LIMIT,
+                      &o->max_header_size, err, errlen)) ||
+        (rc = env_u32("MOONGATE_MAX_REQUEST_LINE", 256, MG_HTTP1_REQ_HEAD_MAX_LIMIT,
+                      &o->max_request_line, err, errlen)) ||
+        (rc = env_u32("MOONGATE_MAX_HEADERS", 1, 1000, &o->max_headers, err, errlen)) ||
         (rc = env_u64("UPSTREAM_HEAD_TIMEOUT", 100, 3600000, &o->upstream_head_timeout_ms, err,
                       errlen)) ||
         (rc = env_u64("UPSTREAM_KEEPALIVE", 0, 3600000, &o->upstream_keepalive_ms, err,
                       errlen)))
         return rc;
-    o->header_timeout_s = (uint32_t)n;
-    o->send_timeout_s = (uint32_t)send;
+    if (o->max_request_line > o->max_header_size) {
+        snprintf(err, errlen, "MOONGATE_MAX_REQUEST_LINE (%u) must not be larger than "
+                 "MOONGATE_MAX_HEADER_SIZE (%u)", o->max_request_line, o->max_header_size);
+        return MG_ECONFIG;
+    }
     o->tls_cert = getenv("MOONGATE_TLS_CERT");
     o->tls_key = getenv("MOONGATE_TLS_KEY");
     if (o->tls_cert && !*o->tls_cert)
@@ -123,22 +173,9 @@ int mg_gateway_opts_from_env(mg_gateway_opts_t *o, char *err, size_t errlen)
     }
     o->admin_token = getenv("MOONGATE_ADMIN_TOKEN");
     v = getenv("MOONGATE_FORWARD_HEADERS");
-    if (v && *v) {
-        snprintf(forward_copy, sizeof(forward_copy), "%s", v);
-        for (char *save = NULL, *t = strtok_r(forward_copy, ", ", &save); t;
-             t = strtok_r(NULL, ", ", &save)) {
-            if (o->nforward_headers >= MG_FORWARD_HEADERS_MAX) {
-                snprintf(err, errlen, "MOONGATE_FORWARD_HEADERS: at most %d names",
-                         MG_FORWARD_HEADERS_MAX - (int)(sizeof(default_forward) /
-                                                        sizeof(default_forward[0])));
-                return MG_ECONFIG;
-            }
-            for (char *c = t; *c; c++)
-                if (*c >= 'A' && *c <= 'Z')
-                    *c = (char)(*c + 32);
-            o->forward_headers[o->nforward_headers++] = t;
-        }
-    }
+    if (v && *v)
+        mg_log_warn(LOG, "MOONGATE_FORWARD_HEADERS is obsolete and ignored: every end-to-end "
+                    "header is forwarded");
     return 0;
 }
 
@@ -163,6 +200,16 @@ static double gauge_queue(void *arg)
     mg_pool_stats_t st;
     mg_pool_stats(((mg_gateway_t *)arg)->pool, &st);
     return st.waiters;
+}
+
+static double gauge_clients(void *arg)
+{
+    mg_gateway_t *gw = arg;
+    if (gw->server == NULL)
+        return 0;
+    mg_server_stats_t st;
+    mg_server_stats(gw->server, &st);
+    return st.connections;
 }
 
 static int user_stats(void *ctx, const char *user, mg_pool_user_stats_t *out)
@@ -206,6 +253,55 @@ static void on_ssh_event(void *arg, mg_ssh_conn_t *c, mg_ssh_event_t ev)
     mg_policy_event(gw->policy, &pev);
 }
 
+/* Sends a request to its endpoint: the admin ones, the agents' /tunnel, or a user's upstream. */
+static mg_server_req_t *on_request(void *arg, mg_client_t *c, const mg_http1_req_head_t *h)
+{
+    mg_gateway_t *gw = arg;
+    if (mg_admin_match(h->target, h->target_len))
+        return mg_admin_serve(&gw->admin_env, c, h);
+    if (mg_tunnel_match(h->target, h->target_len))
+        return mg_tunnel_serve(gw->tunnel, c, h);
+    return mg_req_start(&gw->req_env, c, h);
+}
+
+static void on_bad_request(void *arg, mg_client_t *c, int status, const char *why)
+{
+    mg_gateway_t *gw = arg;
+    char id[MG_HTTP1_REQUEST_ID_MAX + 1];
+    mg_req_id(NULL, id);
+    mg_log_info("http", "req=%s client %s: %d: %s", id, mg_client_remote(c), status, why);
+    mg_policy_decision_t d = { 0 };
+    if (status == 503) {
+        d.nheaders = 1;
+        snprintf(d.headers[0].name, sizeof(d.headers[0].name), "Retry-After");
+        snprintf(d.headers[0].value, sizeof(d.headers[0].value), "1");
+    }
+    mg_req_respond_error(c, id, status, why, &d);
+    mg_counter_inc(gw->metrics.requests_total[mg_http_status_class(status)]);
+}
+
+static int start_server(mg_gateway_t *gw, char *err, size_t errlen)
+{
+    const mg_gateway_opts_t *o = &gw->opts;
+    mg_server_opts_t so;
+    mg_server_opts_init(&so);
+    so.host = o->listen_host;
+    so.port = o->listen_port;
+    so.tls_cert = o->tls_cert;
+    so.tls_key = o->tls_key;
+    so.limits = (mg_http1_req_limits_t){
+        .line_max = o->max_request_line,
+        .head_max = o->max_header_size,
+        .fields_max = o->max_headers,
+    };
+    so.header_timeout_ms = (uint64_t)o->header_timeout_s * 1000;
+    so.keepalive_timeout_ms = (uint64_t)o->keepalive_timeout_s * 1000;
+    so.send_timeout_ms = (uint64_t)o->send_timeout_s * 1000;
+    so.max_connections = (int)o->max_clients;
+    mg_server_handler_t h = { .on_request = on_request, .on_error = on_bad_request, .arg = gw };
+    return mg_server_new(gw->loop, &so, &h, &gw->server, err, errlen);
+}
+
 int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gateway_opts_t *o,
                    mg_gateway_t **out, char *err, size_t errlen)
 {
@@ -215,8 +311,10 @@ int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gate
     gw->loop = loop;
     gw->settings = *settings;
     gw->opts = *o;
-    gw->started_ms = wall_ms();
     int rc = MG_ENOMEM;
+    uv_timer_init(loop, &gw->timer);
+    gw->timer.data = gw;
+    gw->timer_ready = true;
 
     gw->metrics_reg = mg_metrics_new();
     mg_gateway_metrics_sources_t src = {
@@ -225,7 +323,9 @@ int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gate
         .queue_depth = gauge_queue,
         .arg = gw,
     };
-    if (gw->metrics_reg == NULL || mg_gateway_metrics_init(&gw->metrics, gw->metrics_reg, &src))
+    if (gw->metrics_reg == NULL || mg_gateway_metrics_init(&gw->metrics, gw->metrics_reg, &src) ||
+        mg_metrics_gauge_fn(gw->metrics_reg, "moongate_client_connections",
+                            "Client connections open.", NULL, NULL, gauge_clients, gw))
         goto fail;
 
     mg_policy_options_t po;
@@ -258,14 +358,42 @@ int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gate
         snprintf(err, errlen, "cannot create the proxy: %s", mg_strerror(rc));
         goto fail;
     }
-    if ((rc = mg__tunnel_new(gw, &gw->tunnel)) != 0) {
+
+    gw->req_env = (mg_req_env_t){
+        .policy = gw->policy,
+        .proxy = gw->proxy,
+        .settings = &gw->settings,
+        .metrics = &gw->metrics,
+        .max_body_bytes = o->max_body_bytes,
+        .drain_message = gw->drain_message,
+    };
+    gw->admin_env = (mg_admin_env_t){
+        .req = &gw->req_env,
+        .registry = gw->metrics_reg,
+        .admin_token = o->admin_token,
+        .pool = gw->pool,
+        .cleanup = gw->cleanup,
+        .shutdown = &gw->shutdown,
+        .proxy = gw->proxy,
+        .policy = gw->policy,
+        .started_ms = wall_ms(),
+    };
+    gw->tunnel_env = (mg_tunnel_env_t){
+        .loop = loop,
+        .policy = gw->policy,
+        .pool = gw->pool,
+        .settings = &gw->settings,
+        .agent_connections = gw->metrics.agent_connections,
+        .drain_message = gw->drain_message,
+    };
+    if ((rc = mg_tunnel_new(&gw->tunnel_env, &gw->tunnel)) != 0) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
-    gw->backend.agent_open = mg__tunnel_agent_open;
-    gw->backend.agent_cancel = mg__tunnel_agent_cancel;
+    gw->backend.agent_open = mg_tunnel_agent_open;
+    gw->backend.agent_cancel = mg_tunnel_agent_cancel;
     gw->backend.agent_arg = gw->tunnel;
-    if ((rc = mg__front_new(gw, &gw->front, err, errlen)) != 0)
+    if ((rc = start_server(gw, err, errlen)) != 0)
         goto fail;
     *out = gw;
     return 0;
@@ -277,7 +405,7 @@ fail:
 
 int mg_gateway_port(const mg_gateway_t *gw)
 {
-    return mg__front_port(gw->front);
+    return mg_server_port(gw->server);
 }
 
 int mg_gateway_reload(mg_gateway_t *gw, char *err, size_t errlen)
@@ -286,35 +414,48 @@ int mg_gateway_reload(mg_gateway_t *gw, char *err, size_t errlen)
     if (rc == 0) {
         mg_counter_inc(gw->metrics.policy_reloads_ok);
         mg_pool_refresh_limits(gw->pool);
-        mg_log_info("gateway", "policy reloaded");
+        mg_log_info(LOG, "policy reloaded");
     } else {
         mg_counter_inc(gw->metrics.policy_reloads_failed);
-        mg_log_error("gateway", "reload failed: %s", err);
+        mg_log_error(LOG, "reload failed: %s", err);
     }
-    return rc;
+    if (gw->opts.tls_cert == NULL)
+        return rc;
+    char terr[512];
+    int trc = mg_server_reload_tls(gw->server, terr, sizeof(terr));
+    if (trc == 0) {
+        mg_log_info(LOG, "TLS certificate reloaded (%s)", gw->opts.tls_cert);
+    } else {
+        mg_log_error(LOG, "TLS reload failed, the old certificate stays: %s", terr);
+        if (rc == 0)
+            snprintf(err, errlen, "%s", terr);
+    }
+    return rc ? rc : trc;
+}
+
+bool mg_gateway_draining(const mg_gateway_t *gw)
+{
+    return gw->draining;
 }
 
 /* ---- drain ---- */
 
-static uv_timer_t *drain_timer(mg_gateway_t *gw);
-
 static void drain_finish(mg_gateway_t *gw)
 {
-    void (*cb)(mg_gateway_t *, const mg_shutdown_result_t *) = gw->on_drained;
+    void (*cb)(mg_gateway_t *, const mg_shutdown_result_t *, void *) = gw->on_drained;
     gw->on_drained = NULL;
     if (cb)
-        cb(gw, &gw->shutdown.result);
+        cb(gw, &gw->shutdown.result, gw->drained_arg);
 }
 
 static void on_flush_tick(uv_timer_t *t)
 {
     mg_gateway_t *gw = t->data;
     /* Responses whose upstream part ended may still be on their way to slow clients. */
-    if ((gw->in_flight > 0 || mg__tunnel_count(gw->tunnel) > 0) &&
-        uv_now(gw->loop) < gw->flush_deadline)
+    if ((gw->req_env.in_flight > 0 || mg_tunnel_count(gw->tunnel) > 0) &&
+        uv_now(gw->loop) < gw->deadline)
         return;
     uv_timer_stop(t);
-    uv_close((uv_handle_t *)t, (uv_close_cb)free);
     drain_finish(gw);
 }
 
@@ -322,52 +463,43 @@ static void on_shutdown_done(mg_shutdown_t *s, const mg_shutdown_result_t *r)
 {
     mg_gateway_t *gw = s->data;
     if (r->success)
-        mg_log_info("gateway", "drained in %llu ms", (unsigned long long)r->duration_ms);
+        mg_log_info(LOG, "drained in %llu ms", (unsigned long long)r->duration_ms);
     else
-        mg_log_warn("gateway", "drained in %llu ms with errors: %s",
+        mg_log_warn(LOG, "drained in %llu ms with errors: %s",
                     (unsigned long long)r->duration_ms, r->errors_text);
-    uv_timer_t *t = drain_timer(gw);
-    if (t == NULL) {
-        drain_finish(gw);
-        return;
-    }
-    uv_timer_start(t, on_flush_tick, 0, 20);
-}
-
-static uv_timer_t *drain_timer(mg_gateway_t *gw)
-{
-    uv_timer_t *t = malloc(sizeof(*t));
-    if (t == NULL)
-        return NULL;
-    uv_timer_init(gw->loop, t);
-    t->data = gw;
-    gw->flush_deadline = uv_now(gw->loop) + DRAIN_FLUSH_MS;
-    return t;
+    gw->deadline = uv_now(gw->loop) + DRAIN_FLUSH_MS;
+    uv_timer_start(&gw->timer, on_flush_tick, 0, 20);
 }
 
 void mg_gateway_drain(mg_gateway_t *gw, const char *why,
-                      void (*on_drained)(mg_gateway_t *gw, const mg_shutdown_result_t *result))
+                      void (*on_drained)(mg_gateway_t *gw, const mg_shutdown_result_t *result,
+                                         void *arg),
+                      void *arg)
 {
     if (gw->draining)
         return;
     gw->draining = true;
     gw->on_drained = on_drained;
+    gw->drained_arg = arg;
     mg_pool_stats_t ps;
     mg_pool_stats(gw->pool, &ps);
     mg_policy_shutdown_info_t info = {
         .reason = why,
-        .in_flight = gw->in_flight,
+        .in_flight = gw->req_env.in_flight,
         .connections = ps.total_connections,
     };
     mg_policy_shutdown_t sd;
     mg_policy_shutdown(gw->policy, &info, &sd);
     snprintf(gw->drain_message, sizeof(gw->drain_message), "%s",
              sd.message[0] ? sd.message : "moongate is shutting down");
-    mg_log_info("gateway", "draining (%s): %d requests in flight, %d SSH connections; grace %llu "
-                "ms", why, gw->in_flight, ps.total_connections, (unsigned long long)sd.grace_ms);
+    gw->req_env.draining = true;
+    mg_log_info(LOG, "draining (%s): %d requests in flight, %d SSH connections; grace %llu "
+                "ms", why, gw->req_env.in_flight, ps.total_connections,
+                (unsigned long long)sd.grace_ms);
+    mg_server_drain(gw->server);
     mg_cleanup_stop(gw->cleanup);
     mg_proxy_drain(gw->proxy);
-    mg__tunnel_drain(gw->tunnel);
+    mg_tunnel_drain(gw->tunnel);
     mg_shutdown_opts_t so;
     mg_shutdown_opts_init(&so, &gw->settings);
     so.grace_ms = sd.grace_ms;
@@ -378,154 +510,64 @@ void mg_gateway_drain(mg_gateway_t *gw, const char *why,
         drain_finish(gw);
 }
 
-void mg_gateway_free(mg_gateway_t *gw)
+/* ---- teardown: the server's connections, then the SSH side, then the rest ---- */
+
+static void on_teardown_timer_closed(uv_handle_t *h)
 {
-    if (gw->front)
-        mg__front_free(gw->front);
-    if (gw->tunnel)
-        mg__tunnel_free(gw->tunnel);
-    if (gw->proxy)
-        mg_proxy_free(gw->proxy);
-    if (gw->cleanup)
-        mg_cleanup_free(gw->cleanup);
-    if (gw->pool) {
-        mg_pool_close_all(gw->pool, true, "exiting");
-        for (int i = 0; i < 200; i++) {
-            mg_pool_stats_t st;
-            mg_pool_stats(gw->pool, &st);
-            if (st.total_connections == 0 && st.users == 0)
-                break;
-            uv_run(gw->loop, UV_RUN_ONCE);
-        }
+    free(h->data);
+}
+
+static void teardown_finish(mg_gateway_t *gw)
+{
+    if (gw->pool)
         mg_pool_free(gw->pool);
-    }
+    if (gw->tunnel)
+        mg_tunnel_free(gw->tunnel);
     if (gw->policy)
         mg_policy_free(gw->policy);
     if (gw->metrics_reg)
         mg_metrics_free(gw->metrics_reg);
-    free(gw);
+    if (gw->timer_ready)
+        uv_close((uv_handle_t *)&gw->timer, on_teardown_timer_closed);
+    else
+        free(gw);
 }
 
-/* ---- /stats ---- */
-
-typedef struct stats_walk {
-    mg_json_t *j;
-    int listed;
-} stats_walk_t;
-
-static void stats_conn(const char *user, mg_pool_conn_t *pc, void *arg)
+/* Waits, on the loop, for the pool's connections to report themselves closed. */
+static void on_teardown_tick(uv_timer_t *t)
 {
-    stats_walk_t *w = arg;
-    if (w->listed++ >= 1000)
+    mg_gateway_t *gw = t->data;
+    mg_pool_stats_t st;
+    mg_pool_stats(gw->pool, &st);
+    if (st.total_connections > 0 || st.users > 0)
         return;
-    mg_json_t *j = w->j;
-    mg_json_begin_object(j);
-    mg_json_key(j, "user");
-    mg_json_string(j, user);
-    mg_json_key(j, "id");
-    mg_json_uint(j, mg_pool_conn_id(pc));
-    mg_json_key(j, "leases");
-    mg_json_int(j, mg_pool_conn_leases(pc));
-    mg_json_key(j, "healthy");
-    mg_json_bool(j, mg_pool_conn_healthy(pc));
-    mg_ssh_conn_t *c = mg_ssh_backend_conn(pc);
-    if (c != NULL) {
-        mg_ssh_conn_stats_t st;
-        mg_ssh_conn_stats(c, &st);
-        mg_json_key(j, "state");
-        mg_json_string(j, mg_ssh_state_name(st.state));
-        mg_json_key(j, "uptime_ms");
-        mg_json_uint(j, st.uptime_ms);
-        mg_json_key(j, "handshake_ms");
-        mg_json_uint(j, st.handshake_ms);
-        mg_json_key(j, "channels");
-        mg_json_int(j, st.channels);
-        mg_json_key(j, "bytes_in");
-        mg_json_uint(j, st.bytes_in);
-        mg_json_key(j, "bytes_out");
-        mg_json_uint(j, st.bytes_out);
-    }
-    mg_json_end_object(j);
+    uv_timer_stop(t);
+    teardown_finish(gw);
 }
 
-void mg__gateway_render_stats(mg_gateway_t *gw, mg_json_t *j)
+static void teardown_ssh(void *arg)
 {
-    mg_pool_stats_t ps;
-    mg_pool_stats(gw->pool, &ps);
-    mg_cleanup_stats_t cs;
-    mg_cleanup_stats(gw->cleanup, &cs);
-    mg_shutdown_stats_t ss;
-    mg_shutdown_stats(&gw->shutdown, &ss);
-    mg_proxy_stats_t xs;
-    mg_proxy_stats(gw->proxy, &xs);
+    mg_gateway_t *gw = arg;
+    gw->server = NULL;
+    if (gw->proxy)
+        mg_proxy_free(gw->proxy);
+    gw->proxy = NULL;
+    if (gw->cleanup)
+        mg_cleanup_free(gw->cleanup);
+    gw->cleanup = NULL;
+    if (gw->pool == NULL) {
+        teardown_finish(gw);
+        return;
+    }
+    mg_pool_close_all(gw->pool, true, "exiting");
+    uv_timer_start(&gw->timer, on_teardown_tick, 0, 5);
+}
 
-    mg_json_begin_object(j);
-    mg_json_key(j, "version");
-    mg_json_string(j, MG_VERSION);
-    mg_json_key(j, "uptime_ms");
-    mg_json_uint(j, wall_ms() - gw->started_ms);
-    mg_json_key(j, "in_flight");
-    mg_json_int(j, gw->in_flight);
-
-    mg_json_key(j, "pool");
-    mg_json_begin_object(j);
-    mg_json_key(j, "total_connections");
-    mg_json_int(j, ps.total_connections);
-    mg_json_key(j, "ready_connections");
-    mg_json_int(j, ps.ready_connections);
-    mg_json_key(j, "users");
-    mg_json_int(j, ps.users);
-    mg_json_key(j, "leases");
-    mg_json_int(j, ps.leases);
-    mg_json_key(j, "waiters");
-    mg_json_int(j, ps.waiters);
-    mg_json_key(j, "connections");
-    mg_json_begin_array(j);
-    stats_walk_t w = { j, 0 };
-    mg_pool_foreach_conn(gw->pool, stats_conn, &w);
-    mg_json_end_array(j);
-    mg_json_end_object(j);
-
-    mg_json_key(j, "channels");
-    mg_json_begin_object(j);
-    mg_json_key(j, "exchanges");
-    mg_json_uint(j, xs.exchanges);
-    mg_json_key(j, "reused");
-    mg_json_uint(j, xs.reused);
-    mg_json_key(j, "retried");
-    mg_json_uint(j, xs.retried);
-    mg_json_key(j, "active");
-    mg_json_int(j, xs.active);
-    mg_json_key(j, "idle");
-    mg_json_int(j, xs.idle_channels);
-    mg_json_end_object(j);
-
-    mg_json_key(j, "cleanup");
-    mg_json_begin_object(j);
-    mg_json_key(j, "running");
-    mg_json_bool(j, cs.running);
-    mg_json_key(j, "runs");
-    mg_json_uint(j, cs.runs);
-    mg_json_key(j, "total_cleaned");
-    mg_json_uint(j, cs.total_cleaned);
-    mg_json_key(j, "last_run_ms");
-    mg_json_uint(j, cs.last_run_ms);
-    mg_json_end_object(j);
-
-    mg_json_key(j, "shutdown");
-    mg_json_begin_object(j);
-    mg_json_key(j, "shutting_down");
-    mg_json_bool(j, gw->draining);
-    mg_json_key(j, "since_ms");
-    mg_json_uint(j, ss.since_ms);
-    mg_json_key(j, "phase");
-    mg_json_string(j, ss.phase);
-    mg_json_end_object(j);
-
-    mg_json_key(j, "policy");
-    mg_json_begin_object(j);
-    mg_json_key(j, "memory_bytes");
-    mg_json_uint(j, mg_policy_memory_used(gw->policy));
-    mg_json_end_object(j);
-    mg_json_end_object(j);
+void mg_gateway_free(mg_gateway_t *gw)
+{
+    uv_timer_stop(&gw->timer);
+    if (gw->server)
+        mg_server_close(gw->server, teardown_ssh, gw);
+    else
+        teardown_ssh(gw);
 }

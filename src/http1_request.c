@@ -1009,3 +1009,63 @@ const char *mg_http1_req_parser_error(const mg_http1_req_parser_t *p)
 {
     return p->state == PS_FAILED ? p->msg : "";
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * The decoded path
+ */
+
+int mg_http1_path_decode(const char *target, size_t len, char *out, size_t cap)
+{
+    if (len == 0 || target[0] != '/' || cap < 2)
+        return MG_EINVAL;
+    size_t plen = 0;
+    while (plen < len && target[plen] != '?')
+        plen++;
+    /* Decode into out, then remove the dot segments in place: the result is never longer. */
+    size_t n = 0;
+    for (size_t i = 0; i < plen; i++) {
+        unsigned char c = (unsigned char)target[i];
+        if (c == '%') {
+            int hi = i + 2 < plen ? hexval((unsigned char)target[i + 1]) : -1;
+            int lo = hi >= 0 ? hexval((unsigned char)target[i + 2]) : -1;
+            if (lo < 0 || (hi == 0 && lo == 0))
+                return MG_EINVAL;
+            c = (unsigned char)(hi << 4 | lo);
+            i += 2;
+        }
+        if (n + 1 >= cap)
+            return MG_EINVAL;
+        out[n++] = (char)c;
+    }
+    /* Segments between slashes: "." is dropped, ".." drops the one before it. */
+    size_t w = 0;
+    size_t i = 0;
+    while (i < n) {
+        /* out[i] is '/': the segment runs to the next slash. */
+        size_t j = i + 1;
+        while (j < n && out[j] != '/')
+            j++;
+        size_t seg = j - i - 1;
+        const char *sp = out + i + 1;
+        bool last = j >= n;
+        if (seg == 1 && sp[0] == '.') {
+            if (last)
+                out[w++] = '/';
+        } else if (seg == 2 && sp[0] == '.' && sp[1] == '.') {
+            while (w > 0 && out[w - 1] != '/')
+                w--;
+            if (w > 0)
+                w--; /* the slash before the dropped segment */
+            if (last)
+                out[w++] = '/';
+        } else {
+            memmove(out + w, out + i, seg + 1);
+            w += seg + 1;
+        }
+        i = j;
+    }
+    if (w == 0)
+        out[w++] = '/';
+    out[w] = '\0';
+    return 0;
+}

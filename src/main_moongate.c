@@ -8,6 +8,7 @@
 #include "moongate/error.h"
 #include "moongate/gateway.h"
 #include "moongate/log.h"
+#include "moongate/policy.h"
 
 #include <getopt.h>
 #include <signal.h>
@@ -37,7 +38,8 @@ static void usage(FILE *out)
             "  -V, --version       print the version\n"
             "  -h, --help          this text\n"
             "\n"
-            "Signals: HUP reloads the policy; TERM or INT drains and exits (twice: at once).\n"
+            "Signals: HUP reloads the policy and the TLS certificate; TERM or INT drains and\n"
+            "exits (twice: at once).\n"
             "Settings come from the environment; see README.md.\n");
 }
 
@@ -48,9 +50,9 @@ static void close_signals(app_t *a)
     uv_close((uv_handle_t *)&a->sigint, NULL);
 }
 
-static void on_drained(mg_gateway_t *gw, const mg_shutdown_result_t *r)
+static void on_drained(mg_gateway_t *gw, const mg_shutdown_result_t *r, void *arg)
 {
-    app_t *a = gw->loop->data;
+    app_t *a = arg;
     mg_log_info("moongate", "stopped: %d SSH connections closed%s%s", r->connections_closed,
                 r->success ? "" : "; ", r->success ? "" : r->errors_text);
     close_signals(a);
@@ -63,17 +65,17 @@ static void on_signal(uv_signal_t *h, int signum)
     app_t *a = h->data;
     if (signum == SIGHUP) {
         char err[512];
-        if (a->gw && !a->gw->draining)
+        if (a->gw && !mg_gateway_draining(a->gw))
             mg_gateway_reload(a->gw, err, sizeof(err));
         return;
     }
     if (a->gw == NULL)
         return;
-    if (a->gw->draining) {
+    if (mg_gateway_draining(a->gw)) {
         mg_log_warn("moongate", "second %s: exiting now", signum == SIGINT ? "SIGINT" : "SIGTERM");
         exit(1);
     }
-    mg_gateway_drain(a->gw, signum == SIGINT ? "SIGINT" : "SIGTERM", on_drained);
+    mg_gateway_drain(a->gw, signum == SIGINT ? "SIGINT" : "SIGTERM", on_drained, a);
 }
 
 static int check_policy(const char *path, const mg_settings_t *settings)

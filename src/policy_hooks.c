@@ -65,7 +65,7 @@ static int bad_result(mg_policy_state_t *st, mg_hook_t h, const char *fmt, ...)
 /*   in: ...        out: ... req */
 static void push_request(lua_State *L, const mg_policy_request_t *req)
 {
-    lua_createtable(L, 0, 4);
+    lua_createtable(L, 0, 5);
     if (req == NULL) {
         lua_newtable(L);
         lua_setfield(L, -2, "headers");
@@ -78,6 +78,10 @@ static void push_request(lua_State *L, const mg_policy_request_t *req)
     if (req->path != NULL) {
         lua_pushstring(L, req->path);
         lua_setfield(L, -2, "path");
+    }
+    if (req->decoded_path != NULL) {
+        lua_pushstring(L, req->decoded_path);
+        lua_setfield(L, -2, "decoded_path");
     }
     if (req->remote_addr != NULL) {
         lua_pushstring(L, req->remote_addr);

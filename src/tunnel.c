@@ -1,34 +1,41 @@
 /*
  * The agent endpoint (docs/tunnel.md): WebSockets from users' moongate-agents, each of which
- * becomes the transport under one SSH connection in that user's pool.
+ * becomes the transport under one SSH connection in that user's pool. See tunnel.h.
  *
- * A tunnel (tun_t) is one agent WebSocket. It arrives "spare" and waits until the pool needs a
- * connection for its user; the SSH backend then starts an mg_ssh_conn_t over it (attach). When
- * the pool needs a connection and no spare tunnel is there, the request waits as a pending open
- * while one of the user's agents is asked, with a control message, to open one more WebSocket.
+ * A tunnel (tun_t) is one agent WebSocket: an upgraded client connection of the HTTP server,
+ * with wslay framing on it. SSH bytes from the session above wait in `out`, are framed when the
+ * session flushes, and go to the server's queue as fast as it takes them (send_cb stops at its
+ * high-water mark and on_ws_drain goes on). Frames from the agent are read without buffering
+ * (no_buffering): their payload goes straight to the session, chunk by chunk.
  *
- * A tunnel is freed once lws has closed its WebSocket and, if it carried an SSH connection,
- * that connection has closed its transport and been told (on_close).
+ * A tunnel is freed once the server has closed its connection and, if it carried an SSH
+ * connection, that connection has closed its transport and been told (on_close).
  */
-#include "moongate/gateway.h"
+#include "tunnel.h"
 
 #include "buf.h"
 #include "moongate/error.h"
 #include "moongate/log.h"
+#include "request.h"
 
-#include <libwebsockets.h>
+#include <openssl/evp.h>
+#include <openssl/sha.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <wslay/wslay.h>
 
+#define LOG "tunnel"
 #define TUNNEL_PROTOCOL "moongate-tunnel.v1"
 #define MAX_MESSAGE (1024 * 1024)
 #define WS_CHUNK (64 * 1024)
 #define SPARE_INBUF_MAX (64 * 1024)
 #define AGENT_ID_MAX 64
-/* lws 4.1's LWS_WRITE_CLOSE: lws_write() frames it, but the public header hides the name. */
-#define WRITE_CLOSE ((enum lws_write_protocol)4)
+#define PING_AFTER_MS 30000         /* of quiet */
+#define HANGUP_AFTER_MS 45000       /* of quiet, a ping unanswered */
+#define CLOSE_WAIT_MS 2000          /* for the agent's close frame after ours */
+#define WS_GUID "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 typedef struct tun tun_t;
 typedef struct tun_user tun_user_t;
@@ -37,19 +44,27 @@ typedef struct pending pending_t;
 struct tun {
     mg_transport_t base;        /* under the SSH connection, once attached */
     mg_tunnel_t *t;
-    tun_user_t *u;
-    struct lws *wsi;            /* NULL once lws closed the WebSocket */
+    tun_user_t *u;              /* NULL for a tunnel refused after the upgrade */
+    mg_client_t *c;             /* NULL once the server closed the connection */
+    wslay_event_context_ptr ws;
     char agent_id[AGENT_ID_MAX + 1];
+    char remote[64];
     uint64_t opened_at;
-    uv_timer_t timer;           /* defers on_close and buffered input to the loop's next turn */
-    mg__buf_t out;              /* binary bytes waiting for writable */
-    mg__buf_t in;               /* bytes that came before the SSH connection did */
-    size_t msg_bytes;           /* of the incoming message so far */
+    uv_timer_t defer;           /* on_close and buffered input, on the loop's next turn */
+    uv_timer_t ka;              /* keepalive, and the wait for a close frame */
+    int handles;
+    uint64_t last_rx;           /* loop time of the last byte from the agent */
+    uint64_t close_deadline;    /* after our close frame; 0 before */
+    bool ping_sent;
+    mg__buf_t out;              /* SSH bytes not framed yet */
+    mg__buf_t in;               /* SSH bytes that came before the SSH connection did */
+    const char *rx;             /* what wslay reads from, during on_ws_read */
+    size_t rx_len;
+    bool in_recv;               /* inside wslay_event_recv */
+    bool msg_binary;            /* the message being received carries SSH bytes */
+    bool frame_data;            /* the frame being received is part of it */
     bool attached;
-    int send_open;              /* {"type":"open"} messages owed to the agent */
-    bool closing;               /* send a close frame at the next writable */
-    int close_code;
-    char close_reason[120];
+    bool closing;               /* our close frame is queued */
     bool transport_closed;      /* the SSH connection closed its transport */
     bool told_closed;           /* on_close was called */
     bool owe_drain;
@@ -76,19 +91,14 @@ struct pending {
 };
 
 struct mg_tunnel {
-    mg_gateway_t *gw;
+    mg_tunnel_env_t *env;
     tun_user_t *users;
     int count;
     bool draining;
 };
 
-typedef struct tun_pss {
-    tun_t *tun;
-    char user[MG_USER_ID_MAX + 1];
-    char agent_id[AGENT_ID_MAX + 1];
-} tun_pss_t;
-
-static _Thread_local unsigned char ws_buf[LWS_PRE + WS_CHUNK];
+static void ws_send(tun_t *tun);
+static void tun_close_ws(tun_t *tun, int code, const char *reason);
 
 /* ---- users ---- */
 
@@ -123,29 +133,325 @@ static void user_maybe_free(mg_tunnel_t *t, tun_user_t *u)
 static int user_limit(mg_tunnel_t *t, const char *user)
 {
     mg_pool_user_stats_t us;
-    if (mg_pool_user_stats(t->gw->pool, user, &us) == 0 && us.limits.max_connections > 0)
+    if (mg_pool_user_stats(t->env->pool, user, &us) == 0 && us.limits.max_connections > 0)
         return us.limits.max_connections;
     mg_pool_limits_t lim;
-    mg_policy_limits(t->gw->policy, user, &lim);
-    return lim.max_connections > 0 ? lim.max_connections : t->gw->settings.max_connections_per_user;
+    mg_policy_limits(t->env->policy, user, &lim);
+    return lim.max_connections > 0 ? lim.max_connections
+                                   : t->env->settings->max_connections_per_user;
+}
+
+static const char *user_name(const tun_t *tun)
+{
+    return tun->u ? tun->u->id : "-";
+}
+
+/* ---- the WebSocket's framing (wslay) ---- */
+
+static void update_queued(tun_t *tun)
+{
+    size_t q = mg__buf_size(&tun->out);
+    if (tun->ws)
+        q += wslay_event_get_queued_msg_length(tun->ws);
+    if (tun->c)
+        q += mg_client_queued(tun->c);
+    tun->base.write_queued = q;
+}
+
+static ssize_t recv_cb(wslay_event_context_ptr ctx, uint8_t *buf, size_t len, int flags,
+                       void *arg)
+{
+    tun_t *tun = arg;
+    if (tun->rx_len == 0) {
+        wslay_event_set_error(ctx, WSLAY_ERR_WOULDBLOCK);
+        return -1;
+    }
+    size_t n = len < tun->rx_len ? len : tun->rx_len;
+    memcpy(buf, tun->rx, n);
+    tun->rx += n;
+    tun->rx_len -= n;
+    return (ssize_t)n;
+}
+
+static ssize_t send_cb(wslay_event_context_ptr ctx, const uint8_t *data, size_t len, int flags,
+                       void *arg)
+{
+    tun_t *tun = arg;
+    if (tun->c == NULL) {
+        wslay_event_set_error(ctx, WSLAY_ERR_CALLBACK_FAILURE);
+        return -1;
+    }
+    if (mg_client_queued(tun->c) > MG_CLIENT_HIGH_WATER) {
+        wslay_event_set_error(ctx, WSLAY_ERR_WOULDBLOCK);
+        return -1; /* on_ws_drain goes on */
+    }
+    if (mg_client_raw_write(tun->c, (const char *)data, len) != 0) {
+        wslay_event_set_error(ctx, WSLAY_ERR_CALLBACK_FAILURE);
+        return -1;
+    }
+    return (ssize_t)len;
+}
+
+/* SSH bytes from the agent: to the session, or kept until it starts. */
+static void deliver(tun_t *tun, const char *data, size_t len)
+{
+    if (len == 0 || tun->transport_closed)
+        return;
+    if (!tun->attached || mg__buf_size(&tun->in) > 0) {
+        if (mg__buf_size(&tun->in) + len > SPARE_INBUF_MAX ||
+            mg__buf_append(&tun->in, data, len) != 0)
+            tun_close_ws(tun, WSLAY_CODE_INTERNAL_SERVER_ERROR, "too much data before SSH");
+        return;
+    }
+    tun->base.bytes_in += len;
+    tun->base.cbs->on_read(&tun->base, data, len);
+}
+
+static void on_frame_start(wslay_event_context_ptr ctx,
+                           const struct wslay_event_on_frame_recv_start_arg *arg, void *p)
+{
+    tun_t *tun = p;
+    if (arg->opcode == WSLAY_BINARY_FRAME || arg->opcode == WSLAY_TEXT_FRAME)
+        tun->msg_binary = arg->opcode == WSLAY_BINARY_FRAME;
+    /* Text frames from agents are not defined: ignored, as the protocol says. */
+    tun->frame_data = (arg->opcode == WSLAY_BINARY_FRAME ||
+                       arg->opcode == WSLAY_CONTINUATION_FRAME) &&
+                      tun->msg_binary;
+}
+
+static void on_frame_chunk(wslay_event_context_ptr ctx,
+                           const struct wslay_event_on_frame_recv_chunk_arg *arg, void *p)
+{
+    tun_t *tun = p;
+    if (tun->frame_data)
+        deliver(tun, (const char *)arg->data, arg->data_length);
+}
+
+static void on_msg(wslay_event_context_ptr ctx, const struct wslay_event_on_msg_recv_arg *arg,
+                   void *p)
+{
+    tun_t *tun = p;
+    if (arg->opcode == WSLAY_CONNECTION_CLOSE)
+        mg_log_debug(LOG, "user=%s agent=%s closes: code %d", user_name(tun), tun->agent_id,
+                     arg->status_code);
+}
+
+static const struct wslay_event_callbacks ws_cbs = {
+    .recv_callback = recv_cb,
+    .send_callback = send_cb,
+    .on_frame_recv_start_callback = on_frame_start,
+    .on_frame_recv_chunk_callback = on_frame_chunk,
+    .on_msg_recv_callback = on_msg,
+};
+
+/* Whether both directions are done: then the connection closes. */
+static void ws_check_done(tun_t *tun)
+{
+    if (tun->c && !wslay_event_want_read(tun->ws) && !wslay_event_want_write(tun->ws))
+        mg_client_raw_close(tun->c, true);
+}
+
+/* Sends what wslay holds, as far as the server's queue takes it. */
+static void ws_send(tun_t *tun)
+{
+    if (tun->c == NULL || tun->in_recv)
+        return;
+    if (wslay_event_want_write(tun->ws) && wslay_event_send(tun->ws) != 0) {
+        mg_client_raw_close(tun->c, false);
+        return;
+    }
+    update_queued(tun);
+    ws_check_done(tun);
+}
+
+static void ka_arm(tun_t *tun);
+
+/* Queues a close frame (once); the connection closes when the agent answers, or after a bit. */
+static void tun_close_ws(tun_t *tun, int code, const char *reason)
+{
+    if (tun->c == NULL || tun->closing)
+        return;
+    tun->closing = true;
+    wslay_event_queue_close(tun->ws, (uint16_t)code, (const uint8_t *)reason, strlen(reason));
+    tun->close_deadline = uv_now(tun->t->env->loop) + CLOSE_WAIT_MS;
+    ka_arm(tun);
+    ws_send(tun);
+}
+
+/* ---- the server's stream callbacks ---- */
+
+static void on_ws_read(void *arg, const char *data, size_t len)
+{
+    tun_t *tun = arg;
+    tun->last_rx = uv_now(tun->t->env->loop);
+    tun->ping_sent = false;
+    tun->rx = data;
+    tun->rx_len = len;
+    tun->in_recv = true;
+    int rc = wslay_event_recv(tun->ws);
+    tun->in_recv = false;
+    tun->rx_len = 0;
+    if (rc != 0 && tun->c)
+        mg_log_info(LOG, "user=%s agent=%s sent a malformed frame; closing", user_name(tun),
+                    tun->agent_id);
+    /* A frame over 1 MiB, an unmasked frame or a bad header queued a close (1009, 1002): it
+       goes now, and the connection after it. */
+    if (!wslay_event_get_read_enabled(tun->ws) && !tun->closing &&
+        !wslay_event_get_close_received(tun->ws)) {
+        tun->closing = true;
+        tun->close_deadline = uv_now(tun->t->env->loop) + CLOSE_WAIT_MS;
+        ka_arm(tun);
+    }
+    ws_send(tun);
+}
+
+static void on_ws_drain(void *arg)
+{
+    tun_t *tun = arg;
+    ws_send(tun);
+    if (tun->owe_drain && tun->attached && !tun->transport_closed &&
+        tun->base.write_queued < MG_CLIENT_HIGH_WATER) {
+        tun->owe_drain = false;
+        tun->base.cbs->on_drain(&tun->base);
+    }
+}
+
+static void on_tun_handle_closed(uv_handle_t *h)
+{
+    tun_t *tun = h->data;
+    if (--tun->handles > 0)
+        return;
+    if (tun->ws)
+        wslay_event_context_free(tun->ws);
+    mg__buf_free(&tun->out);
+    mg__buf_free(&tun->in);
+    free(tun);
+}
+
+static void tun_free(tun_t *tun)
+{
+    uv_close((uv_handle_t *)&tun->defer, on_tun_handle_closed);
+    uv_close((uv_handle_t *)&tun->ka, on_tun_handle_closed);
+}
+
+static void on_defer(uv_timer_t *h)
+{
+    tun_t *tun = h->data;
+    if (tun->transport_closed && tun->c == NULL && !tun->told_closed) {
+        tun->told_closed = true;
+        tun->base.cbs->on_close(&tun->base);
+        tun_free(tun);
+        return;
+    }
+    /* Bytes that arrived before the SSH connection: hand them over now. */
+    if (tun->attached && !tun->transport_closed && mg__buf_size(&tun->in) > 0) {
+        mg__buf_t in = tun->in;
+        tun->in = (mg__buf_t){ 0 };
+        tun->base.bytes_in += mg__buf_size(&in);
+        tun->base.cbs->on_read(&tun->base, in.data + in.off, mg__buf_size(&in));
+        mg__buf_free(&in);
+    }
+}
+
+static void tun_unlink(tun_t *tun)
+{
+    tun_user_t *u = tun->u;
+    if (tun->prev)
+        tun->prev->next = tun->next;
+    else
+        u->tuns = tun->next;
+    if (tun->next)
+        tun->next->prev = tun->prev;
+    u->ntuns--;
+    tun->t->count--;
+    mg_gauge_set(tun->t->env->agent_connections, tun->t->count);
+}
+
+static void event(mg_tunnel_t *t, const char *type, const char *user, const char *msg)
+{
+    mg_policy_event_t ev = { .type = type, .user = user, .message = msg };
+    mg_policy_event(t->env->policy, &ev);
+}
+
+static void on_ws_close(void *arg)
+{
+    tun_t *tun = arg;
+    mg_tunnel_t *t = tun->t;
+    tun->c = NULL;
+    uv_timer_stop(&tun->ka);
+    tun_user_t *u = tun->u;
+    if (u == NULL) { /* refused after the upgrade: it never joined */
+        tun_free(tun);
+        return;
+    }
+    mg_log_info(LOG, "user=%s agent=%s disconnected", u->id, tun->agent_id);
+    event(t, "agent_left", u->id, tun->agent_id);
+    tun_unlink(tun);
+    tun->u = NULL;
+    user_maybe_free(t, u);
+    if (!tun->attached) {
+        tun_free(tun);
+        return;
+    }
+    if (!tun->transport_closed) {
+        /* The SSH connection learns that its stream ended; it closes the transport next. */
+        tun->base.cbs->on_eof(&tun->base, UV_EOF);
+        return;
+    }
+    uv_timer_start(&tun->defer, on_defer, 0, 0);
+}
+
+static const mg_client_raw_cbs_t raw_cbs = {
+    .on_read = on_ws_read,
+    .on_drain = on_ws_drain,
+    .on_close = on_ws_close,
+};
+
+/* ---- keepalive ---- */
+
+static void on_ka(uv_timer_t *h);
+
+static void ka_arm(tun_t *tun)
+{
+    if (tun->c == NULL)
+        return;
+    uint64_t due = tun->closing ? tun->close_deadline
+                                : tun->last_rx + (tun->ping_sent ? HANGUP_AFTER_MS : PING_AFTER_MS);
+    uint64_t now = uv_now(tun->t->env->loop);
+    uv_timer_start(&tun->ka, on_ka, due > now ? due - now : 0, 0);
+}
+
+static void on_ka(uv_timer_t *h)
+{
+    tun_t *tun = h->data;
+    if (tun->c == NULL)
+        return;
+    uint64_t now = uv_now(tun->t->env->loop);
+    if (tun->closing) {
+        if (now >= tun->close_deadline) {
+            mg_client_raw_close(tun->c, false);
+            return;
+        }
+    } else if (now - tun->last_rx >= HANGUP_AFTER_MS) {
+        mg_log_info(LOG, "user=%s agent=%s silent for %d ms; hanging up", user_name(tun),
+                    tun->agent_id, HANGUP_AFTER_MS);
+        mg_client_raw_close(tun->c, false);
+        return;
+    } else if (now - tun->last_rx >= PING_AFTER_MS && !tun->ping_sent) {
+        struct wslay_event_msg ping = { WSLAY_PING, (const uint8_t *)"", 0 };
+        tun->ping_sent = true;
+        wslay_event_queue_msg(tun->ws, &ping);
+        ws_send(tun);
+    }
+    ka_arm(tun);
 }
 
 /* ---- the WebSocket as a transport ---- */
 
-static void tun_close_ws(tun_t *tun, int code, const char *reason)
-{
-    if (tun->wsi == NULL || tun->closing)
-        return;
-    tun->closing = true;
-    tun->close_code = code;
-    snprintf(tun->close_reason, sizeof(tun->close_reason), "%s", reason);
-    lws_callback_on_writable(tun->wsi);
-}
-
 static int tun_write(mg_transport_t *base, const void *buf, size_t len)
 {
     tun_t *tun = (tun_t *)base;
-    if (tun->wsi == NULL || tun->transport_closed)
+    if (tun->c == NULL || tun->transport_closed || tun->closing)
         return MG_ECLOSED;
     int rc = mg__buf_append(&tun->out, buf, len);
     if (rc == 0)
@@ -156,39 +462,22 @@ static int tun_write(mg_transport_t *base, const void *buf, size_t len)
 static void tun_flush(mg_transport_t *base)
 {
     tun_t *tun = (tun_t *)base;
-    if (tun->wsi != NULL && tun->out.len > tun->out.off)
-        lws_callback_on_writable(tun->wsi);
-}
-
-static void on_tun_timer_closed(uv_handle_t *h)
-{
-    tun_t *tun = h->data;
-    mg__buf_free(&tun->out);
-    mg__buf_free(&tun->in);
-    free(tun);
-}
-
-static void tun_free(tun_t *tun)
-{
-    uv_close((uv_handle_t *)&tun->timer, on_tun_timer_closed);
-}
-
-static void on_tun_timer(uv_timer_t *h)
-{
-    tun_t *tun = h->data;
-    if (tun->transport_closed && tun->wsi == NULL && !tun->told_closed) {
-        tun->told_closed = true;
-        tun->base.cbs->on_close(&tun->base);
-        tun_free(tun);
+    if (tun->c == NULL)
         return;
+    while (mg__buf_size(&tun->out) > 0) {
+        size_t n = mg__buf_size(&tun->out);
+        if (n > WS_CHUNK)
+            n = WS_CHUNK;
+        struct wslay_event_msg m = { WSLAY_BINARY_FRAME,
+                                     (const uint8_t *)tun->out.data + tun->out.off, n };
+        if (wslay_event_queue_msg(tun->ws, &m) != 0)
+            break;
+        tun->base.bytes_out += n;
+        mg__buf_consume(&tun->out, n, 256 * 1024);
     }
-    /* Bytes that arrived before the SSH connection: hand them over now. */
-    if (tun->attached && !tun->transport_closed && tun->in.len > tun->in.off) {
-        mg__buf_t in = tun->in;
-        tun->in = (mg__buf_t){ 0 };
-        tun->base.cbs->on_read(&tun->base, in.data + in.off, in.len - in.off);
-        mg__buf_free(&in);
-    }
+    ws_send(tun);
+    if (tun->base.write_queued > 0)
+        tun->owe_drain = true;
 }
 
 static void tun_close(mg_transport_t *base, bool graceful)
@@ -197,17 +486,17 @@ static void tun_close(mg_transport_t *base, bool graceful)
     if (tun->transport_closed)
         return;
     tun->transport_closed = true;
-    if (tun->wsi == NULL) {
-        uv_timer_start(&tun->timer, on_tun_timer, 0, 0);
+    if (tun->c == NULL) {
+        uv_timer_start(&tun->defer, on_defer, 0, 0);
         return;
     }
+    if (!graceful)
+        mg__buf_consume(&tun->out, mg__buf_size(&tun->out), 0);
+    else
+        tun_flush(base);
     mg_tunnel_t *t = tun->t;
-    tun_close_ws(tun, LWS_CLOSE_STATUS_NORMAL,
-                 t->draining ? t->gw->drain_message : "SSH connection closed");
-    if (!graceful) {
-        tun->out.off = tun->out.len;
-        base->write_queued = 0;
-    }
+    tun_close_ws(tun, WSLAY_CODE_NORMAL_CLOSURE,
+                 t->draining ? t->env->drain_message : "SSH connection closed");
 }
 
 static const mg_transport_ops_t tun_ops = {
@@ -244,17 +533,17 @@ static void attach(mg_tunnel_t *t, tun_t *tun, const mg_ssh_conn_opts_t *o, mg_s
 {
     tun->attached = true;
     mg_ssh_conn_t *c;
-    int rc = mg_ssh_conn_start(t->gw->loop, o, &tun->base, cb, pc, &c);
+    int rc = mg_ssh_conn_start(t->env->loop, o, &tun->base, cb, pc, &c);
     if (rc != 0) {
         tun->attached = false;
         mg_pool_conn_failed(pc, rc, "cannot start an SSH connection over the agent");
         return;
     }
     mg_pool_conn_set_backend_data(pc, c);
-    mg_log_info("tunnel", "user=%s agent=%s carries SSH connection %llu", tun->u->id,
+    mg_log_info(LOG, "user=%s agent=%s carries SSH connection %llu", user_name(tun),
                 tun->agent_id, (unsigned long long)mg_ssh_conn_id(c));
-    if (tun->in.len > tun->in.off)
-        uv_timer_start(&tun->timer, on_tun_timer, 0, 0);
+    if (mg__buf_size(&tun->in) > 0)
+        uv_timer_start(&tun->defer, on_defer, 0, 0);
 }
 
 static void on_pending_timeout(uv_timer_t *h)
@@ -271,13 +560,22 @@ static void on_pending_timeout(uv_timer_t *h)
 static tun_t *spare_of(tun_user_t *u)
 {
     for (tun_t *tun = u->tuns; tun; tun = tun->next)
-        if (!tun->attached && tun->wsi && !tun->closing)
+        if (!tun->attached && tun->c && !tun->closing)
             return tun;
     return NULL;
 }
 
-int mg__tunnel_agent_open(void *arg, mg_pool_conn_t *pc, const mg_ssh_conn_opts_t *o,
-                          mg_ssh_conn_cb cb, char *err, size_t errlen)
+/* Asks an agent for one more WebSocket now. */
+static void ask_open(tun_t *tun)
+{
+    static const char msg[] = "{\"type\":\"open\"}";
+    struct wslay_event_msg m = { WSLAY_TEXT_FRAME, (const uint8_t *)msg, sizeof(msg) - 1 };
+    if (tun->c && !tun->closing && wslay_event_queue_msg(tun->ws, &m) == 0)
+        ws_send(tun);
+}
+
+int mg_tunnel_agent_open(void *arg, mg_pool_conn_t *pc, const mg_ssh_conn_opts_t *o,
+                         mg_ssh_conn_cb cb, char *err, size_t errlen)
 {
     mg_tunnel_t *t = arg;
     tun_user_t *u = user_get(t, o->user, false);
@@ -305,22 +603,19 @@ int mg__tunnel_agent_open(void *arg, mg_pool_conn_t *pc, const mg_ssh_conn_opts_
     for (int i = 0; i < 7; i++)
         if (*fields[i] != NULL)
             *fields[i] = p->strings[i] = strdup(*fields[i]);
-    uv_timer_init(t->gw->loop, &p->timer);
+    uv_timer_init(t->env->loop, &p->timer);
     p->timer.data = p;
     uv_timer_start(&p->timer, on_pending_timeout, o->connect_timeout_ms, 0);
     p->next = u->pending;
     u->pending = p;
-    /* Ask the newest of the user's agents for one more WebSocket. */
-    tun_t *ask = u->tuns;
-    if (ask && ask->wsi) {
-        ask->send_open++;
-        lws_callback_on_writable(ask->wsi);
-    }
-    mg_log_debug("tunnel", "user=%s asked the agent for another connection", u->id);
+    /* The newest of the user's agents is asked. */
+    if (u->tuns)
+        ask_open(u->tuns);
+    mg_log_debug(LOG, "user=%s asked the agent for another connection", u->id);
     return 0;
 }
 
-void mg__tunnel_agent_cancel(void *arg, mg_pool_conn_t *pc)
+void mg_tunnel_agent_cancel(void *arg, mg_pool_conn_t *pc)
 {
     mg_tunnel_t *t = arg;
     for (tun_user_t *u = t->users; u; u = u->next)
@@ -332,215 +627,44 @@ void mg__tunnel_agent_cancel(void *arg, mg_pool_conn_t *pc)
             }
 }
 
-/* ---- the WebSocket's life ---- */
+/* ---- the upgrade ---- */
 
-static void tun_unlink(tun_t *tun)
+static const mg_http1_header_t *field(const mg_http1_req_head_t *h, const char *name)
 {
-    tun_user_t *u = tun->u;
-    if (tun->prev)
-        tun->prev->next = tun->next;
-    else
-        u->tuns = tun->next;
-    if (tun->next)
-        tun->next->prev = tun->prev;
-    u->ntuns--;
-    tun->t->count--;
-    mg_gauge_set(tun->t->gw->metrics.agent_connections, tun->t->count);
+    size_t n = strlen(name);
+    for (size_t i = 0; i < h->nheaders; i++)
+        if (h->headers[i].name_len == n && strncasecmp(h->headers[i].name, name, n) == 0)
+            return &h->headers[i];
+    return NULL;
 }
 
-static void event(mg_tunnel_t *t, const char *type, const char *user, const char *msg)
+/* Whether a comma-separated field (any of its occurrences) lists token, case-insensitively. */
+static bool lists(const mg_http1_req_head_t *h, const char *name, const char *token)
 {
-    mg_policy_event_t ev = { .type = type, .user = user, .message = msg };
-    mg_policy_event(t->gw->policy, &ev);
-}
-
-static int on_established(mg_tunnel_t *t, struct lws *wsi, tun_pss_t *pss)
-{
-    if (t->draining) {
-        lws_close_reason(wsi, LWS_CLOSE_STATUS_GOINGAWAY, (unsigned char *)"shutting down", 13);
-        return -1;
-    }
-    tun_user_t *u = user_get(t, pss->user, true);
-    if (u == NULL)
-        return -1;
-    int limit = user_limit(t, pss->user);
-    if (u->ntuns >= limit) {
-        tun_t *old = NULL;
-        for (tun_t *x = u->tuns; x; x = x->next)
-            if (strcmp(x->agent_id, pss->agent_id) == 0 && !x->closing &&
-                (old == NULL || x->opened_at < old->opened_at))
-                old = x;
-        if (old == NULL) {
-            char why[120];
-            int n = snprintf(why, sizeof(why),
-                             "connection limit: at most %d agent connections for this user",
-                             limit);
-            mg_log_warn("tunnel", "user=%s agent=%s refused: %s", pss->user, pss->agent_id, why);
-            lws_close_reason(wsi, LWS_CLOSE_STATUS_POLICY_VIOLATION, (unsigned char *)why,
-                             (size_t)n);
-            user_maybe_free(t, u);
-            return -1;
+    size_t n = strlen(name), tl = strlen(token);
+    for (size_t i = 0; i < h->nheaders; i++) {
+        const mg_http1_header_t *f = &h->headers[i];
+        if (f->name_len != n || strncasecmp(f->name, name, n) != 0)
+            continue;
+        const char *p = f->value, *end = f->value + f->value_len;
+        while (p < end) {
+            while (p < end && (*p == ' ' || *p == '\t' || *p == ','))
+                p++;
+            const char *s = p;
+            while (p < end && *p != ',')
+                p++;
+            const char *e = p;
+            while (e > s && (e[-1] == ' ' || e[-1] == '\t'))
+                e--;
+            if ((size_t)(e - s) == tl && strncasecmp(s, token, tl) == 0)
+                return true;
         }
-        /* The same agent again: its older session is one it lost (a network cut). */
-        mg_log_info("tunnel", "user=%s agent=%s reconnected; replacing its oldest session",
-                    pss->user, pss->agent_id);
-        tun_close_ws(old, LWS_CLOSE_STATUS_NORMAL, "replaced by a newer session");
     }
-    tun_t *tun = calloc(1, sizeof(*tun));
-    if (tun == NULL)
-        return -1;
-    tun->base.ops = &tun_ops;
-    tun->base.connected = true;
-    tun->t = t;
-    tun->u = u;
-    tun->wsi = wsi;
-    tun->opened_at = uv_now(t->gw->loop);
-    snprintf(tun->agent_id, sizeof(tun->agent_id), "%s", pss->agent_id);
-    uv_timer_init(t->gw->loop, &tun->timer);
-    tun->timer.data = tun;
-    tun->next = u->tuns;
-    if (u->tuns)
-        u->tuns->prev = tun;
-    u->tuns = tun;
-    u->ntuns++;
-    t->count++;
-    mg_gauge_set(t->gw->metrics.agent_connections, t->count);
-    pss->tun = tun;
-    mg_log_info("tunnel", "user=%s agent=%s connected (%d of %d)", u->id, tun->agent_id,
-                u->ntuns, limit);
-    event(t, "agent_joined", u->id, tun->agent_id);
-
-    /* The oldest waiting open takes it. */
-    pending_t **last = &u->pending;
-    if (*last != NULL) {
-        while ((*last)->next)
-            last = &(*last)->next;
-        pending_t *p = *last;
-        mg_ssh_conn_opts_t o = p->o;
-        mg_pool_conn_t *pc = p->pc;
-        mg_ssh_conn_cb cb = p->cb;
-        attach(t, tun, &o, cb, pc); /* copies the strings before the pending goes */
-        pending_remove(p);
-    }
-    return 0;
+    return false;
 }
 
-static int on_receive(tun_t *tun, struct lws *wsi, const char *in, size_t len)
+static bool agent_id_valid(const char *s, size_t n)
 {
-    if (lws_is_first_fragment(wsi))
-        tun->msg_bytes = 0;
-    tun->msg_bytes += len;
-    if (tun->msg_bytes + lws_remaining_packet_payload(wsi) > MAX_MESSAGE) {
-        mg_log_warn("tunnel", "user=%s agent=%s sent a message over %d bytes", tun->u->id,
-                    tun->agent_id, MAX_MESSAGE);
-        lws_close_reason(wsi, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
-                         (unsigned char *)"message too big", 15);
-        return -1;
-    }
-    if (!lws_frame_is_binary(wsi))
-        return 0; /* no control messages from agents yet */
-    if (!tun->attached || tun->in.len > tun->in.off) {
-        /* The server speaks first; keep its greeting until the SSH connection starts. */
-        if (tun->in.len - tun->in.off + len > SPARE_INBUF_MAX ||
-            mg__buf_append(&tun->in, in, len) != 0) {
-            lws_close_reason(wsi, LWS_CLOSE_STATUS_UNEXPECTED_CONDITION,
-                             (unsigned char *)"too much data before SSH", 24);
-            return -1;
-        }
-        return 0;
-    }
-    if (tun->transport_closed)
-        return 0;
-    tun->base.bytes_in += len;
-    tun->base.cbs->on_read(&tun->base, in, len);
-    return 0;
-}
-
-static int on_writeable(tun_t *tun, struct lws *wsi)
-{
-    if (tun->send_open > 0) {
-        static const char msg[] = "{\"type\":\"open\"}";
-        tun->send_open--;
-        memcpy(ws_buf + LWS_PRE, msg, sizeof(msg) - 1);
-        if (lws_write(wsi, ws_buf + LWS_PRE, sizeof(msg) - 1, LWS_WRITE_TEXT) < 0)
-            return -1;
-        lws_callback_on_writable(wsi);
-        return 0;
-    }
-    bool first = true;
-    while (tun->out.len > tun->out.off && (first || !lws_send_pipe_choked(wsi))) {
-        size_t n = tun->out.len - tun->out.off;
-        if (n > WS_CHUNK)
-            n = WS_CHUNK;
-        memcpy(ws_buf + LWS_PRE, tun->out.data + tun->out.off, n);
-        int w = lws_write(wsi, ws_buf + LWS_PRE, n, LWS_WRITE_BINARY);
-        if (w < (int)n) {
-            mg_log_debug("tunnel", "user=%s agent=%s write failed (%d of %zu)", tun->u->id,
-                         tun->agent_id, w, n);
-            return -1;
-        }
-        mg__buf_consume(&tun->out, n, 256 * 1024);
-        tun->base.write_queued -= n;
-        tun->base.bytes_out += n;
-        tun->owe_drain = true;
-        first = false;
-    }
-    if (tun->out.len > tun->out.off || (tun->closing && !first)) {
-        /* The close frame goes in a writable turn of its own, after the data. */
-        lws_callback_on_writable(wsi);
-        return 0;
-    }
-    if (tun->closing) {
-        /* The close frame is written here: with lws_close_reason() and a -1, lws 4.1 on libuv
-           drops the connection before the frame it queued goes out. */
-        size_t rl = strlen(tun->close_reason);
-        unsigned char *p = ws_buf + LWS_PRE;
-        p[0] = (unsigned char)(tun->close_code >> 8);
-        p[1] = (unsigned char)(tun->close_code & 0xff);
-        memcpy(p + 2, tun->close_reason, rl);
-        lws_write(wsi, p, 2 + rl, WRITE_CLOSE);
-        return -1;
-    }
-    if (tun->owe_drain && tun->attached && !tun->transport_closed) {
-        tun->owe_drain = false;
-        tun->base.cbs->on_drain(&tun->base);
-    }
-    return 0;
-}
-
-static void on_closed(tun_t *tun)
-{
-    mg_tunnel_t *t = tun->t;
-    tun->wsi = NULL;
-    mg_log_info("tunnel", "user=%s agent=%s disconnected", tun->u->id, tun->agent_id);
-    event(t, "agent_left", tun->u->id, tun->agent_id);
-    tun_user_t *u = tun->u;
-    tun_unlink(tun);
-    user_maybe_free(t, u);
-    if (!tun->attached) {
-        tun_free(tun);
-        return;
-    }
-    if (!tun->transport_closed) {
-        /* The SSH connection learns that its stream ended; it closes the transport next. */
-        tun->base.cbs->on_eof(&tun->base, UV_EOF);
-        return;
-    }
-    uv_timer_start(&tun->timer, on_tun_timer, 0, 0);
-}
-
-static const char *bearer(struct lws *wsi, char *buf, size_t cap)
-{
-    if (lws_hdr_copy(wsi, buf, (int)cap, WSI_TOKEN_HTTP_AUTHORIZATION) <= 0)
-        return NULL;
-    if (strncasecmp(buf, "Bearer ", 7) != 0)
-        return NULL;
-    return buf + 7;
-}
-
-static bool agent_id_valid(const char *s)
-{
-    size_t n = strlen(s);
     if (n < 16 || n > AGENT_ID_MAX)
         return false;
     for (size_t i = 0; i < n; i++)
@@ -550,30 +674,54 @@ static bool agent_id_valid(const char *s)
     return true;
 }
 
-/* Runs agent_auth. Returns 0 with the user, or the HTTP status to refuse with and why. */
-static int authenticate(mg_gateway_t *gw, struct lws *wsi, char *user, char *agent_id,
-                        char *why, size_t whylen)
+/* Sec-WebSocket-Accept for key (RFC 6455 4.2.2). Returns false for a key that is not 16
+   bytes in base64. */
+static bool accept_key(const mg_http1_header_t *key, char out[32])
 {
-    char auth[1024], remote[64];
-    const char *token = bearer(wsi, auth, sizeof(auth));
-    agent_id[0] = '\0';
-    int n = lws_hdr_custom_copy(wsi, agent_id, AGENT_ID_MAX + 1, "x-moongate-agent:", 17);
-    if (n <= 0 || !agent_id_valid(agent_id)) {
+    unsigned char raw[32];
+    if (key == NULL || key->value_len != 24 ||
+        EVP_DecodeBlock(raw, (const unsigned char *)key->value, 24) != 18 ||
+        key->value[22] != '=' || key->value[23] != '=')
+        return false;
+    char buf[24 + sizeof(WS_GUID)];
+    memcpy(buf, key->value, 24);
+    memcpy(buf + 24, WS_GUID, sizeof(WS_GUID) - 1);
+    unsigned char digest[SHA_DIGEST_LENGTH];
+    SHA1((const unsigned char *)buf, 24 + sizeof(WS_GUID) - 1, digest);
+    EVP_EncodeBlock((unsigned char *)out, digest, SHA_DIGEST_LENGTH);
+    return true;
+}
+
+/*
+ * Runs agent_auth. Returns 0 with the user, or the HTTP status to refuse with and why.
+ */
+static int authenticate(mg_tunnel_t *t, mg_client_t *c, const mg_http1_req_head_t *h,
+                        char *user, char *agent_id, char *why, size_t whylen)
+{
+    const mg_http1_header_t *aid = field(h, "x-moongate-agent");
+    if (aid == NULL || !agent_id_valid(aid->value, aid->value_len)) {
         snprintf(why, whylen, "missing or invalid X-Moongate-Agent header");
         return 400;
     }
-    if (token == NULL || *token == '\0') {
+    memcpy(agent_id, aid->value, aid->value_len);
+    agent_id[aid->value_len] = '\0';
+    const mg_http1_header_t *auth = field(h, "authorization");
+    if (auth == NULL || auth->value_len <= 7 || strncasecmp(auth->value, "Bearer ", 7) != 0) {
         snprintf(why, whylen, "missing bearer token");
         return 401;
     }
-    lws_get_peer_simple(wsi, remote, sizeof(remote));
-    mg_policy_header_t hdrs[] = { { "authorization", auth }, { "x-moongate-agent", agent_id } };
+    mg_policy_header_t hdrs[] = { { "authorization", auth->value },
+                                  { "x-moongate-agent", agent_id } };
     mg_policy_request_t req = {
-        .method = "GET", .path = "/tunnel", .remote_addr = remote, .headers = hdrs, .nheaders = 2,
+        .method = h->method,
+        .path = h->target,
+        .remote_addr = mg_client_remote(c),
+        .headers = hdrs,
+        .nheaders = 2,
     };
     mg_policy_decision_t d;
-    mg_policy_state_t *st = mg_policy_acquire(gw->policy);
-    int rc = mg_policy_agent_auth(st, token, &req, &d);
+    mg_policy_state_t *st = mg_policy_acquire(t->env->policy);
+    int rc = mg_policy_agent_auth(st, auth->value + 7, &req, &d);
     mg_policy_release(st);
     if (rc != 0 || !d.allow) {
         snprintf(why, whylen, "%s", d.message[0] ? d.message : "token refused");
@@ -583,105 +731,186 @@ static int authenticate(mg_gateway_t *gw, struct lws *wsi, char *user, char *age
     return 0;
 }
 
-int mg__tunnel_confirm_upgrade(mg_gateway_t *gw, struct lws *wsi)
+static void refuse(mg_client_t *c, const mg_http1_req_head_t *h, int status, const char *why,
+                   const mg_policy_decision_t *d)
 {
-    char *uri = NULL;
-    int ulen = 0;
-    int m = lws_http_get_uri_and_method(wsi, &uri, &ulen);
-    char proto[128] = "";
-    lws_hdr_copy(wsi, proto, sizeof(proto), WSI_TOKEN_PROTOCOL);
-    char remote[64];
-    lws_get_peer_simple(wsi, remote, sizeof(remote));
-    if (m != 0 || ulen != 7 || memcmp(uri, "/tunnel", 7) != 0) {
-        lws_return_http_status(wsi, 404, "no WebSocket endpoint here; agents use /tunnel");
-        return 1;
+    char id[MG_HTTP1_REQUEST_ID_MAX + 1];
+    mg_req_id(h, id);
+    mg_req_respond_error(c, id, status, why, d);
+}
+
+static tun_t *tun_new(mg_tunnel_t *t, mg_client_t *c)
+{
+    tun_t *tun = calloc(1, sizeof(*tun));
+    if (tun == NULL)
+        return NULL;
+    if (wslay_event_context_server_init(&tun->ws, &ws_cbs, tun) != 0) {
+        free(tun);
+        return NULL;
     }
-    if (strstr(proto, TUNNEL_PROTOCOL) == NULL) {
-        lws_return_http_status(wsi, 400, "subprotocol " TUNNEL_PROTOCOL " required");
-        return 1;
+    wslay_event_config_set_no_buffering(tun->ws, 1);
+    wslay_event_config_set_max_recv_msg_length(tun->ws, MAX_MESSAGE);
+    tun->base.ops = &tun_ops;
+    tun->base.connected = true;
+    tun->t = t;
+    tun->c = c;
+    tun->opened_at = tun->last_rx = uv_now(t->env->loop);
+    snprintf(tun->remote, sizeof(tun->remote), "%s", mg_client_remote(c));
+    uv_timer_init(t->env->loop, &tun->defer);
+    uv_timer_init(t->env->loop, &tun->ka);
+    tun->defer.data = tun->ka.data = tun;
+    tun->handles = 2;
+    return tun;
+}
+
+/* The upgraded WebSocket joins its user, or is closed with 1008 over the limit. */
+static void join(mg_tunnel_t *t, tun_t *tun, const char *user)
+{
+    tun_user_t *u = user_get(t, user, true);
+    if (u == NULL) {
+        tun_close_ws(tun, WSLAY_CODE_INTERNAL_SERVER_ERROR, "out of memory");
+        return;
     }
-    if (gw->draining) {
-        lws_return_http_status(wsi, 503, "shutting down");
-        return 1;
+    int limit = user_limit(t, user);
+    if (u->ntuns >= limit) {
+        tun_t *old = NULL;
+        for (tun_t *x = u->tuns; x; x = x->next)
+            if (strcmp(x->agent_id, tun->agent_id) == 0 && !x->closing &&
+                (old == NULL || x->opened_at < old->opened_at))
+                old = x;
+        if (old == NULL) {
+            char why[120];
+            snprintf(why, sizeof(why),
+                     "connection limit: at most %d agent connections for this user", limit);
+            mg_log_warn(LOG, "user=%s agent=%s refused: %s", user, tun->agent_id, why);
+            user_maybe_free(t, u);
+            tun_close_ws(tun, WSLAY_CODE_POLICY_VIOLATION, why);
+            return;
+        }
+        /* The same agent again: its older session is one it lost (a network cut). */
+        mg_log_info(LOG, "user=%s agent=%s reconnected; replacing its oldest session", user,
+                    tun->agent_id);
+        tun_close_ws(old, WSLAY_CODE_NORMAL_CLOSURE, "replaced by a newer session");
+    }
+    tun->u = u;
+    tun->next = u->tuns;
+    if (u->tuns)
+        u->tuns->prev = tun;
+    u->tuns = tun;
+    u->ntuns++;
+    t->count++;
+    mg_gauge_set(t->env->agent_connections, t->count);
+    mg_log_info(LOG, "user=%s agent=%s connected (%d of %d)", u->id, tun->agent_id, u->ntuns,
+                limit);
+    event(t, "agent_joined", u->id, tun->agent_id);
+
+    /* The oldest waiting open takes it. */
+    pending_t **last = &u->pending;
+    if (*last != NULL) {
+        while ((*last)->next)
+            last = &(*last)->next;
+        pending_t *p = *last;
+        mg_ssh_conn_opts_t o = p->o;
+        attach(t, tun, &o, p->cb, p->pc); /* copies the strings before the pending goes */
+        pending_remove(p);
+    }
+}
+
+bool mg_tunnel_match(const char *target, size_t len)
+{
+    return len == 7 && memcmp(target, "/tunnel", 7) == 0;
+}
+
+mg_server_req_t *mg_tunnel_serve(mg_tunnel_t *t, mg_client_t *c, const mg_http1_req_head_t *h)
+{
+    const char *remote = mg_client_remote(c);
+    if (!h->upgrade || !lists(h, "upgrade", "websocket")) {
+        mg_policy_decision_t d = { .nheaders = 1 };
+        snprintf(d.headers[0].name, sizeof(d.headers[0].name), "Upgrade");
+        snprintf(d.headers[0].value, sizeof(d.headers[0].value), "websocket");
+        refuse(c, h, 426, "agents connect here with a WebSocket upgrade", &d);
+        return NULL;
+    }
+    const mg_http1_header_t *ver = field(h, "sec-websocket-version");
+    if (ver == NULL || ver->value_len != 2 || memcmp(ver->value, "13", 2) != 0) {
+        mg_policy_decision_t d = { .nheaders = 1 };
+        snprintf(d.headers[0].name, sizeof(d.headers[0].name), "Sec-WebSocket-Version");
+        snprintf(d.headers[0].value, sizeof(d.headers[0].value), "13");
+        refuse(c, h, 426, "WebSocket version 13 required", &d);
+        return NULL;
+    }
+    char accept[32];
+    if (strcmp(h->method, "GET") != 0 || !accept_key(field(h, "sec-websocket-key"), accept)) {
+        refuse(c, h, 400, "malformed WebSocket upgrade", NULL);
+        return NULL;
+    }
+    if (!lists(h, "sec-websocket-protocol", TUNNEL_PROTOCOL)) {
+        refuse(c, h, 400, "subprotocol " TUNNEL_PROTOCOL " required", NULL);
+        return NULL;
+    }
+    if (t->draining) {
+        refuse(c, h, 503, "shutting down", NULL);
+        return NULL;
     }
     char user[MG_USER_ID_MAX + 1], agent_id[AGENT_ID_MAX + 1], why[256];
-    int status = authenticate(gw, wsi, user, agent_id, why, sizeof(why));
+    int status = authenticate(t, c, h, user, agent_id, why, sizeof(why));
     if (status != 0) {
-        mg_log_warn("tunnel", "agent from %s refused (%d): %s", remote, status, why);
-        lws_return_http_status(wsi, (unsigned int)status, why);
-        return 1;
+        mg_log_warn(LOG, "agent from %s refused (%d): %s", remote, status, why);
+        refuse(c, h, status, why, NULL);
+        return NULL;
     }
-    return 0;
+    tun_t *tun = tun_new(t, c);
+    if (tun == NULL) {
+        refuse(c, h, 500, "out of memory", NULL);
+        return NULL;
+    }
+    snprintf(tun->agent_id, sizeof(tun->agent_id), "%s", agent_id);
+    char head[256];
+    int n = snprintf(head, sizeof(head),
+                     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n"
+                     "Sec-WebSocket-Protocol: " TUNNEL_PROTOCOL "\r\n\r\n",
+                     accept);
+    if (mg_client_upgrade(c, head, (size_t)n, &raw_cbs, tun) != 0) {
+        tun->c = NULL;
+        tun_free(tun);
+        refuse(c, h, 500, "cannot upgrade", NULL);
+        return NULL;
+    }
+    ka_arm(tun);
+    join(t, tun, user);
+    return NULL;
 }
-
-static int callback_tunnel(struct lws *wsi, enum lws_callback_reasons reason, void *user,
-                           void *in, size_t len)
-{
-    tun_pss_t *pss = user;
-    struct lws_vhost *vh = lws_get_vhost(wsi);
-    mg_gateway_t *gw = vh ? mg__front_gateway(lws_get_vhost_user(vh)) : NULL;
-    switch (reason) {
-    case LWS_CALLBACK_FILTER_PROTOCOL_CONNECTION: {
-        char why[256];
-        /* Checked at the upgrade already; here the user and agent id go to the session. */
-        return authenticate(gw, wsi, pss->user, pss->agent_id, why, sizeof(why)) ? 1 : 0;
-    }
-    case LWS_CALLBACK_ESTABLISHED:
-        return on_established(gw->tunnel, wsi, pss);
-    case LWS_CALLBACK_RECEIVE:
-        return pss->tun ? on_receive(pss->tun, wsi, in, len) : -1;
-    case LWS_CALLBACK_SERVER_WRITEABLE:
-        return pss->tun ? on_writeable(pss->tun, wsi) : 0;
-    case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
-        if (pss->tun && len >= 2)
-            mg_log_debug("tunnel", "user=%s agent=%s closes: code %d", pss->tun->u->id,
-                         pss->tun->agent_id,
-                         (((const unsigned char *)in)[0] << 8) | ((const unsigned char *)in)[1]);
-        return 0;
-    case LWS_CALLBACK_CLOSED:
-        if (pss->tun) {
-            on_closed(pss->tun);
-            pss->tun = NULL;
-        }
-        return 0;
-    default:
-        return 0;
-    }
-}
-
-const struct lws_protocols mg__tunnel_protocol = {
-    TUNNEL_PROTOCOL, callback_tunnel, sizeof(tun_pss_t), MAX_MESSAGE, 0, NULL, 0,
-};
 
 /* ---- the module ---- */
 
-int mg__tunnel_new(mg_gateway_t *gw, mg_tunnel_t **out)
+int mg_tunnel_new(mg_tunnel_env_t *env, mg_tunnel_t **out)
 {
     mg_tunnel_t *t = calloc(1, sizeof(*t));
     if (t == NULL)
         return MG_ENOMEM;
-    t->gw = gw;
+    t->env = env;
     *out = t;
     return 0;
 }
 
-void mg__tunnel_drain(mg_tunnel_t *t)
+void mg_tunnel_drain(mg_tunnel_t *t)
 {
     t->draining = true;
     for (tun_user_t *u = t->users; u; u = u->next)
         for (tun_t *tun = u->tuns; tun; tun = tun->next)
             if (!tun->attached)
-                tun_close_ws(tun, LWS_CLOSE_STATUS_NORMAL, t->gw->drain_message);
+                tun_close_ws(tun, WSLAY_CODE_NORMAL_CLOSURE, t->env->drain_message);
 }
 
-int mg__tunnel_count(const mg_tunnel_t *t)
+int mg_tunnel_count(const mg_tunnel_t *t)
 {
     return t->count;
 }
 
-void mg__tunnel_free(mg_tunnel_t *t)
+void mg_tunnel_free(mg_tunnel_t *t)
 {
-    /* lws has closed every WebSocket by now; what remains are pending opens. */
+    /* The server has closed every WebSocket by now; what remains are pending opens. */
     for (tun_user_t *u = t->users, *next; u; u = next) {
         next = u->next;
         while (u->pending) {

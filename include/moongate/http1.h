@@ -232,6 +232,15 @@ void mg_http1_req_parser_trim(mg_http1_req_parser_t *p);
 int mg_http1_req_parser_status(const mg_http1_req_parser_t *p);
 const char *mg_http1_req_parser_error(const mg_http1_req_parser_t *p);
 
+/*
+ * The path of an origin-form target as an origin server would take it: the query dropped,
+ * percent-escapes decoded, then dot segments removed (RFC 3986 5.2.4), so "/a/%2e%2e/b" is "/b".
+ * For the policy's checks; what goes upstream is always the target as received. Writes a
+ * NUL-terminated string into out. Returns 0, or MG_EINVAL: a malformed escape, an escaped NUL,
+ * not origin-form, or longer than cap - 1.
+ */
+int mg_http1_path_decode(const char *target, size_t len, char *out, size_t cap);
+
 /* ---------------------------------------------------------------------------------------------
  * Checking the client's request
  */

@@ -48,7 +48,8 @@ typedef struct mg_policy_header {
  */
 typedef struct mg_policy_request {
     const char *method;      /* "POST" */
-    const char *path;        /* "/api/generate?x=1", as received */
+    const char *path;        /* "/api/generate?x=1", the request target as received */
+    const char *decoded_path; /* "/api/generate": decoded, dot segments removed; may be NULL */
     const char *remote_addr; /* "203.0.113.7" or "::1"; may be NULL */
     const mg_policy_header_t *headers;
     size_t nheaders;

@@ -486,6 +486,40 @@ static void test_stops_and_idle(void **state)
     free(r.log);
 }
 
+static void expect_path(const char *target, const char *want)
+{
+    char out[64];
+    int rc = mg_http1_path_decode(target, strlen(target), out, sizeof(out));
+    if (want == NULL) {
+        if (rc != MG_EINVAL)
+            fail_msg("%s: decoded to %s, expected an error", target, out);
+        return;
+    }
+    if (rc != 0 || strcmp(out, want) != 0)
+        fail_msg("%s: got %s (rc %d), want %s", target, rc ? "-" : out, rc, want);
+}
+
+static void test_path_decode(void **state)
+{
+    expect_path("/v1/chat/completions?stream=true", "/v1/chat/completions");
+    expect_path("/a/%2e%2e/b", "/b");
+    expect_path("/a%2Fb", "/a/b");
+    expect_path("/a/./b/../c/", "/a/c/");
+    expect_path("/a/b/..", "/a/");
+    expect_path("/a/b/.", "/a/b/");
+    expect_path("/../../x", "/x");
+    expect_path("/..", "/");
+    expect_path("//a//b", "//a//b");
+    expect_path("/caf%C3%A9", "/caf\xc3\xa9");
+    expect_path("/a;x=1/b", "/a;x=1/b");
+    expect_path("/", "/");
+    expect_path("/%00", NULL);
+    expect_path("/%zz", NULL);
+    expect_path("/%4", NULL);
+    expect_path("*", NULL);
+    expect_path("/0123456789012345678901234567890123456789012345678901234567890123", NULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -504,6 +538,7 @@ int main(void)
         cmocka_unit_test(test_strict_chunks),
         cmocka_unit_test(test_limits),
         cmocka_unit_test(test_stops_and_idle),
+        cmocka_unit_test(test_path_decode),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -248,7 +248,7 @@ static void test_repeated_headers_are_joined(void **state)
         "return { authenticate = function(req) return req.headers['x-a'] == '1, 2' and 'u' "
         "or nil end }\n");
     mg_policy_header_t h[2] = { { "x-a", "1" }, { "x-a", "2" } };
-    mg_policy_request_t req = { "GET", "/", NULL, h, 2 };
+    mg_policy_request_t req = { .method = "GET", .path = "/", .headers = h, .nheaders = 2 };
     mg_policy_decision_t d;
     mg_policy_state_t *st = mg_policy_acquire(p);
     assert_int_equal(mg_policy_authenticate(st, &req, &d), 0);

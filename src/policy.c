@@ -474,6 +474,7 @@ static int state_new(mg_policy_t *p, mg_policy_state_t **out, char *err, size_t 
     st->mem_limit = p->opts.memory_limit;
     for (int h = 0; h < MG_HOOK_COUNT; h++)
         st->hook_ref[h] = LUA_NOREF;
+    st->req_ref = LUA_NOREF;
 
     st->L = lua_newstate(state_alloc, st);
     if (st->L == NULL) {

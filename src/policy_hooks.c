@@ -62,9 +62,15 @@ static int bad_result(mg_policy_state_t *st, mg_hook_t h, const char *fmt, ...)
     return MG_EINVAL;
 }
 
-/*   in: ...        out: ... req */
-static void push_request(lua_State *L, const mg_policy_request_t *req)
+/*   in: ...        out: ... req
+ * A request with a seq gets the table its earlier hooks got. */
+static void push_request(mg_policy_state_t *st, const mg_policy_request_t *req)
 {
+    lua_State *L = st->L;
+    if (req != NULL && req->seq != 0 && req->seq == st->req_seq && st->req_ref != LUA_NOREF) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, st->req_ref);
+        return;
+    }
     lua_createtable(L, 0, 5);
     if (req == NULL) {
         lua_newtable(L);
@@ -109,6 +115,15 @@ static void push_request(lua_State *L, const mg_policy_request_t *req)
         lua_rawset(L, -3);
     }
     lua_setfield(L, -2, "headers");
+    if (req->seq != 0) {
+        /* ... req req: the registry keeps the second. */
+        lua_pushvalue(L, -1);
+        if (st->req_ref == LUA_NOREF)
+            st->req_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        else
+            lua_rawseti(L, LUA_REGISTRYINDEX, st->req_ref);
+        st->req_seq = req->seq;
+    }
 }
 
 /* Reads an integer that must be whole and within [min, max]. */
@@ -246,7 +261,7 @@ int mg_policy_authenticate(mg_policy_state_t *st, const mg_policy_request_t *req
 {
     lua_State *L = st->L;
     lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[MG_HOOK_AUTHENTICATE]);
-    push_request(L, req);
+    push_request(st, req);
     int rc = call_hook(st, MG_HOOK_AUTHENTICATE, 1, 4);
     if (rc == 0)
         rc = read_user(st, MG_HOOK_AUTHENTICATE, 2, out);
@@ -265,7 +280,7 @@ int mg_policy_agent_auth(mg_policy_state_t *st, const char *token,
         lua_pushstring(L, token);
     else
         lua_pushnil(L);
-    push_request(L, req);
+    push_request(st, req);
     int rc = call_hook(st, MG_HOOK_AGENT_AUTH, 2, 4);
     if (rc == 0)
         rc = read_user(st, MG_HOOK_AGENT_AUTH, 2, out);
@@ -315,7 +330,7 @@ int mg_policy_admit(mg_policy_state_t *st, const mg_policy_request_t *req, const
 {
     lua_State *L = st->L;
     lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[MG_HOOK_ADMIT]);
-    push_request(L, req);
+    push_request(st, req);
     lua_pushstring(L, user);
     push_user_stats(L, st->policy, user);
     int rc = call_hook(st, MG_HOOK_ADMIT, 3, 4);
@@ -514,7 +529,7 @@ int mg_policy_route(mg_policy_state_t *st, const mg_policy_request_t *req, const
     lua_State *L = st->L;
     memset(route, 0, sizeof(*route));
     lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[MG_HOOK_ROUTE]);
-    push_request(L, req);
+    push_request(st, req);
     lua_pushstring(L, user);
     int rc = call_hook(st, MG_HOOK_ROUTE, 2, 4);
     if (rc == 0) {

@@ -23,6 +23,9 @@
 #define BODY_HIGH_WATER (256 * 1024)
 #define LOG_TARGET_MAX 512   /* of a target in the access log */
 #define DECODED_PATH_MAX 4096
+/* A Content-Length body up to this size goes upstream in one write with the head: one SSH
+   packet instead of two (libssh2 pays for each in randomness, a MAC and a cipher pass). */
+#define COALESCE_MAX (16 * 1024)
 
 typedef struct mg_req {
     mg_server_req_t base;
@@ -38,6 +41,8 @@ typedef struct mg_req {
     int status;
     /* the request body */
     bool has_body, chunked_up;
+    bool coalescing;                 /* the body is gathered after the head in `up` */
+    mg__buf_t up;                    /* the upstream head (and a small body), before the start */
     mg__buf_t body;
     uint64_t body_bytes;
     bool body_complete, body_ended, reading_paused;
@@ -167,6 +172,7 @@ static void req_free(mg_req_t *r)
     if (r->pol)
         mg_policy_release(r->pol);
     mg__buf_free(&r->body);
+    mg__buf_free(&r->up);
     r->env->in_flight--;
     free(r);
 }
@@ -303,11 +309,19 @@ static int body_append(mg_req_t *r, const char *data, size_t len)
     return mg__buf_append(&r->body, data, len);
 }
 
+static bool start_exchange(mg_req_t *r, bool has_body);
+
 static int on_body(mg_server_req_t *base, const char *data, size_t len)
 {
     mg_req_t *r = (mg_req_t *)base;
     if (r->resp_ended)
         return 0;
+    if (r->coalescing) {
+        /* Bounded: the Content-Length is at most COALESCE_MAX. */
+        if (mg__buf_append(&r->up, data, len) != 0)
+            req_error(r, 500, "out of memory", NULL);
+        return 0;
+    }
     r->body_bytes += len;
     if (r->body_bytes > r->env->max_body_bytes) {
         if (r->x) {
@@ -363,6 +377,11 @@ static void on_body_end(mg_server_req_t *base, const mg_http1_header_t *trailers
     mg_req_t *r = (mg_req_t *)base;
     if (r->resp_ended)
         return;
+    if (r->coalescing) {
+        r->coalescing = false;
+        start_exchange(r, false);
+        return;
+    }
     if (r->chunked_up) {
         int rc = body_append(r, "0\r\n", 3);
         for (size_t i = 0; i < n && rc == 0; i++) {
@@ -477,7 +496,9 @@ static int policy_request(const mg_req_t *r, mg_policy_request_t *preq, void **s
         p += f->name_len + 1;
     }
     bool decoded = mg_http1_path_decode(h->target, h->target_len, p, DECODED_PATH_MAX) == 0;
+    static uint64_t seq;
     *preq = (mg_policy_request_t){
+        .seq = ++seq,
         .method = h->method,
         .path = h->target,
         .decoded_path = decoded ? p : NULL,
@@ -526,8 +547,8 @@ out:
     return ok;
 }
 
-/* Builds the upstream head and starts the exchange. Returns true, or false after refusing. */
-static bool start_exchange(mg_req_t *r)
+/* Builds the upstream head into r->up. Returns true, or false after refusing. */
+static bool build_head(mg_req_t *r)
 {
     const mg_http1_req_head_t *h = r->head;
     route_to_opts(r);
@@ -558,19 +579,29 @@ static bool start_exchange(mg_req_t *r)
         req_error(r, 400, why && *why ? why : "bad request", NULL);
         return false;
     }
+    r->up = (mg__buf_t){ .data = head, .len = head_len, .cap = head_len };
+    return true;
+}
+
+/*
+ * Starts the exchange with r->up (the head, and the body when it was gathered) and frees it.
+ * Returns true, or false after refusing.
+ */
+static bool start_exchange(mg_req_t *r, bool has_body)
+{
     mg_exchange_req_t xr = {
         .user = r->user,
         .route = &r->route_opts,
         .target_host = r->route.target_host,
         .target_port = r->route.target_port,
-        .method = h->method,
-        .head = head,
-        .head_len = head_len,
-        .has_body = r->has_body,
+        .method = r->head->method,
+        .head = r->up.data,
+        .head_len = r->up.len,
+        .has_body = has_body,
     };
     char err[256];
     int rc = mg_exchange_start(r->env->proxy, &xr, &x_cbs, r, &r->x, err, sizeof(err));
-    free(head);
+    mg__buf_free(&r->up);
     if (rc != 0) {
         r->x = NULL;
         int code = status_for(rc);
@@ -615,9 +646,17 @@ mg_server_req_t *mg_req_start(mg_req_env_t *env, mg_client_t *c, const mg_http1_
         req_error(r, 413, "request body too large", NULL);
         return &r->base;
     }
-    if (!run_policy(r) || !start_exchange(r))
+    if (!run_policy(r) || !build_head(r))
         return &r->base;
-    /* Admitted and on its way: now the body (and the 100 Continue it may be waiting for). */
+    /* Admitted: now the body (and the 100 Continue it may be waiting for). A small one is
+       gathered first and goes with the head. */
+    if (head->body == MG_HTTP1_REQ_BODY_LENGTH && head->content_length <= COALESCE_MAX) {
+        r->coalescing = true;
+        mg_client_read_body(c);
+        return &r->base;
+    }
+    if (!start_exchange(r, r->has_body))
+        return &r->base;
     if (r->has_body)
         mg_client_read_body(c);
     return &r->base;

@@ -39,7 +39,7 @@
 #define LOG "http"
 #define READ_BUF (64 * 1024)
 #define IN_MAX (64 * 1024)            /* unparsed input a connection keeps; reading stops above */
-#define OUT_KEEP (16 * 1024)          /* an output buffer larger than this is given back */
+#define OUT_KEEP (1024 * 1024)        /* an output buffer larger than this is given back */
 #define ACCEPT_BATCH 64
 #define ACCEPT_PAUSE_MS 100           /* after EMFILE */
 #define LINGER_MS 2000
@@ -82,8 +82,7 @@ struct mg_client {
 
     /* output */
     mg__buf_t out;                  /* plaintext not written yet */
-    char *wbuf;                     /* the write in flight */
-    size_t wlen;
+    mg__buf_t wr;                   /* the write in flight (ciphertext over TLS) */
     bool writing;
     bool closing;                   /* uv_close called */
     bool shut;                      /* FIN sent */
@@ -209,7 +208,7 @@ static int out_append(mg_client_t *c, const void *p, size_t n)
 
 size_t mg_client_queued(const mg_client_t *c)
 {
-    size_t n = mg__buf_size(&c->out) + (c->writing ? c->wlen : 0);
+    size_t n = mg__buf_size(&c->out) + mg__buf_size(&c->wr);
     if (c->tls)
         n += mg_tls_pending(c->tls);
     return n;
@@ -231,7 +230,13 @@ static void output_settled(mg_client_t *c)
         conn_graceful_close(c);
 }
 
-/* Starts a write of everything pending, unless one is in flight; or settles. */
+static void after_write(mg_client_t *c, size_t n);
+
+/*
+ * Writes everything pending, unless a write is in flight; or settles. A write the socket takes
+ * whole goes out at once (uv_try_write: no request, no poll change); the rest waits in `wr`
+ * for a uv_write. Both buffers keep their memory, so a long response reuses them.
+ */
 static void flush(mg_client_t *c)
 {
     if (c->writing || c->closing)
@@ -251,51 +256,55 @@ static void flush(mg_client_t *c)
             output_settled(c);
             return;
         }
-        c->wbuf = malloc(pending);
-        if (c->wbuf == NULL) {
-            conn_close(c);
-            return;
+        /* wr is empty here: no write in flight. */
+        if (c->wr.cap < pending) {
+            char *d = realloc(c->wr.data, pending);
+            if (d == NULL) {
+                conn_close(c);
+                return;
+            }
+            c->wr.data = d;
+            c->wr.cap = pending;
         }
-        c->wlen = mg_tls_take(c->tls, c->wbuf, pending);
+        c->wr.off = 0;
+        c->wr.len = mg_tls_take(c->tls, c->wr.data, pending);
     } else {
         if (n == 0) {
             output_settled(c);
             return;
         }
-        /* The buffer itself goes to the write: no copy. */
-        if (c->out.off > 0)
-            memmove(c->out.data, c->out.data + c->out.off, n);
-        c->wbuf = c->out.data;
-        c->wlen = n;
-        c->out = (mg__buf_t){ 0 };
+        mg__buf_t t = c->wr; /* empty: no write in flight */
+        c->wr = c->out;
+        c->out = t;
     }
-    uv_buf_t b = uv_buf_init(c->wbuf, (unsigned)c->wlen);
+    uv_buf_t b = uv_buf_init(c->wr.data + c->wr.off, (unsigned)mg__buf_size(&c->wr));
+    int w = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    if (w < 0 && w != UV_EAGAIN) {
+        mg_log_debug(LOG, "client %s: write failed: %s", c->remote, uv_strerror(w));
+        conn_close(c);
+        return;
+    }
+    if (w > 0) {
+        c->srv->st.bytes_out += (uint64_t)w;
+        mg__buf_consume(&c->wr, (size_t)w, OUT_KEEP);
+    }
+    if (mg__buf_size(&c->wr) == 0) {
+        after_write(c, (size_t)w);
+        return;
+    }
+    b = uv_buf_init(c->wr.data + c->wr.off, (unsigned)mg__buf_size(&c->wr));
     c->writing = true;
     c->write_deadline = now_ms(c) + c->srv->opts.send_timeout_ms;
     conn_arm(c);
-    int rc = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write);
-    if (rc != 0) {
+    if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write) != 0) {
         c->writing = false;
-        free(c->wbuf);
-        c->wbuf = NULL;
         conn_close(c);
     }
 }
 
-static void on_write(uv_write_t *req, int status)
+/* A write completed (n bytes): the client may take more, and what comes after goes on. */
+static void after_write(mg_client_t *c, size_t n)
 {
-    mg_client_t *c = req->data;
-    free(c->wbuf);
-    c->wbuf = NULL;
-    c->writing = false;
-    if (c->closing)
-        return;
-    if (status < 0) {
-        mg_log_debug(LOG, "client %s: write failed: %s", c->remote, uv_strerror(status));
-        conn_close(c);
-        return;
-    }
-    c->srv->st.bytes_out += c->wlen;
     c->write_deadline = 0;
     if (c->want_drain && mg_client_queued(c) < MG_CLIENT_LOW_WATER) {
         c->want_drain = false;
@@ -308,6 +317,23 @@ static void on_write(uv_write_t *req, int status)
     }
     flush(c); /* what was gathered meanwhile; or what comes after the last byte */
     conn_arm(c);
+}
+
+static void on_write(uv_write_t *req, int status)
+{
+    mg_client_t *c = req->data;
+    c->writing = false;
+    size_t n = mg__buf_size(&c->wr);
+    mg__buf_consume(&c->wr, n, OUT_KEEP);
+    if (c->closing)
+        return;
+    if (status < 0) {
+        mg_log_debug(LOG, "client %s: write failed: %s", c->remote, uv_strerror(status));
+        conn_close(c);
+        return;
+    }
+    c->srv->st.bytes_out += n;
+    after_write(c, n);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -323,6 +349,7 @@ static void on_handle_closed(uv_handle_t *h)
     s->nalive--;
     mg__buf_free(&c->in);
     mg__buf_free(&c->out);
+    mg__buf_free(&c->wr);
     mg_http1_req_parser_free(c->parser);
     mg_tls_free(c->tls);
     free(c);
@@ -416,8 +443,11 @@ static void conn_idle(mg_client_t *c)
     c->body_wanted = c->body_paused = c->body_ended = c->continue_sent = false;
     c->close_after = false;
     c->want_drain = false;
+    /* An idle connection holds no output buffers (both are empty now)... */
+    mg__buf_free(&c->out);
+    mg__buf_free(&c->wr);
     if (mg__buf_size(&c->in) == 0 && c->parser) {
-        /* Nothing pipelined: an idle connection holds no parser. */
+        /* ...and, with nothing pipelined, no parser. */
         mg_http1_req_parser_free(c->parser);
         c->parser = NULL;
     }

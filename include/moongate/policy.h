@@ -53,6 +53,9 @@ typedef struct mg_policy_request {
     const char *remote_addr; /* "203.0.113.7" or "::1"; may be NULL */
     const mg_policy_header_t *headers;
     size_t nheaders;
+    /* Nonzero: one request's number. Its hooks (authenticate, admit, route) then share one
+       Lua table, built once; 0 builds one per hook call. */
+    uint64_t seq;
 } mg_policy_request_t;
 
 #define MG_POLICY_MAX_HEADERS 8

@@ -128,6 +128,8 @@ struct mg_policy_state {
 
     int hook_ref[MG_HOOK_COUNT];
     char hook_where[MG_HOOK_COUNT][160]; /* "file.lua:12", for error messages */
+    int req_ref;          /* the last request's table (registry), and its seq */
+    uint64_t req_seq;
 
     mg_policy_timer_t *timers;
     int ntimers;

@@ -1,7 +1,10 @@
 /*
  * mg-upstream: the HTTP/1.1 server that stands in for an LLM server in tests and benchmarks.
  *
- *   mg-upstream [-l 127.0.0.1:PORT] [--port-file FILE]
+ *   mg-upstream [-l 127.0.0.1:PORT] [--port-file FILE] [--capture DIR]
+ *
+ * --capture DIR: every byte each connection receives is appended, as it arrives, to DIR/N.raw
+ * (N: the connection's number, from 1), so that a test sees exactly what reached the upstream.
  *
  * PORT 0 (the default) picks a free port; once listening it writes the port to FILE (atomically,
  * through a rename) and prints "listening 127.0.0.1:PORT" on stdout. SIGTERM or SIGINT closes
@@ -37,12 +40,14 @@
 #include "moongate/error.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <uv.h>
 
 #define SLOT_SIZE 65536
@@ -89,6 +94,7 @@ struct conn {
 
     enum conn_state state;
     bool reading, eof, closing, finishing, close_after, responding, aborted;
+    int capture_fd;         /* --capture: DIR/N.raw; -1 without */
 
     /* The request. */
     enum route route;
@@ -113,6 +119,7 @@ struct server {
     conn_t *conns;
     uint64_t start_ns;
     uint64_t accepted, closed, requests, aborted;
+    const char *capture_dir;
 };
 
 static void conn_process(conn_t *c);
@@ -128,6 +135,8 @@ static void on_handle_closed(uv_handle_t *h)
         return;
     for (int i = 0; i < NSLOTS; i++)
         free(c->slots[i].buf);
+    if (c->capture_fd >= 0)
+        close(c->capture_fd);
     free(c->in);
     free(c->ebuf);
     free(c);
@@ -221,6 +230,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
             conn_finish(c);
         return;
     }
+    if (c->capture_fd >= 0 && write(c->capture_fd, buf->base, (size_t)nread) != nread)
+        fprintf(stderr, "mg-upstream: capture: %s\n", strerror(errno));
     c->in_len += (size_t)nread;
     conn_process(c);
     if (!c->closing)
@@ -722,6 +733,13 @@ static void on_connection(uv_stream_t *listener, int status)
     c->tcp.data = c;
     c->timer.data = c;
     c->handles_open = 2;
+    c->capture_fd = -1;
+    if (srv->capture_dir) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%llu.raw", srv->capture_dir,
+                 (unsigned long long)srv->accepted + 1);
+        c->capture_fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    }
     c->next = srv->conns;
     if (srv->conns)
         srv->conns->prev = c;
@@ -762,7 +780,7 @@ static int write_port_file(const char *path, int port)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: mg-upstream [-l 127.0.0.1:PORT] [--port-file FILE]\n");
+    fprintf(stderr, "usage: mg-upstream [-l 127.0.0.1:PORT] [--port-file FILE] [--capture DIR]\n");
     exit(2);
 }
 
@@ -778,6 +796,8 @@ int main(int argc, char **argv)
             listen_on = argv[++i];
         else if (strcmp(argv[i], "--port-file") == 0 && i + 1 < argc)
             port_file = argv[++i];
+        else if (strcmp(argv[i], "--capture") == 0 && i + 1 < argc)
+            srv.capture_dir = argv[++i];
         else
             usage();
     }

@@ -8,9 +8,13 @@
 
 #include "moongate/error.h"
 
+#include <dirent.h>
+#include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static bool executable(const char *path)
@@ -43,7 +47,7 @@ int mg_test_upstream_binary(char *out, size_t cap)
     return MG_ECONFIG;
 }
 
-int mg_test_upstream_start(mg_test_upstream_t *u)
+static int start(mg_test_upstream_t *u, bool capture)
 {
     char bin[MG_TEST_PATH_MAX * 2], port_file[MG_TEST_PATH_MAX];
     char *text = NULL;
@@ -57,8 +61,15 @@ int mg_test_upstream_start(mg_test_upstream_t *u)
     if ((err = mg_test_path_join(port_file, sizeof port_file, u->dir, "port")) != 0 ||
         (err = mg_test_path_join(u->log, sizeof u->log, u->dir, "upstream.log")) != 0)
         goto fail;
+    if (capture && ((err = mg_test_path_join(u->capture, sizeof u->capture, u->dir,
+                                             "capture")) != 0 ||
+                    mkdir(u->capture, 0700) != 0)) {
+        err = err ? err : -errno;
+        goto fail;
+    }
 
-    char *argv[] = { bin, "-l", "127.0.0.1:0", "--port-file", port_file, NULL };
+    char *argv[] = { bin, "-l", "127.0.0.1:0", "--port-file", port_file,
+                     capture ? "--capture" : NULL, u->capture, NULL };
     mg_test_spawn_opts_t so = { .stdout_path = u->log, .stderr_path = u->log };
     if ((err = mg_test_proc_spawn(&u->proc, argv, &so)) != 0)
         goto fail;
@@ -155,4 +166,85 @@ int mg_test_upstream_stats(const mg_test_upstream_t *u, mg_test_upstream_stats_t
     }
     mg_test_http_response_free(&r);
     return err;
+}
+
+int mg_test_upstream_start(mg_test_upstream_t *u)
+{
+    return start(u, false);
+}
+
+int mg_test_upstream_start_capture(mg_test_upstream_t *u)
+{
+    return start(u, true);
+}
+
+/* The capture files' numbers, in order. Returns how many (at most cap). */
+static size_t capture_files(const mg_test_upstream_t *u, unsigned long *ids, size_t cap)
+{
+    size_t n = 0;
+    DIR *d = opendir(u->capture);
+    if (d == NULL)
+        return 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL && n < cap) {
+        char *end;
+        unsigned long id = strtoul(de->d_name, &end, 10);
+        if (end != de->d_name && strcmp(end, ".raw") == 0)
+            ids[n++] = id;
+    }
+    closedir(d);
+    for (size_t i = 1; i < n; i++)
+        for (size_t j = i; j > 0 && ids[j - 1] > ids[j]; j--) {
+            unsigned long t = ids[j];
+            ids[j] = ids[j - 1];
+            ids[j - 1] = t;
+        }
+    return n;
+}
+
+int mg_test_upstream_captured(const mg_test_upstream_t *u, char **out, size_t *len)
+{
+    enum { MAX_FILES = 4096 };
+    static unsigned long ids[MAX_FILES];
+    size_t n = capture_files(u, ids, MAX_FILES), total = 0;
+    char *all = malloc(1);
+    if (all == NULL)
+        return MG_ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        char path[MG_TEST_PATH_MAX + 32], *data = NULL;
+        size_t dlen = 0;
+        snprintf(path, sizeof path, "%s/%lu.raw", u->capture, ids[i]);
+        if (mg_test_read_file(path, &data, &dlen) != 0)
+            continue;
+        char *grown = realloc(all, total + dlen + 1);
+        if (grown == NULL) {
+            free(data);
+            free(all);
+            return MG_ENOMEM;
+        }
+        all = grown;
+        memcpy(all + total, data, dlen);
+        total += dlen;
+        free(data);
+    }
+    all[total] = '\0';
+    *out = all;
+    if (len)
+        *len = total;
+    return 0;
+}
+
+int mg_test_upstream_capture_clear(const mg_test_upstream_t *u)
+{
+    enum { MAX_FILES = 4096 };
+    static unsigned long ids[MAX_FILES];
+    size_t n = capture_files(u, ids, MAX_FILES);
+    for (size_t i = 0; i < n; i++) {
+        char path[MG_TEST_PATH_MAX + 32];
+        snprintf(path, sizeof path, "%s/%lu.raw", u->capture, ids[i]);
+        /* A connection still open keeps writing to its file: empty it rather than unlink. */
+        if (truncate(path, 0) != 0)
+            return -errno;
+    }
+    return 0;
 }

@@ -25,6 +25,7 @@ typedef struct mg_test_upstream {
     pid_t pid;                     /* 0 once stopped */
     char dir[MG_TEST_PATH_MAX];    /* a temp dir with its port file and log */
     char log[MG_TEST_PATH_MAX];    /* its stdout and stderr */
+    char capture[MG_TEST_PATH_MAX]; /* with capture: the dir of its N.raw files, else "" */
     mg_test_proc_t proc;           /* private */
 } mg_test_upstream_t;
 
@@ -46,6 +47,21 @@ int mg_test_upstream_binary(char *out, size_t cap);
  * or a spawn error.
  */
 int mg_test_upstream_start(mg_test_upstream_t *u);
+
+/*
+ * As mg_test_upstream_start(), with --capture: every byte each connection receives is kept,
+ * for mg_test_upstream_captured().
+ */
+int mg_test_upstream_start_capture(mg_test_upstream_t *u);
+
+/*
+ * Everything the upstream received so far, connection by connection in the order they were
+ * accepted, into a malloc'd NUL-terminated buffer (*out, *len). Returns 0 or an error.
+ */
+int mg_test_upstream_captured(const mg_test_upstream_t *u, char **out, size_t *len);
+
+/* Forgets what was captured (the next mg_test_upstream_captured() sees only newer bytes). */
+int mg_test_upstream_capture_clear(const mg_test_upstream_t *u);
 
 /*
  * Stops it (SIGTERM, up to 5 s, then SIGKILL) and removes its dir; if it did not exit with 0 (a

@@ -11,5 +11,5 @@ fi
 apt-get install -y -qq --no-install-recommends \
     build-essential cmake pkg-config ca-certificates \
     libssh2-1-dev libssl-dev libuv1-dev "$lua_dev" libwebsockets-dev libcmocka-dev libhttp-parser-dev libwslay-dev \
-    openssh-server openssh-client curl >/dev/null
+    openssh-server openssh-client curl clang libclang-rt-14-dev >/dev/null
 echo "install-deps: done"

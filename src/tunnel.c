@@ -61,6 +61,10 @@ struct tun {
     const char *rx;             /* what wslay reads from, during on_ws_read */
     size_t rx_len;
     bool in_recv;               /* inside wslay_event_recv */
+    /* Frame headers, followed beside wslay (see frame_guard()). */
+    uint8_t fh[14];
+    int fh_have, fh_need;
+    uint64_t fh_skip;
     bool msg_binary;            /* the message being received carries SSH bytes */
     bool frame_data;            /* the frame being received is part of it */
     bool attached;
@@ -280,11 +284,60 @@ static void tun_close_ws(tun_t *tun, int code, const char *reason)
 
 /* ---- the server's stream callbacks ---- */
 
+/*
+ * wslay reports a frame only once a byte of its payload has come, so a header announcing
+ * 2^62 bytes would sit there unanswered; and it closes a control frame over 125 bytes without
+ * a status. This follows the frame boundaries in the same bytes and, as soon as such a header
+ * is complete, returns the close code it deserves (1009, 1002); 0 while all is well.
+ */
+static int frame_guard(tun_t *tun, const unsigned char *p, size_t len)
+{
+    size_t i = 0;
+    while (i < len) {
+        if (tun->fh_skip > 0) {
+            size_t n = len - i < tun->fh_skip ? len - i : (size_t)tun->fh_skip;
+            tun->fh_skip -= n;
+            i += n;
+            continue;
+        }
+        tun->fh[tun->fh_have++] = p[i++];
+        if (tun->fh_have == 2) {
+            int l7 = tun->fh[1] & 0x7f;
+            tun->fh_need = 2 + (l7 == 126 ? 2 : l7 == 127 ? 8 : 0) + ((tun->fh[1] & 0x80) ? 4 : 0);
+        }
+        if (tun->fh_have < 2 || tun->fh_have < tun->fh_need)
+            continue;
+        int l7 = tun->fh[1] & 0x7f;
+        uint64_t plen = (uint64_t)l7;
+        if (l7 == 126)
+            plen = (uint64_t)tun->fh[2] << 8 | tun->fh[3];
+        else if (l7 == 127)
+            for (int k = 0; k < 8; k++)
+                plen = (k ? plen << 8 : 0) | tun->fh[2 + k];
+        tun->fh_have = 0;
+        if ((tun->fh[0] & 0x08) && (plen > 125 || !(tun->fh[0] & 0x80)))
+            return WSLAY_CODE_PROTOCOL_ERROR; /* a control frame: short and whole (5.5) */
+        if (plen > MAX_MESSAGE)
+            return WSLAY_CODE_MESSAGE_TOO_BIG;
+        tun->fh_skip = plen;
+    }
+    return 0;
+}
+
 static void on_ws_read(void *arg, const char *data, size_t len)
 {
     tun_t *tun = arg;
     tun->last_rx = uv_now(tun->t->env->loop);
     tun->ping_sent = false;
+    int bad = tun->closing ? 0 : frame_guard(tun, (const unsigned char *)data, len);
+    if (bad != 0) {
+        bool big = bad == WSLAY_CODE_MESSAGE_TOO_BIG;
+        mg_log_warn(LOG, "user=%s agent=%s sent %s; closing with %d", user_name(tun),
+                    tun->agent_id, big ? "a frame over 1 MiB" : "a malformed control frame", bad);
+        wslay_event_shutdown_read(tun->ws);
+        tun_close_ws(tun, bad, big ? "message too big" : "protocol error");
+        return;
+    }
     tun->rx = data;
     tun->rx_len = len;
     tun->in_recv = true;

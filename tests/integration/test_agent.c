@@ -411,7 +411,6 @@ static int ws_open(world_t *w, ws_t *ws, uint16_t port, const char *token, const
         ws->buf[ws->len] = '\0';
         end = (const unsigned char *)strstr((const char *)ws->buf, "\r\n\r\n");
     }
-    /* lws answers a refused upgrade in HTTP/1.0. */
     int status = strncmp((const char *)ws->buf, "HTTP/1.", 7) == 0
                      ? atoi((const char *)ws->buf + 9) : MG_EINVAL;
     if (status != 101) {
@@ -747,6 +746,55 @@ static void test_bad_token_and_bad_upgrades(void **state)
     gw_stop(g);
 }
 
+/* ==== 5b. hostile frames: closed at once, with the right code ==== */
+
+static void test_hostile_frames(void **state)
+{
+    world_t *w = *state;
+    route_opts_t o = { .host_key = w->fp };
+    gw_t *g = start_gateway(w, 0, &o, 0, NULL);
+    struct {
+        const char *name;
+        unsigned char frame[16];
+        size_t len;
+        int code;
+    } cases[] = {
+        /* A client frame must be masked (RFC 6455 5.1). */
+        { "an unmasked frame", { 0x82, 0x05, 'h', 'e', 'l', 'l', 'o' }, 7, 1002 },
+        /* A header announcing 2^62 bytes: refused at the header, nothing waited for. */
+        { "a frame of 2^62 bytes", { 0x82, 0xff, 0x40, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4 }, 14,
+          1009 },
+        /* A control frame over 125 bytes. */
+        { "a ping of 126 bytes", { 0x89, 0xfe, 0, 126, 1, 2, 3, 4 }, 8, 1002 },
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        static ws_t ws;
+        assert_int_equal(ws_open(w, &ws, g->port, AGENT_TOKEN, "raw-test-agent-hostile-frames",
+                                 "moongate-tunnel.v1"),
+                         101);
+        double t0 = mg_test_now_ms();
+        assert_int_equal(send(ws.fd, cases[i].frame, cases[i].len, MSG_NOSIGNAL),
+                         (ssize_t)cases[i].len);
+        int code = 0;
+        char reason[128] = "";
+        int rc = ws_wait_close(&ws, 3000, &code, reason, sizeof(reason));
+        double ms = mg_test_now_ms() - t0;
+        /* After its close frame the gateway ends the connection. */
+        char b[64];
+        bool ended = gw_poll(ws.fd, POLLIN, mg_test_now_ms() + 3000) == 0 &&
+                     recv(ws.fd, b, sizeof(b), 0) <= 0;
+        print_message("%-24s -> close %d after %.1f ms, connection %s\n", cases[i].name, code, ms,
+                      ended ? "ended" : "open");
+        assert_int_equal(rc, 0);
+        assert_int_equal(code, cases[i].code);
+        assert_true(ms < 500);
+        assert_true(ended);
+        ws_close(w, &ws);
+    }
+    assert_int_equal(gw_healthz(g, 2000), 200);
+    gw_stop(g);
+}
+
 /* ==== 6. a wrong pinned host key: 502 naming it; the gateway serves on ==== */
 
 static void test_wrong_host_key(void **state)
@@ -1007,6 +1055,7 @@ int main(void)
         cmocka_unit_test_teardown(test_gateway_restarted, test_teardown),
         cmocka_unit_test_teardown(test_connection_limit, test_teardown),
         cmocka_unit_test_teardown(test_bad_token_and_bad_upgrades, test_teardown),
+        cmocka_unit_test_teardown(test_hostile_frames, test_teardown),
         cmocka_unit_test_teardown(test_wrong_host_key, test_teardown),
         cmocka_unit_test_teardown(test_demand_opens_more_connections, test_teardown),
         cmocka_unit_test_teardown(test_sigterm_with_stream_in_flight, test_teardown),

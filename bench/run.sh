@@ -217,7 +217,6 @@ mg_env=(MOONGATE_LUA_DIR="$here/lua" MOONGATE_LOG_LEVEL=warn MOONGATE_TOKENS="be
         MOONGATE_SSH_HOST=127.0.0.1 MOONGATE_SSH_PORT="$ssh_port" MOONGATE_SSH_USER="$ssh_user"
         MOONGATE_SSH_KEY="$dir/gateway_key" MOONGATE_KNOWN_HOSTS="$dir/known_hosts"
         MOONGATE_TARGET_HOST=127.0.0.1 MOONGATE_TARGET_PORT="$up_port"
-        MOONGATE_FORWARD_HEADERS=x-user
         MAX_CONNECTIONS_PER_USER=3 SSH_MAX_CHANNELS=64 QUEUE_MAX_PER_USER=1000 QUEUE_TIMEOUT=30000
         MAX_IDLE_TIME=300000)
 
@@ -332,7 +331,7 @@ if [ $have_agent = 1 ]; then
 fi
 
 # 1. Small POST, 64 connections.
-echo "bench: 1/5 small POST (${duration}s per target)"
+echo "bench: 1/6 small POST (${duration}s per target)"
 declare -A RPS P99 WERR
 s1_targets=("${targets[@]}")
 [ $agent_ok = 1 ] && s1_targets+=(agent)
@@ -384,7 +383,7 @@ fi
 
 # 2. 50 concurrent streams.
 echo
-echo "bench: 2/5 streams"
+echo "bench: 2/6 streams"
 spath='/stream?chunks=200&interval_ms=5&size=64'
 for t in "${targets[@]}"; do
     run_client warm -p "${port[$t]}" -n 50 --path '/stream?chunks=2&interval_ms=5&size=64' --timeout-ms 20000
@@ -408,7 +407,7 @@ done
 
 # 3. 100 MB through one request: the median of three runs.
 echo
-echo "bench: 3/5 100 MB"
+echo "bench: 3/6 100 MB"
 declare -A MBS
 for t in "${targets[@]}"; do
     runs=()
@@ -428,7 +427,7 @@ row "MB/s (10^6 B)" "${MBS[direct]}" "${MBS[sshl]}" "$(mgcell "${MBS[mg]:-}")" "
 
 # 4. The policy's cost: two gateways, measured alternately (nothing, default-like, twice).
 echo
-echo "bench: 4/5 policy cost"
+echo "bench: 4/6 policy cost"
 echo
 echo "== 4. policy cost: small POST as in 1, do-nothing vs default-like policy (mean of 2 runs each)"
 printf "%-${W1}s %${W}s %${W}s %8s %-22s %s\n" "" "do-nothing" "default-like" "cost" "target" "result"
@@ -470,7 +469,7 @@ echo "   default-like: bearer token of lua/moongate/default.lua + admit through 
 
 # 5. Memory with 100 idle SSH connections.
 echo
-echo "bench: 5/5 memory"
+echo "bench: 5/6 memory"
 echo
 echo "== 5. moongate resident memory (VmRSS), 100 users each with one idle SSH connection"
 printf "%-${W1}s %${W}s %-22s %s\n" "" "moongate" "target" "result"
@@ -504,6 +503,40 @@ else
     printf "%-${W1}s %${W}s %-22s %s\n" "RSS, 100 idle conns (MB)" "$NA" "< 32 MB" "n/a"
 fi
 echo "   (MB = 2^20 bytes, from /proc/PID/status)"
+
+# 6. Memory with 10,000 idle client connections, each kept alive after one request.
+echo
+echo "bench: 6/6 idle client connections"
+echo
+echo "== 6. moongate resident memory (VmRSS), 10,000 kept-alive idle client connections"
+printf "%-${W1}s %${W}s %-22s %s\n" "" "moongate" "target" "result"
+if [ $have_mg = 1 ]; then
+    # Each connection needs a descriptor on both sides.
+    ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+    mg_env+=(MOONGATE_MAX_CLIENTS=20000)
+    start_mg c route.lua
+    if [ "$mg_pid_c" != 0 ]; then
+        sleep 0.5
+        rss0=$(rss "$mg_pid_c")
+        run_client c -p "$mg_port_c" -n 10000 --path /healthz --hold-ms 2000 --timeout-ms 60000
+        rss1=fail
+        [ "${c_ok:-0}" = 1 ] && [ "${c_held:-0}" = 10000 ] && mg_alive c && rss1=$(rss "$mg_pid_c")
+        rss2=$(sleep 0.5; rss "$mg_pid_c")
+        per=$(num "$rss1" && calc "sprintf(\"%.0f\", ($rss1 - $rss0) * 1048576 / 10000)" || echo fail)
+        printf "%-${W1}s %${W}s %-22s %s\n" "RSS before (MB)" "$rss0" "-" ""
+        printf "%-${W1}s %${W}s %-22s %s\n" "RSS, 10000 idle (MB)" "$rss1" "-" ""
+        printf "%-${W1}s %${W}s %-22s %s\n" "bytes per idle conn" "$per" "-" ""
+        printf "%-${W1}s %${W}s %-22s %s\n" "RSS, all closed (MB)" "$rss2" "-" ""
+        note INFO "idle clients: $rss1 MB with 10000 kept-alive idle connections, ${per} bytes each ($rss0 MB before, $rss2 MB after they closed)"
+    else
+        printf "%-${W1}s %${W}s %-22s %s\n" "RSS, 10000 idle (MB)" fail "-" ""
+        note MISS "idle clients: moongate did not start"
+    fi
+    stop_mg c
+else
+    printf "%-${W1}s %${W}s %-22s %s\n" "RSS, 10000 idle (MB)" "$NA" "-" "n/a"
+fi
+echo "   (each connection sent GET /healthz and stayed open, kept alive; the kernel's socket buffers are not in RSS)"
 
 # --- Summary ------------------------------------------------------------------------------------
 echo

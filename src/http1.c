@@ -8,6 +8,7 @@
  */
 #include "moongate/http1.h"
 
+#include "http1_int.h"
 #include "moongate/error.h"
 
 #include <http_parser.h>
@@ -104,8 +105,8 @@ static int buf_append(mg_http1_resp_parser_t *p, const char *at, size_t len)
     return 0;
 }
 
-/* RFC 9110 5.6.2 tchar. */
-static const uint8_t tchar[256] = {
+/* RFC 9110 5.6.2 tchar (http1_int.h). */
+const uint8_t mg__http1_tchar[256] = {
     ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
     ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,
     ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,
@@ -530,7 +531,7 @@ bool mg_http1_token_valid(const char *s, size_t len)
     if (!s || len == 0)
         return false;
     for (size_t i = 0; i < len; i++)
-        if (!tchar[(unsigned char)s[i]])
+        if (!mg__http1_tchar[(unsigned char)s[i]])
             return false;
     return true;
 }

@@ -15,6 +15,8 @@
  */
 #include "moongate/http1.h"
 
+#include "buf.h"
+#include "http1_int.h"
 #include "moongate/error.h"
 
 #include <http_parser.h>
@@ -23,7 +25,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define STORE_INITIAL 1024
 #define FIELDS_INITIAL 16
 #define BLANK_LINES_MAX 8      /* CRLFs tolerated before a request line (RFC 9112 2.2) */
 #define CHUNK_EXT_MAX 4096     /* bytes of one chunk line's extensions */
@@ -82,8 +83,7 @@ struct mg_http1_req_parser {
     int version_major, version_minor;
 
     /* what http-parser reports: the target, then names and values, back to back */
-    char *buf;
-    size_t buf_len, buf_cap;
+    mg__buf_t store;
     uint32_t target_len;
     field_off_t *offs;
     mg_http1_header_t *fields;
@@ -121,22 +121,7 @@ static int fail(mg_http1_req_parser_t *p, int status, const char *fmt, ...)
     return MG_EINVAL;
 }
 
-/* RFC 9110 5.6.2 tchar, and hex digits. */
-static const uint8_t tchar[256] = {
-    ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
-    ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,
-    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,
-    ['8'] = 1, ['9'] = 1,
-    ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1, ['H'] = 1,
-    ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1, ['P'] = 1,
-    ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1, ['W'] = 1, ['X'] = 1,
-    ['Y'] = 1, ['Z'] = 1,
-    ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1,
-    ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1,
-    ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1,
-    ['y'] = 1, ['z'] = 1,
-};
-
+/* A hex digit's value, or -1. */
 static int hexval(unsigned char c)
 {
     if (c >= '0' && c <= '9')
@@ -163,26 +148,12 @@ static bool ieq(const char *a, size_t alen, const char *lit)
 }
 
 /* ---------------------------------------------------------------------------------------------
- * The store
+ * The store: an mg__buf_t that is only appended to, so offsets into it stay valid as it grows.
  */
 
 static int store_append(mg_http1_req_parser_t *p, const char *at, size_t len)
 {
-    if (len == 0)
-        return 0;
-    if (p->buf_len + len > p->buf_cap) {
-        size_t cap = p->buf_cap ? p->buf_cap : STORE_INITIAL;
-        while (cap < p->buf_len + len)
-            cap *= 2;
-        char *nb = realloc(p->buf, cap);
-        if (!nb)
-            return MG_ENOMEM;
-        p->buf = nb;
-        p->buf_cap = cap;
-    }
-    memcpy(p->buf + p->buf_len, at, len);
-    p->buf_len += len;
-    return 0;
+    return mg__buf_append(&p->store, at, len);
 }
 
 static int fields_reserve(mg_http1_req_parser_t *p)
@@ -227,7 +198,7 @@ static int end_string(mg_http1_req_parser_t *p)
     if (p->nfields > 0 && !p->in_value) {
         if (store_append(p, "", 1) != 0)
             return MG_ENOMEM;
-        p->offs[p->nfields - 1].value_off = (uint32_t)p->buf_len;
+        p->offs[p->nfields - 1].value_off = (uint32_t)p->store.len;
     }
     return store_append(p, "", 1);
 }
@@ -240,7 +211,7 @@ static int hp_on_header_field(http_parser *hp, const char *at, size_t len)
         if (end_string(p) != 0 || fields_reserve(p) != 0)
             goto nomem;
         field_off_t *o = &p->offs[p->nfields++];
-        o->name_off = (uint32_t)p->buf_len;
+        o->name_off = (uint32_t)p->store.len;
         o->name_len = 0;
         o->value_off = 0;
         o->value_len = 0;
@@ -262,7 +233,7 @@ static int hp_on_header_value(http_parser *hp, const char *at, size_t len)
     if (!p->in_value) {
         if (store_append(p, "", 1) != 0) /* ends the name */
             goto nomem;
-        o->value_off = (uint32_t)p->buf_len;
+        o->value_off = (uint32_t)p->store.len;
         p->in_value = true;
     }
     if (store_append(p, at, len) != 0)
@@ -399,7 +370,7 @@ static int guard(mg_http1_req_parser_t *p, const char *s, size_t n, size_t *used
                     *used = i + 1;
                     return 0;
                 }
-                if (!tchar[c])
+                if (!mg__http1_tchar[c])
                     return fail(p, 400, "invalid method");
                 if (p->method_len == METHOD_MAX)
                     return fail(p, 501, "method not implemented");
@@ -421,13 +392,13 @@ static void fix_fields(mg_http1_req_parser_t *p)
         field_off_t *o = &p->offs[i];
         /* http-parser drops the value's leading whitespace; the trailing one is not part of
            the value either (RFC 9112 5). */
-        char *v = p->buf + o->value_off;
+        char *v = p->store.data + o->value_off;
         while (o->value_len > 0 && (v[o->value_len - 1] == ' ' || v[o->value_len - 1] == '\t'))
             v[--o->value_len] = '\0';
         p->fields[i] = (mg_http1_header_t){
-            .name = p->buf + o->name_off,
+            .name = p->store.data + o->name_off,
             .name_len = o->name_len,
-            .value = p->buf + o->value_off,
+            .value = p->store.data + o->value_off,
             .value_len = o->value_len,
         };
     }
@@ -477,7 +448,7 @@ static int check_head(mg_http1_req_parser_t *p)
     fix_fields(p);
     memset(h, 0, sizeof(*h));
     h->method = method;
-    h->target = p->buf;
+    h->target = p->store.data;
     h->target_len = p->target_len;
     h->http_minor = p->version_minor;
     h->headers = p->fields;
@@ -488,14 +459,14 @@ static int check_head(mg_http1_req_parser_t *p)
         p->request_line_len != method_len + 1 + p->target_len + VERSION_LEN)
         return fail(p, 400, "malformed request line: it must be METHOD SP TARGET SP HTTP/1.1");
     for (size_t i = 0; i < p->target_len; i++)
-        if (!target_char_valid((unsigned char)p->buf[i]))
+        if (!target_char_valid((unsigned char)p->store.data[i]))
             return fail(p, 400, "invalid byte in the request target");
     if (p->hp.method == HTTP_CONNECT)
         return fail(p, 405, "CONNECT is not supported");
-    bool asterisk = p->target_len == 1 && p->buf[0] == '*';
+    bool asterisk = p->target_len == 1 && p->store.data[0] == '*';
     if (asterisk && p->hp.method != HTTP_OPTIONS)
         return fail(p, 400, "the target * is for OPTIONS only");
-    if (!asterisk && p->buf[0] != '/')
+    if (!asterisk && p->store.data[0] != '/')
         return fail(p, 400, "the request target must be a path (origin-form, starting with /)");
 
     int hosts = 0;
@@ -563,7 +534,7 @@ static void begin_request(mg_http1_req_parser_t *p)
     p->method_len = 0;
     p->request_line_len = 0;
     memset(p->tail, 0, sizeof(p->tail));
-    p->buf_len = 0;
+    p->store.len = 0;
     p->target_len = 0;
     p->nfields = 0;
     p->in_value = false;
@@ -963,7 +934,7 @@ void mg_http1_req_parser_free(mg_http1_req_parser_t *p)
 {
     if (!p)
         return;
-    free(p->buf);
+    mg__buf_free(&p->store);
     free(p->offs);
     free(p->fields);
     free(p->tbuf);
@@ -985,10 +956,7 @@ void mg_http1_req_parser_trim(mg_http1_req_parser_t *p)
 {
     if (p->state != PS_IDLE && p->state != PS_DONE)
         return;
-    free(p->buf);
-    p->buf = NULL;
-    p->buf_cap = 0;
-    p->buf_len = 0;
+    mg__buf_free(&p->store);
     free(p->offs);
     free(p->fields);
     free(p->tbuf);

@@ -12,6 +12,7 @@
 
 #include <getopt.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,6 +77,33 @@ static void on_signal(uv_signal_t *h, int signum)
         exit(1);
     }
     mg_gateway_drain(a->gw, signum == SIGINT ? "SIGINT" : "SIGTERM", on_drained, a);
+}
+
+/*
+ * Takes the hard descriptor limit as the soft one (systemd and login shells often start a
+ * service at 1024 below a high hard limit), and says so when even that cannot hold the client
+ * connections allowed: past it, accepting pauses (README, "What a client sees").
+ */
+static void raise_nofile(uint32_t max_clients)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return;
+    if (rl.rlim_cur < rl.rlim_max) {
+        rlim_t was = rl.rlim_cur;
+        rl.rlim_cur = rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
+            mg_log_debug("moongate", "descriptor limit raised from %llu to %llu",
+                         (unsigned long long)was, (unsigned long long)rl.rlim_cur);
+        else
+            getrlimit(RLIMIT_NOFILE, &rl);
+    }
+    /* Each client needs one; the SSH connections, the log and the loop need some more. */
+    if ((uint64_t)max_clients + 256 > (uint64_t)rl.rlim_cur)
+        mg_log_warn("moongate", "MOONGATE_MAX_CLIENTS is %u but the descriptor limit is %llu: "
+                    "new connections will wait before that many are open; raise the limit "
+                    "(LimitNOFILE= in the unit, ulimit -n) or lower MOONGATE_MAX_CLIENTS",
+                    max_clients, (unsigned long long)rl.rlim_cur);
 }
 
 static int check_policy(const char *path, const mg_settings_t *settings)
@@ -152,6 +180,7 @@ int main(int argc, char **argv)
     go.policy_path = policy;
 
     signal(SIGPIPE, SIG_IGN);
+    raise_nofile(go.max_clients);
     app_t a = { .loop = uv_default_loop() };
     a.loop->data = &a;
     if (mg_gateway_new(a.loop, &settings, &go, &a.gw, err, sizeof(err)) != 0) {

@@ -356,6 +356,18 @@ static void on_handle_closed(uv_handle_t *h)
     server_maybe_free(s);
 }
 
+/* Ends the current request for the server: its handler hears, once, whether it completed. */
+static void finish_request(mg_client_t *c, bool complete)
+{
+    if (!c->req_active)
+        return;
+    c->req_active = false;
+    mg_server_req_t *r = c->req;
+    c->req = NULL;
+    if (r)
+        r->ops->on_done(r, complete);
+}
+
 /* Closes at once. A request still active learns that it did not complete. */
 static void conn_close(mg_client_t *c)
 {
@@ -368,13 +380,7 @@ static void conn_close(mg_client_t *c)
     s->nconns--;
     if (c->refusing)
         s->nrefusing--;
-    if (c->req_active) {
-        c->req_active = false;
-        mg_server_req_t *r = c->req;
-        c->req = NULL;
-        if (r)
-            r->ops->on_done(r, false);
-    }
+    finish_request(c, false);
     if (c->state == CS_RAW && c->raw) {
         const mg_client_raw_cbs_t *raw = c->raw;
         c->raw = NULL;
@@ -407,15 +413,9 @@ static void conn_graceful_close(mg_client_t *c)
         return;
     if (c->state != CS_LINGER) {
         c->state = CS_LINGER;
-        if (c->req_active) {
-            c->req_active = false;
-            mg_server_req_t *r = c->req;
-            c->req = NULL;
-            if (r)
-                r->ops->on_done(r, true);
-            if (c->closing)
-                return;
-        }
+        finish_request(c, true);
+        if (c->closing)
+            return;
         if (c->tls)
             mg_tls_shutdown(c->tls);
         mg__buf_free(&c->in);
@@ -464,11 +464,7 @@ static void conn_response_done(mg_client_t *c)
         conn_graceful_close(c);
         return;
     }
-    c->req_active = false;
-    mg_server_req_t *r = c->req;
-    c->req = NULL;
-    if (r)
-        r->ops->on_done(r, true);
+    finish_request(c, true);
     if (c->closing)
         return;
     conn_idle(c);

@@ -45,6 +45,7 @@ typedef struct gw {
     char out[MG_TEST_PATH_MAX];     /* its stdout */
     uint64_t ok_responses;      /* 2xx responses seen by gw_request() */
     bool running;
+    unsigned nofile;            /* set before gw_launch(): its `ulimit -n` (0: the test's) */
 } gw_t;
 
 /* ---- files ---- */
@@ -169,7 +170,8 @@ static inline void gw_launch(gw_t *g, const char *listen, const char *const *ext
     char bin[MG_TEST_PATH_MAX];
     char *argv[] = { (char *)gw_binary(bin, sizeof(bin)), "-c", g->policy, "-l", (char *)listen,
                      NULL };
-    mg_test_spawn_opts_t so = { .stdout_path = g->out, .stderr_path = g->log, .envp = envp };
+    mg_test_spawn_opts_t so = { .stdout_path = g->out, .stderr_path = g->log, .envp = envp,
+                                .nofile = g->nofile };
     assert_int_equal(mg_test_proc_spawn(&g->proc, argv, &so), 0);
     g->running = true;
 

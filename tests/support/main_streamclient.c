@@ -3,7 +3,7 @@
  *
  *   mg-streamclient -p PORT [-n CONNS] [--path PATH] [-H 'Name: value']...
  *                   [--user-header NAME --user-prefix PREFIX] [--expect-chunks N]
- *                   [--bulk BYTES] [--timeout-ms MS]
+ *                   [--bulk BYTES] [--timeout-ms MS] [--hold-ms MS]
  *
  * Opens CONNS connections to 127.0.0.1:PORT at once (on one libuv loop), sends one GET PATH on
  * each, reads the responses and prints what it measured as `key=value` lines a shell can eval.
@@ -27,6 +27,10 @@
  * Bulk mode (--bulk N): one connection fetches GET /bytes/N, checks that exactly N bytes came and
  * that each equals the deterministic stream of http_client.h (generated alongside, much cheaper
  * than hashing), and reports mb_per_s (10^6 bytes a second, from the connect to the last byte).
+ *
+ * Hold mode (--hold-ms MS): each connection, its response complete, stays open (kept alive and
+ * idle) until every connection has its response, then MS more; then held=N says how many the
+ * server still had open. For the memory of idle client connections.
  *
  * The loopback sockets of one machine share CLOCK_MONOTONIC with mg-upstream, but the upstream
  * reports its time since its own start, so only differences of t_ms are used.
@@ -90,6 +94,9 @@ struct client {
     uint64_t expect_chunks;        /* 0: any */
     uint64_t bulk;                 /* 0: stream mode */
     unsigned open;                 /* connections not yet closed */
+    uint64_t hold_ms;              /* hold mode: how long idle connections stay after */
+    unsigned responded;            /* hold mode: connections whose response is complete */
+    unsigned held;                 /* hold mode: open when the hold ended */
     conn_t *conns;
     dvec_t excess;                 /* stream mode: one entry per line but the first of each conn */
     char read_buf[READ_BUF_SIZE];
@@ -202,6 +209,8 @@ static void on_body(void *arg, const char *data, size_t len)
     }
 }
 
+static void on_hold_end(uv_timer_t *t);
+
 /* The response is complete: judge it. */
 static void on_response(conn_t *c)
 {
@@ -218,6 +227,13 @@ static void on_response(conn_t *c)
     else if (!cl->bulk && cl->expect_chunks && c->lines != cl->expect_chunks)
         snprintf(why, sizeof why, "%" PRIu64 " lines instead of %" PRIu64, c->lines,
                  cl->expect_chunks);
+    if (cl->hold_ms && why[0] == '\0') {
+        /* Kept alive and idle: it stays until the hold ends. */
+        c->ok = true;
+        if (++cl->responded == cl->n_conns)
+            uv_timer_start(&cl->deadline, on_hold_end, cl->hold_ms, 0);
+        return;
+    }
     conn_finish(c, why[0] == '\0', why);
 }
 
@@ -236,6 +252,10 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     conn_t *c = s->data;
     if (c->closing)
         return;
+    if (nread == UV_EOF && c->done) {
+        conn_finish(c, false, "the server closed the idle connection");
+        return;
+    }
     if (nread == UV_EOF) {
         if (mg_test_http_response_eof(&c->resp) == 0)
             on_response(c);
@@ -283,6 +303,16 @@ static void on_connect(uv_connect_t *req, int status)
         conn_finish(c, false, uv_strerror(rc));
 }
 
+static void on_hold_end(uv_timer_t *t)
+{
+    client_t *cl = t->data;
+    for (unsigned i = 0; i < cl->n_conns; i++)
+        if (!cl->conns[i].closing) {
+            cl->held++;
+            conn_finish(&cl->conns[i], true, "");
+        }
+}
+
 static void on_deadline(uv_timer_t *t)
 {
     client_t *cl = t->data;
@@ -319,7 +349,8 @@ static void usage(void)
     fprintf(stderr,
             "usage: mg-streamclient -p PORT [-n CONNS] [--path PATH] [-H 'Name: value']...\n"
             "                       [--user-header NAME --user-prefix PREFIX]\n"
-            "                       [--expect-chunks N] [--bulk BYTES] [--timeout-ms MS]\n");
+            "                       [--expect-chunks N] [--bulk BYTES] [--timeout-ms MS]\n"
+            "                       [--hold-ms MS]\n");
     exit(2);
 }
 
@@ -350,7 +381,7 @@ int main(int argc, char **argv)
         if (strcmp(a, "-p") == 0)
             port = (unsigned)parse_u64(v, 1, 65535);
         else if (strcmp(a, "-n") == 0)
-            cl.n_conns = (unsigned)parse_u64(v, 1, 10000);
+            cl.n_conns = (unsigned)parse_u64(v, 1, 100000);
         else if (strcmp(a, "--path") == 0)
             cl.path = v;
         else if (strcmp(a, "-H") == 0 && cl.n_headers < MAX_HEADERS)
@@ -365,6 +396,8 @@ int main(int argc, char **argv)
             cl.bulk = parse_u64(v, 1, UINT64_MAX);
         else if (strcmp(a, "--timeout-ms") == 0)
             timeout_ms = parse_u64(v, 1, 3600000);
+        else if (strcmp(a, "--hold-ms") == 0)
+            cl.hold_ms = parse_u64(v, 1, 3600000);
         else
             usage();
     }
@@ -446,6 +479,8 @@ int main(int argc, char **argv)
                percentile(&cl.excess, 0.5), percentile(&cl.excess, 0.99),
                cl.excess.n ? cl.excess.v[cl.excess.n - 1] : 0.0);
     }
+    if (cl.hold_ms)
+        printf("held=%u\n", cl.held);
     printf("ok=%d\n", failed == 0);
 
     for (unsigned i = 0; i < cl.n_conns; i++) {

@@ -20,6 +20,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -108,6 +109,11 @@ static void child_exec(char *const argv[], const mg_test_spawn_opts_t *opts, pid
     sigprocmask(SIG_SETMASK, &none, NULL);
     signal(SIGPIPE, SIG_DFL);
 
+    if (opts->nofile) {
+        struct rlimit rl = { opts->nofile, opts->nofile };
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+            goto fail;
+    }
     const char *in = opts->stdin_path ? opts->stdin_path : "/dev/null";
     int fd = open(in, O_RDONLY);
     if (fd < 0 || dup2(fd, 0) < 0)

@@ -43,6 +43,7 @@ typedef struct mg_test_spawn_opts {
     const char *stderr_path;  /* file to create or truncate; default: inherit the test's stderr */
     char *const *envp;        /* NULL: inherit the environment */
     const char *cwd;          /* NULL: inherit */
+    unsigned nofile;          /* nonzero: RLIMIT_NOFILE, soft and hard (`ulimit -n`) */
 } mg_test_spawn_opts_t;
 
 /*

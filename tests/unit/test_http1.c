@@ -933,6 +933,64 @@ static void test_chunk_head(void **state)
                "B:[hello chunked world, sixteen+ bytes long]\nC:ka=1\n");
 }
 
+static void expect_response_head(const mg_http1_response_t *r, const char *want)
+{
+    char out[1024];
+    size_t len = 0;
+    assert_int_equal(mg_http1_response_head(r, out, sizeof(out), &len), 0);
+    if (len != strlen(want) || memcmp(out, want, len) != 0)
+        fail_msg("got:\n%.*s\nwant:\n%s", (int)len, out, want);
+}
+
+static void test_response_head(void **state)
+{
+    /* The upstream's fields in order and case, minus hop-by-hop ones, those Connection names,
+       its framing and its X-Request-Id; then ours. */
+    mg_http1_header_t hs[] = {
+        { "Content-Type", 12, "text/event-stream", 17 },
+        { "Connection", 10, "keep-alive, X-Private", 21 },
+        { "X-Private", 9, "secret", 6 },
+        { "Transfer-Encoding", 17, "chunked", 7 },
+        { "Content-Length", 14, "12", 2 },
+        { "x-request-id", 12, "theirs", 6 },
+        { "Keep-Alive", 10, "timeout=5", 9 },
+        { "cache-control", 13, "no-cache", 8 },
+        { "Set-Cookie", 10, "a=1", 3 },
+        { "Set-Cookie", 10, "b=2", 3 },
+    };
+    mg_http1_response_t r = {
+        .status = 200, .headers = hs, .nheaders = 10,
+        .body_length = MG_HTTP1_BODY_LENGTH_CHUNKED, .request_id = "abc",
+    };
+    expect_response_head(&r, "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             "cache-control: no-cache\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+                             "Transfer-Encoding: chunked\r\nX-Request-Id: abc\r\n\r\n");
+    r = (mg_http1_response_t){ .status = 404, .body_length = 7, .close = true };
+    expect_response_head(&r, "HTTP/1.1 404 Not Found\r\nContent-Length: 7\r\n"
+                             "Connection: close\r\n\r\n");
+    r = (mg_http1_response_t){ .status = 204, .body_length = MG_HTTP1_BODY_LENGTH_NONE };
+    expect_response_head(&r, "HTTP/1.1 204 No Content\r\n\r\n");
+    r = (mg_http1_response_t){ .status = 599, .body_length = 0 };
+    expect_response_head(&r, "HTTP/1.1 599 Unknown\r\nContent-Length: 0\r\n\r\n");
+
+    /* Refused: a bad status, name, value or id; and a head that does not fit. */
+    char out[64];
+    size_t len;
+    mg_http1_header_t bad_name = { "X A", 3, "v", 1 }, bad_value = { "X", 1, "a\r\nb", 4 };
+    r = (mg_http1_response_t){ .status = 99 };
+    assert_int_equal(mg_http1_response_head(&r, out, sizeof(out), &len), MG_EINVAL);
+    r = (mg_http1_response_t){ .status = 200, .headers = &bad_name, .nheaders = 1 };
+    assert_int_equal(mg_http1_response_head(&r, out, sizeof(out), &len), MG_EINVAL);
+    r = (mg_http1_response_t){ .status = 200, .headers = &bad_value, .nheaders = 1 };
+    assert_int_equal(mg_http1_response_head(&r, out, sizeof(out), &len), MG_EINVAL);
+    r = (mg_http1_response_t){ .status = 200, .request_id = "has space" };
+    assert_int_equal(mg_http1_response_head(&r, out, sizeof(out), &len), MG_EINVAL);
+    mg_http1_header_t long_value = { "X", 1, "0123456789012345678901234567890123456789"
+                                             "0123456789012345678901234567890123456789", 80 };
+    r = (mg_http1_response_t){ .status = 200, .headers = &long_value, .nheaders = 1 };
+    assert_int_equal(mg_http1_response_head(&r, out, sizeof(out), &len), MG_ENOMEM);
+}
+
 static void test_request_id(void **state)
 {
     char a[MG_HTTP1_REQUEST_ID_LEN + 1], b[MG_HTTP1_REQUEST_ID_LEN + 1];
@@ -1001,6 +1059,7 @@ int main(void)
         cmocka_unit_test(test_request_head_rejects),
         cmocka_unit_test(test_request_head_names_in_connection_case),
         cmocka_unit_test(test_chunk_head),
+        cmocka_unit_test(test_response_head),
         cmocka_unit_test(test_request_id),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -404,6 +404,26 @@ static void on_body_end(mg_server_req_t *base, const mg_http1_header_t *trailers
     pump_body(r);
 }
 
+/* The client's body was malformed: the upstream request cannot be completed. */
+static void on_body_error(mg_server_req_t *base, int status, const char *why)
+{
+    mg_req_t *r = (mg_req_t *)base;
+    if (r->x) {
+        mg_exchange_abort(r->x);
+        r->x = NULL;
+    }
+    r->coalescing = false;
+    if (r->resp_ended)
+        return;
+    if (r->head_sent) {
+        r->outcome = "cut: the request body was malformed";
+        mg_client_abort(r->c);
+        r->resp_ended = true;
+        return;
+    }
+    req_error(r, status, why, NULL);
+}
+
 /* ---------------------------------------------------------------------------------------------
  * The client side's callbacks
  */
@@ -439,6 +459,7 @@ static void on_done(mg_server_req_t *base, bool complete)
 static const mg_server_req_ops_t req_ops = {
     .on_body = on_body,
     .on_body_end = on_body_end,
+    .on_body_error = on_body_error,
     .on_drain = on_drain,
     .on_done = on_done,
 };

@@ -595,12 +595,16 @@ static size_t conn_parse(mg_client_t *c, const char *data, size_t len)
             continue;
         if (rc == MG_EINVAL && c->state == CS_HEAD) {
             refuse(c, mg_http1_req_parser_status(c->parser), mg_http1_req_parser_error(c->parser));
+        } else if (rc == MG_EINVAL && c->state == CS_BODY && c->req && !c->resp_done) {
+            /* A malformed body: the request's handler answers it, then the connection ends. */
+            c->srv->st.bad_requests++;
+            c->close_after = true;
+            c->body_ended = true;
+            c->state = CS_WAIT;
+            c->req->ops->on_body_error(c->req, mg_http1_req_parser_status(c->parser),
+                                       mg_http1_req_parser_error(c->parser));
         } else {
-            /* A broken body, or out of memory: the request cannot go on. */
-            if (rc == MG_EINVAL)
-                mg_log_info(LOG, "client %s: %s (%d)", c->remote,
-                            mg_http1_req_parser_error(c->parser),
-                            mg_http1_req_parser_status(c->parser));
+            /* Out of memory, or a broken body no one can be told of: the connection ends. */
             c->srv->st.bad_requests++;
             conn_close(c);
         }

@@ -49,6 +49,9 @@ typedef struct mg_server_req_ops {
     int (*on_body)(mg_server_req_t *r, const char *data, size_t len);
     /* The body is complete; trailers of a chunked body (checked fields), or none. */
     void (*on_body_end)(mg_server_req_t *r, const mg_http1_header_t *trailers, size_t n);
+    /* The body is malformed (status and why, as for on_error): no more of it comes. The
+       handler answers, if it still can; the connection closes after the response. */
+    void (*on_body_error)(mg_server_req_t *r, int status, const char *why);
     /* Output fell below the low-water mark after mg_client_queued() was above the high one. */
     void (*on_drain)(mg_server_req_t *r);
     /*

@@ -189,43 +189,50 @@ static void test_strict_refusals(void **state)
     snprintf(many + n, sizeof(many) - (size_t)n, "\r\n");
     static const char nul[] = "GET / HTTP/1.1\r\nHost: x\r\n" ALICE "X-Nul: a\0b\r\n\r\n";
 
+    /* A malformed chunked body is found after the head may have gone upstream (bodies stream):
+       then the upstream sees the channel close on an incomplete request, never its end. */
     struct {
         const char *name, *data;
         size_t len;
         int status;
+        bool in_body;
     } cases[] = {
         { "space before a colon", "POST /echo HTTP/1.1\r\nHost: x\r\n" ALICE
-          "Transfer-Encoding : chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n", 0, 400 },
-        { "obs-fold", "GET / HTTP/1.1\r\nHost: x\r\n" ALICE "X-A: a\r\n b\r\n\r\n", 0, 400 },
+          "Transfer-Encoding : chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n", 0, 400, false },
+        { "obs-fold", "GET / HTTP/1.1\r\nHost: x\r\n" ALICE "X-A: a\r\n b\r\n\r\n", 0, 400, false },
         { "bare CR in a value", "GET / HTTP/1.1\r\nHost: x\r\n" ALICE "X-A: a\rb\r\n\r\n", 0,
-          400 },
-        { "bare LF line ends", "GET / HTTP/1.1\nHost: x\n" ALICE "\n", 0, 400 },
-        { "NUL in a value", nul, sizeof(nul) - 1, 400 },
+          400, false },
+        { "bare LF line ends", "GET / HTTP/1.1\nHost: x\n" ALICE "\n", 0, 400, false },
+        { "NUL in a value", nul, sizeof(nul) - 1, 400, false },
         { "control byte in a value", "GET / HTTP/1.1\r\nHost: x\r\n" ALICE "X-A: \001\r\n\r\n",
-          0, 400 },
-        { "invalid method token", "G@T / HTTP/1.1\r\nHost: x\r\n" ALICE "\r\n", 0, 400 },
-        { "unknown method", "BREW / HTTP/1.1\r\nHost: x\r\n" ALICE "\r\n", 0, 501 },
-        { "two Host headers", "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n" ALICE "\r\n", 0, 400 },
-        { "no Host in HTTP/1.1", "GET / HTTP/1.1\r\n" ALICE "\r\n", 0, 400 },
+          0, 400, false },
+        { "invalid method token", "G@T / HTTP/1.1\r\nHost: x\r\n" ALICE "\r\n", 0, 400, false },
+        { "unknown method", "BREW / HTTP/1.1\r\nHost: x\r\n" ALICE "\r\n", 0, 501, false },
+        { "two Host headers", "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n" ALICE "\r\n", 0, 400, false },
+        { "no Host in HTTP/1.1", "GET / HTTP/1.1\r\n" ALICE "\r\n", 0, 400, false },
         { "Content-Length with Transfer-Encoding", "POST /echo HTTP/1.1\r\nHost: x\r\n" ALICE
-          "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 0, 400 },
+          "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 0, 400, false },
         { "differing Content-Lengths", "POST /echo HTTP/1.1\r\nHost: x\r\n" ALICE
-          "Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 0, 400 },
+          "Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 0, 400, false },
         { "Transfer-Encoding not ending in chunked", "POST /echo HTTP/1.1\r\nHost: x\r\n" ALICE
-          "Transfer-Encoding: gzip\r\n\r\nabc", 0, 400 },
+          "Transfer-Encoding: gzip\r\n\r\nabc", 0, 400, false },
         { "a coding before chunked", "POST /echo HTTP/1.1\r\nHost: x\r\n" ALICE
-          "Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 0, 501 },
-        { "HTTP/2.0", "GET / HTTP/2.0\r\nHost: x\r\n" ALICE "\r\n", 0, 505 },
-        { "absolute-form target", "GET http://x/ HTTP/1.1\r\nHost: x\r\n" ALICE "\r\n", 0, 400 },
+          "Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 0, 501, false },
+        { "HTTP/2.0", "GET / HTTP/2.0\r\nHost: x\r\n" ALICE "\r\n", 0, 505, false },
+        { "absolute-form target", "GET http://x/ HTTP/1.1\r\nHost: x\r\n" ALICE "\r\n", 0, 400, false },
         { "8-bit byte in the target", "GET /caf\xc3\xa9 HTTP/1.1\r\nHost: x\r\n" ALICE "\r\n", 0,
-          400 },
+          400, false },
         { "unsupported Expect", "POST /echo HTTP/1.1\r\nHost: x\r\n" ALICE
-          "Expect: 200-ok\r\nContent-Length: 1\r\n\r\nx", 0, 417 },
-        { "request line over 16 KiB", longline, 0, 414 },
-        { "head over 32 KiB", bighead, 0, 431 },
-        { "more than 100 fields", many, 0, 431 },
+          "Expect: 200-ok\r\nContent-Length: 1\r\n\r\nx", 0, 417, false },
+        { "request line over 16 KiB", longline, 0, 414, false },
+        { "head over 32 KiB", bighead, 0, 431, false },
+        { "more than 100 fields", many, 0, 431, false },
         { "body over MOONGATE_MAX_BODY", "POST /echo HTTP/1.1\r\nHost: x\r\n" ALICE
-          "Content-Length: 20000000\r\n\r\n", 0, 413 },
+          "Content-Length: 20000000\r\n\r\n", 0, 413, false },
+        { "chunk data not followed by CRLF", "POST /echo HTTP/1.1\r\nHost: x\r\n" ALICE
+          "Transfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n", 0, 400, true },
+        { "a chunk size with a space", "POST /echo HTTP/1.1\r\nHost: x\r\n" ALICE
+          "Transfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n", 0, 400, true },
     };
     int bad = 0;
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -235,7 +242,8 @@ static void test_strict_refusals(void **state)
         raw_send(g->port, cases[i].data, len, 3000, &r);
         char *up = captured(w);
         int st = raw_status(&r);
-        bool ok = st == cases[i].status && r.closed && r.closed_ms < 1000 && up[0] == '\0';
+        bool nothing = cases[i].in_body ? strstr(up, "\r\n0\r\n") == NULL : up[0] == '\0';
+        bool ok = st == cases[i].status && r.closed && r.closed_ms < 1000 && nothing;
         print_message("%-40s -> %d in %.1f ms, %s after %.1f ms; upstream got %zu bytes%s\n",
                       cases[i].name, st, r.first_ms, r.closed ? "closed" : "open", r.closed_ms,
                       strlen(up), ok ? "" : "  <-- FAIL");

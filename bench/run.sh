@@ -97,6 +97,7 @@ echo "bench: moongate-agent $([ $have_agent = 1 ] && echo "$agent_bin" || echo "
 
 "$upstream_bin" -l 127.0.0.1:0 --port-file "$dir/upstream.port" >"$dir/upstream.log" 2>&1 &
 pids+=($!)
+up_pid=$!
 for _ in $(seq 100); do [ -s "$dir/upstream.port" ] && break; sleep 0.05; done
 [ -s "$dir/upstream.port" ] || die "mg-upstream did not start: $(cat "$dir/upstream.log")"
 up_port=$(cat "$dir/upstream.port")
@@ -129,6 +130,7 @@ CONF
 [ "$(id -u)" = 0 ] && mkdir -p /run/sshd
 /usr/sbin/sshd -D -e -f "$dir/sshd_config" 2>"$dir/sshd.log" &
 pids+=($!)
+sshd_pid=$!
 wait_port "$ssh_port" "${pids[-1]}" || die "sshd did not start: $(cat "$dir/sshd.log")"
 
 # The baseline: OpenSSH's client forwarding, default cipher, through the same sshd and key.
@@ -138,6 +140,7 @@ ssh -N -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o IdentityAgent=none
     -o ExitOnForwardFailure=yes -i "$dir/gateway_key" -p "$ssh_port" \
     -L "127.0.0.1:$fwd_port:127.0.0.1:$up_port" "$ssh_user@127.0.0.1" 2>"$dir/ssh-L.log" &
 pids+=($!)
+fwd_pid=$!
 wait_port "$fwd_port" "${pids[-1]}" || die "ssh -L did not start: $(cat "$dir/ssh-L.log")"
 
 token=bench-token-5f2c9a
@@ -330,15 +333,28 @@ if [ $have_agent = 1 ]; then
     fi
 fi
 
+# CPU time (clock ticks, user + system) of the pids given, and of sshd's whole tree.
+ticks() { local t=0 p; for p in "$@"; do [ -r "/proc/$p/stat" ] && t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo $t; }
+sshd_ticks() { ticks "$sshd_pid" $(descendants "$sshd_pid"); }
+hz=$(getconf CLK_TCK)
+# us_per_req TICKS REQUESTS/S SECONDS: CPU microseconds per request.
+us_per_req() { if num "$2" && [ "$2" != 0 ]; then calc "sprintf(\"%.1f\", $1 * 1000000 / $hz / ($2 * $3))"; else echo fail; fi; }
+
 # 1. Small POST, 64 connections.
 echo "bench: 1/6 small POST (${duration}s per target)"
-declare -A RPS P99 WERR
+declare -A RPS P99 WERR CPU_TUN CPU_SSHD CPU_UP
 s1_targets=("${targets[@]}")
 [ $agent_ok = 1 ] && s1_targets+=(agent)
 for t in "${s1_targets[@]}"; do
     run_wrk "${port[$t]}" 1   # warm-up: connections, channels, the JIT of the client
+    case $t in sshl) tun=$fwd_pid ;; mg) tun=${mg_pid_a:-0} ;; *) tun=0 ;; esac
+    a0=$(ticks "$tun") s0=$(sshd_ticks) u0=$(ticks "$up_pid")
     run_wrk "${port[$t]}" "$duration"
+    a1=$(ticks "$tun") s1=$(sshd_ticks) u1=$(ticks "$up_pid")
     RPS[$t]=$rps P99[$t]=$p99 WERR[$t]=$werr
+    CPU_TUN[$t]=$(us_per_req $((a1 - a0)) "$rps" "$duration")
+    CPU_SSHD[$t]=$(us_per_req $((s1 - s0)) "$rps" "$duration")
+    CPU_UP[$t]=$(us_per_req $((u1 - u0)) "$rps" "$duration")
 done
 header "1. small POST /echo, wrk -t2 -c64 -d${duration}s"
 r=$(ratio "${RPS[mg]:-}" "${RPS[sshl]}")
@@ -349,6 +365,10 @@ res=$(mgres "${P99[mg]:-}" "${P99[mg]:-0} < 10" MISS)
 row "p99 latency (ms)" "${P99[direct]}" "${P99[sshl]}" "$(mgcell "${P99[mg]:-}")" "$(ratio "${P99[mg]:-}" "${P99[sshl]}")" "< 10 ms" "$res"
 [ $have_mg = 1 ] && note "$res" "small POST: moongate p99 ${P99[mg]:-fail} ms (target < 10 ms)"
 for t in "${s1_targets[@]}"; do [ -z "${WERR[$t]}" ] || echo "   note ($t): ${WERR[$t]}"; done
+# Where the two cores went, per request (wrk, the fourth busy process, is not counted).
+row "CPU us/request: tunnel" "-" "${CPU_TUN[sshl]}" "$(mgcell "${CPU_TUN[mg]:-}")" "$(ratio "${CPU_TUN[mg]:-}" "${CPU_TUN[sshl]}")" "" ""
+row "  sshd" "${CPU_SSHD[direct]}" "${CPU_SSHD[sshl]}" "$(mgcell "${CPU_SSHD[mg]:-}")" "$(ratio "${CPU_SSHD[mg]:-}" "${CPU_SSHD[sshl]}")" "" ""
+row "  mg-upstream" "${CPU_UP[direct]}" "${CPU_UP[sshl]}" "$(mgcell "${CPU_UP[mg]:-}")" "$(ratio "${CPU_UP[mg]:-}" "${CPU_UP[sshl]}")" "" ""
 # The agent column: the same gateway and sshd, the SSH connection carried by moongate-agent's
 # WebSocket instead of a TCP connection the gateway dials.
 echo

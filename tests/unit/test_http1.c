@@ -810,6 +810,41 @@ static void test_request_head_basic(void **state)
     free(s);
 }
 
+/* The head builder copies the target and fields as they are: a table of fidelity cases. */
+static void test_request_head_fidelity(void **state)
+{
+    static const char *const targets[] = {
+        "/v1/chat;x=1/completions", "/a%2Fb", "/q?a=%2B&b=c+d&e=%3D", "/a/%2e%2e/b",
+        "/a/../b/./c", "//a//b", "/p?x=%25%zz",
+    };
+    for (size_t i = 0; i < sizeof(targets) / sizeof(targets[0]); i++) {
+        mg_http1_request_t req = { .method = "GET", .path = targets[i],
+                                   .path_len = strlen(targets[i]), .host = "h",
+                                   .body_length = MG_HTTP1_BODY_LENGTH_NONE };
+        char *s = build(&req), line[128];
+        snprintf(line, sizeof(line), "GET %s HTTP/1.1\r\n", targets[i]);
+        assert_int_equal(strncmp(s, line, strlen(line)), 0);
+        free(s);
+    }
+    /* Case, order and duplicates kept; a 9 KiB value and a 9 KiB query argument whole. */
+    static char big[9216 + 1], target[9216 + 16];
+    memset(big, 'v', 9216);
+    snprintf(target, sizeof(target), "/api?prompt=%s", big);
+    mg_http1_header_t hs[] = {
+        H("x-stainless-OS", "Linux"), H("X-Dup", "1"), H("x-dup", "2"), H("X-Dup", "3"),
+        { "User-Agent", 10, big, 9216 },
+    };
+    mg_http1_request_t req = { .method = "POST", .path = target, .path_len = strlen(target),
+                               .host = "h", .headers = hs, .nheaders = 5, .body_length = 2 };
+    char *s = build(&req);
+    char want[2 * 9216 + 512];
+    snprintf(want, sizeof(want), "POST %s HTTP/1.1\r\nHost: h\r\nx-stainless-OS: Linux\r\n"
+             "X-Dup: 1\r\nx-dup: 2\r\nX-Dup: 3\r\nUser-Agent: %s\r\nContent-Length: 2\r\n"
+             "Connection: keep-alive\r\n\r\n", target, big);
+    assert_string_equal(s, want);
+    free(s);
+}
+
 static void expect_head_error(const mg_http1_request_t *req, const char *why_part)
 {
     char *out = NULL;
@@ -1056,6 +1091,7 @@ int main(void)
         cmocka_unit_test(test_tokens_values),
         cmocka_unit_test(test_header_is_hop),
         cmocka_unit_test(test_request_head_basic),
+        cmocka_unit_test(test_request_head_fidelity),
         cmocka_unit_test(test_request_head_rejects),
         cmocka_unit_test(test_request_head_names_in_connection_case),
         cmocka_unit_test(test_chunk_head),

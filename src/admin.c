@@ -209,7 +209,7 @@ mg_server_req_t *mg_admin_serve(mg_admin_env_t *a, mg_client_t *c, const mg_http
         }
     } else if (!allowed(a, c, h)) {
         status = 403;
-        mg_req_respond_error(c, id, status,
+        mg_req_respond_error(c, MG_ERROR_FORMAT_PLAIN, id, status,
                              "forbidden: set MOONGATE_ADMIN_TOKEN or ask from loopback", NULL);
     } else if (ep == EP_METRICS) {
         mg_strbuf_t sb;
@@ -219,7 +219,8 @@ mg_server_req_t *mg_admin_serve(mg_admin_env_t *a, mg_client_t *c, const mg_http
             mg_req_respond(c, id, status, "text/plain; version=0.0.4", sb.data, sb.len, NULL);
         } else {
             status = 500;
-            mg_req_respond_error(c, id, status, "cannot render metrics", NULL);
+            mg_req_respond_error(c, MG_ERROR_FORMAT_PLAIN, id, status, "cannot render metrics",
+                                 NULL);
         }
         mg_strbuf_free(&sb);
     } else {
@@ -233,12 +234,13 @@ mg_server_req_t *mg_admin_serve(mg_admin_env_t *a, mg_client_t *c, const mg_http
             mg_req_respond(c, id, status, "application/json", body, len, NULL);
         } else {
             status = 500;
-            mg_req_respond_error(c, id, status, "cannot render stats", NULL);
+            mg_req_respond_error(c, MG_ERROR_FORMAT_PLAIN, id, status, "cannot render stats",
+                                 NULL);
         }
         mg_json_free(&j);
     }
     /* Scrapes and health checks come every few seconds: not at info. */
     mg_req_account(a->req, id, NULL, h->method, h->target, h->target_len, status, bytes, t0,
-                   NULL, MG_LOG_DEBUG);
+                   NULL, NULL, MG_LOG_DEBUG);
     return NULL;
 }

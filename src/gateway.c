@@ -5,6 +5,7 @@
 #include "moongate/gateway.h"
 
 #include "admin.h"
+#include "llm_metrics.h"
 #include "moongate/cleanup.h"
 #include "moongate/error.h"
 #include "moongate/log.h"
@@ -39,6 +40,7 @@ struct mg_gateway {
     mg_tunnel_t *tunnel;
     mg_metrics_t *metrics_reg;
     mg_gateway_metrics_t metrics;
+    mg_llm_metrics_t *llm_metrics;
     mg_req_env_t req_env;
     mg_admin_env_t admin_env;
     mg_tunnel_env_t tunnel_env;
@@ -154,7 +156,9 @@ int mg_gateway_opts_from_env(mg_gateway_opts_t *o, char *err, size_t errlen)
         (rc = env_u64("UPSTREAM_HEAD_TIMEOUT", 100, 3600000, &o->upstream_head_timeout_ms, err,
                       errlen)) ||
         (rc = env_u64("UPSTREAM_KEEPALIVE", 0, 3600000, &o->upstream_keepalive_ms, err,
-                      errlen)))
+                      errlen)) ||
+        (rc = env_u32("MOONGATE_METRICS_PER_USER", 0, MG_LLM_PER_USER_MAX, &o->metrics_per_user,
+                      err, errlen)))
         return rc;
     if (o->max_request_line > o->max_header_size) {
         snprintf(err, errlen, "MOONGATE_MAX_REQUEST_LINE (%u) must not be larger than "
@@ -276,7 +280,11 @@ static void on_bad_request(void *arg, mg_client_t *c, int status, const char *wh
         snprintf(d.headers[0].name, sizeof(d.headers[0].name), "Retry-After");
         snprintf(d.headers[0].value, sizeof(d.headers[0].value), "1");
     }
-    mg_req_respond_error(c, id, status, why, &d);
+    /* No path to go by: the policy's shape when it names one, else the plain one. */
+    mg_policy_state_t *st = mg_policy_acquire(gw->policy);
+    mg_error_format_t f = mg_req_error_format(mg_policy_error_format(st), NULL, 0);
+    mg_policy_release(st);
+    mg_req_respond_error(c, f, id, status, why, &d);
     mg_counter_inc(gw->metrics.requests_total[mg_http_status_class(status)]);
 }
 
@@ -325,7 +333,8 @@ int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gate
     };
     if (gw->metrics_reg == NULL || mg_gateway_metrics_init(&gw->metrics, gw->metrics_reg, &src) ||
         mg_metrics_gauge_fn(gw->metrics_reg, "moongate_client_connections",
-                            "Client connections open.", NULL, NULL, gauge_clients, gw))
+                            "Client connections open.", NULL, NULL, gauge_clients, gw) ||
+        mg_llm_metrics_new(gw->metrics_reg, (int)o->metrics_per_user, &gw->llm_metrics))
         goto fail;
 
     mg_policy_options_t po;
@@ -364,6 +373,7 @@ int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gate
         .proxy = gw->proxy,
         .settings = &gw->settings,
         .metrics = &gw->metrics,
+        .llm = gw->llm_metrics,
         .max_body_bytes = o->max_body_bytes,
         .drain_message = gw->drain_message,
     };
@@ -525,6 +535,7 @@ static void teardown_finish(mg_gateway_t *gw)
         mg_tunnel_free(gw->tunnel);
     if (gw->policy)
         mg_policy_free(gw->policy);
+    mg_llm_metrics_free(gw->llm_metrics);
     if (gw->metrics_reg)
         mg_metrics_free(gw->metrics_reg);
     if (gw->timer_ready)

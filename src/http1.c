@@ -801,6 +801,25 @@ static enum hdr_class classify(const char *name, size_t len)
     return is_static_hop(name, len) ? HDR_DROP : HDR_COPY;
 }
 
+/* The fields emit_request() writes itself, which an edit may not touch. */
+static bool builder_owned(const char *name, size_t len)
+{
+    return classify(name, len) != HDR_COPY;
+}
+
+bool mg_http1_field_editable(const char *name, size_t len)
+{
+    return mg_http1_token_valid(name, len) && !builder_owned(name, len);
+}
+
+static bool edited(const mg_http1_request_t *req, const char *name, size_t len)
+{
+    for (size_t i = 0; i < req->nedits; i++)
+        if (name_is(name, len, req->edits[i].name, req->edits[i].name_len))
+            return true;
+    return false;
+}
+
 /* Writes every X-Forwarded-For element of the client's, then client_addr, as one field. */
 static void emit_xff(const mg_http1_request_t *req, const uint8_t *cls, sink_t *s)
 {
@@ -861,6 +880,15 @@ static const char *check_request_parts(const mg_http1_request_t *req, uint8_t *c
         return "invalid headers";
     if (req->nheaders > MAX_REQUEST_HEADERS)
         return "too many header fields";
+    if (req->nedits > MG_HTTP1_FIELD_EDITS_MAX || (req->nedits && !req->edits))
+        return "too many field edits";
+    for (size_t i = 0; i < req->nedits; i++) {
+        const mg_http1_field_edit_t *e = &req->edits[i];
+        if (!mg_http1_field_editable(e->name, e->name_len))
+            return "a field edit names a field that cannot be edited";
+        if (e->value && !mg_http1_value_valid(e->value, e->value_len))
+            return "a field edit's value contains CR, LF or NUL";
+    }
     bool has_connection = false;
     for (size_t i = 0; i < req->nheaders; i++) {
         const mg_http1_header_t *h = &req->headers[i];
@@ -869,6 +897,8 @@ static const char *check_request_parts(const mg_http1_request_t *req, uint8_t *c
         if (!mg_http1_value_valid(h->value, h->value_len))
             return "header value contains CR, LF or NUL";
         cls[i] = (uint8_t)classify(h->name, h->name_len);
+        if (cls[i] == HDR_COPY && req->nedits && edited(req, h->name, h->name_len))
+            cls[i] = HDR_DROP;
         if (NAME_IS(h->name, h->name_len, "connection"))
             has_connection = true;
     }
@@ -897,6 +927,15 @@ static void emit_request(const mg_http1_request_t *req, const uint8_t *cls, sink
         put(s, h->name, h->name_len);
         PUT_LIT(s, ": ");
         put(s, h->value, h->value_len);
+        PUT_LIT(s, "\r\n");
+    }
+    for (size_t i = 0; i < req->nedits; i++) {
+        const mg_http1_field_edit_t *e = &req->edits[i];
+        if (!e->value)
+            continue;
+        put(s, e->name, e->name_len);
+        PUT_LIT(s, ": ");
+        put(s, e->value, e->value_len);
         PUT_LIT(s, "\r\n");
     }
     emit_xff(req, cls, s);

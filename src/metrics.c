@@ -43,7 +43,7 @@ typedef struct family {
     char *name;
     char *help;          /* NULL: no HELP line */
     char *label_name;    /* NULL: the family's one series has no label */
-    size_t nseries;
+    size_t nseries, max_series;
     series_t *first, *last;
     mg_histogram_t *hist; /* KIND_HISTOGRAM only */
 } family_t;
@@ -161,6 +161,7 @@ static family_t *family_new(enum kind kind, const char *name, const char *help,
         return NULL;
     bool ok = true;
     f->kind = kind;
+    f->max_series = MG_METRICS_MAX_SERIES;
     f->name = dup_or_null(name, &ok);
     f->help = dup_or_null(help, &ok);
     f->label_name = dup_or_null(label_name, &ok);
@@ -208,7 +209,7 @@ static int get_series(mg_metrics_t *reg, enum kind kind, const char *name, const
                 return 0;
             }
         }
-        if (f->nseries >= MG_METRICS_MAX_SERIES)
+        if (f->nseries >= f->max_series)
             return MG_EINVAL;
     } else {
         if (name_clashes(reg, name, kind))
@@ -249,6 +250,15 @@ int mg_metrics_counter(mg_metrics_t *reg, const char *name, const char *help,
     int rc = get_series(reg, KIND_COUNTER, name, help, label_name, label_value, &s, &created);
     *out = rc == 0 ? &s->u.counter : NULL;
     return rc;
+}
+
+int mg_metrics_allow_series(mg_metrics_t *reg, const char *name, size_t max_series)
+{
+    family_t *f = reg ? find_family(reg, name) : NULL;
+    if (f == NULL || f->kind == KIND_HISTOGRAM || max_series < f->nseries)
+        return MG_EINVAL;
+    f->max_series = max_series;
+    return 0;
 }
 
 int mg_metrics_gauge(mg_metrics_t *reg, const char *name, const char *help,

@@ -424,6 +424,9 @@ static int take_hooks(mg_policy_state_t *st, const char *file, char *err, size_t
         bool known = false;
         for (int h = 0; h < MG_HOOK_COUNT && lua_type(L, -2) == LUA_TSTRING; h++)
             known = known || strcmp(lua_tostring(L, -2), mg__hook_names[h]) == 0;
+        /* The one setting a policy table holds besides hooks. */
+        if (lua_type(L, -2) == LUA_TSTRING && strcmp(lua_tostring(L, -2), "error_format") == 0)
+            known = true;
         if (!known) {
             lua_pushvalue(L, -2);
             mg_log_warn(LOG, "%s: unknown hook '%s' ignored", file,
@@ -432,8 +435,21 @@ static int take_hooks(mg_policy_state_t *st, const char *file, char *err, size_t
         }
         lua_pop(L, 1);
     }
+    lua_getfield(L, hooks, "error_format");
+    if (!lua_isnil(L, -1)) {
+        const char *f = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "";
+        if (mg__policy_error_format_parse(f, &st->error_format) != 0) {
+            rc = load_fail(err, errlen, "%s:%d: error_format must be \"openai\", \"ollama\", "
+                           "\"plain\" or \"auto\", got %s", file, chunk_last_line(file),
+                           lua_type(L, -1) == LUA_TSTRING ? f : luaL_typename(L, -1));
+            lua_pop(L, 1);
+            goto out;
+        }
+    }
+    lua_pop(L, 1);
     for (int h = 0; h < MG_HOOK_COUNT; h++) {
         lua_getfield(L, hooks, mg__hook_names[h]);
+        st->hook_from_file[h] = !lua_isnil(L, -1);
         if (lua_isnil(L, -1)) {
             lua_pop(L, 1);
             lua_getfield(L, def, mg__hook_names[h]);
@@ -682,4 +698,33 @@ uint64_t mg_policy_state_generation(const mg_policy_state_t *st)
 size_t mg_policy_memory_used(mg_policy_t *p)
 {
     return p->current->mem_used;
+}
+
+int mg__policy_error_format_parse(const char *s, mg_error_format_t *out)
+{
+    static const struct {
+        const char *name;
+        mg_error_format_t f;
+    } names[] = {
+        { "auto", MG_ERROR_FORMAT_AUTO },
+        { "plain", MG_ERROR_FORMAT_PLAIN },
+        { "openai", MG_ERROR_FORMAT_OPENAI },
+        { "ollama", MG_ERROR_FORMAT_PLAIN }, /* Ollama's errors are {"error": "..."} */
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (strcmp(s, names[i].name) == 0) {
+            *out = names[i].f;
+            return 0;
+        }
+    return MG_EINVAL;
+}
+
+mg_error_format_t mg_policy_error_format(const mg_policy_state_t *st)
+{
+    return st->error_format;
+}
+
+bool mg_policy_has_on_event(mg_policy_t *p)
+{
+    return p->current->hook_from_file[MG_HOOK_ON_EVENT];
 }

@@ -13,6 +13,7 @@
 #include "moongate/policy_int.h"
 
 #include "moongate/error.h"
+#include "moongate/http1.h"
 #include "moongate/log.h"
 
 #include <lauxlib.h>
@@ -38,6 +39,7 @@ static void decision_clear(mg_policy_decision_t *d)
     d->user[0] = '\0';
     d->message[0] = '\0';
     d->nheaders = 0;
+    d->credential[0] = '\0';
 }
 
 /* The answer to a request whose hook failed: refused, and nothing about why for the client. */
@@ -151,9 +153,9 @@ static bool header_name_ok(const char *s, size_t n)
 }
 
 /* Rejects control characters: a value must not be able to smuggle in a header of its own. */
-static bool header_value_ok(const char *s, size_t n)
+static bool value_ok(const char *s, size_t n, size_t max)
 {
-    if (n >= MG_POLICY_HEADER_VALUE_MAX)
+    if (n > max)
         return false;
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
@@ -161,6 +163,11 @@ static bool header_value_ok(const char *s, size_t n)
             return false;
     }
     return true;
+}
+
+static bool header_value_ok(const char *s, size_t n)
+{
+    return value_ok(s, n, MG_POLICY_HEADER_VALUE_MAX - 1);
 }
 
 /*
@@ -221,8 +228,52 @@ static int read_refusal(mg_policy_state_t *st, mg_hook_t h, int idx, int default
     return 0;
 }
 
-/* Reads "user" or "nil, status, message, headers" at idx..idx+3. */
-static int read_user(mg_policy_state_t *st, mg_hook_t h, int idx, mg_policy_decision_t *out)
+static int check_fields(mg_policy_state_t *st, mg_hook_t h, int t, const char *const *names,
+                        int seen);
+
+/*
+ * Reads what authenticate says about the user it named, {credential = "x-api-key" | false},
+ * at idx (nil: the defaults).
+ */
+static int read_user_opts(mg_policy_state_t *st, mg_hook_t h, int idx, mg_policy_decision_t *out)
+{
+    static const char *const names[] = { "credential", NULL };
+    lua_State *L = st->L;
+    copy_bytes(out->credential, sizeof(out->credential), "authorization", 13);
+    if (lua_isnil(L, idx))
+        return 0;
+    if (!lua_istable(L, idx))
+        return bad_result(st, h, "the second result with a user must be a table "
+                                 "{credential = ...} or nil, got %s", luaL_typename(L, idx));
+    int seen = 0;
+    lua_getfield(L, idx, "credential");
+    seen += !lua_isnil(L, -1);
+    int rc = 0;
+    if (lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
+        out->credential[0] = '\0';
+    } else if (lua_type(L, -1) == LUA_TSTRING) {
+        size_t n;
+        const char *c = lua_tolstring(L, -1, &n);
+        if (!header_name_ok(c, n) || !mg_http1_field_editable(c, n))
+            rc = bad_result(st, h, "credential must name a request header in lower case that "
+                                   "the gateway does not set itself, got \"%.*s\"",
+                            (int)(n > 64 ? 64 : n), c);
+        else
+            copy_bytes(out->credential, sizeof(out->credential), c, n);
+    } else if (!lua_isnil(L, -1)) {
+        rc = bad_result(st, h, "credential must be a header name or false, got %s",
+                        luaL_typename(L, -1));
+    }
+    lua_pop(L, 1);
+    return rc ? rc : check_fields(st, h, idx, names, seen);
+}
+
+/*
+ * Reads "user[, opts]" or "nil, status, message, headers" at idx..idx+3. Only authenticate's
+ * user carries options (with_opts).
+ */
+static int read_user(mg_policy_state_t *st, mg_hook_t h, int idx, bool with_opts,
+                     mg_policy_decision_t *out)
 {
     lua_State *L = st->L;
     int t = lua_type(L, idx);
@@ -236,7 +287,7 @@ static int read_user(mg_policy_state_t *st, mg_hook_t h, int idx, mg_policy_deci
         decision_clear(out);
         out->allow = true;
         copy_bytes(out->user, sizeof(out->user), user, n);
-        return 0;
+        return with_opts ? read_user_opts(st, h, idx + 1, out) : 0;
     }
     if (t == LUA_TNIL || (t == LUA_TBOOLEAN && !lua_toboolean(L, idx)))
         return read_refusal(st, h, idx + 1, 401, "Unauthorized", out);
@@ -264,7 +315,7 @@ int mg_policy_authenticate(mg_policy_state_t *st, const mg_policy_request_t *req
     push_request(st, req);
     int rc = call_hook(st, MG_HOOK_AUTHENTICATE, 1, 4);
     if (rc == 0)
-        rc = read_user(st, MG_HOOK_AUTHENTICATE, 2, out);
+        rc = read_user(st, MG_HOOK_AUTHENTICATE, 2, true, out);
     if (rc != 0)
         decision_fail(out);
     lua_settop(L, 1);
@@ -283,7 +334,7 @@ int mg_policy_agent_auth(mg_policy_state_t *st, const char *token,
     push_request(st, req);
     int rc = call_hook(st, MG_HOOK_AGENT_AUTH, 2, 4);
     if (rc == 0)
-        rc = read_user(st, MG_HOOK_AGENT_AUTH, 2, out);
+        rc = read_user(st, MG_HOOK_AGENT_AUTH, 2, false, out);
     if (rc != 0)
         decision_fail(out);
     lua_settop(L, 1);
@@ -464,12 +515,110 @@ static bool fingerprint_ok(const char *s)
     return true;
 }
 
+/* A Host value: a name or address and maybe a port, nothing that could end the field. */
+static bool host_value_ok(const char *s)
+{
+    if (*s == '\0')
+        return false;
+    for (; *s != '\0'; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
+              strchr(".-_:[]", *s)))
+            return false;
+    return true;
+}
+
+static int rule_cmp(const mg_policy_header_rule_t *a, const mg_policy_header_rule_t *b,
+                    const char *buf)
+{
+    size_t n = a->name_len < b->name_len ? a->name_len : b->name_len;
+    int c = memcmp(buf + a->name_off, buf + b->name_off, n);
+    return c != 0 ? c : (int)a->name_len - (int)b->name_len;
+}
+
+/*
+ * Reads t.headers, {name = "value" (set) | false (remove)}, into the route's rules, sorted by
+ * name so that the upstream sees them in an order that does not depend on Lua's table.
+ *
+ *   in: ... t        out: ... t
+ */
+static int read_header_rules(mg_policy_state_t *st, int t, mg_policy_route_t *r, int *seen)
+{
+    const mg_hook_t h = MG_HOOK_ROUTE;
+    lua_State *L = st->L;
+    lua_getfield(L, t, "headers");
+    int ht = lua_gettop(L);
+    int rc = 0;
+    if (lua_isnil(L, ht)) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    (*seen)++;
+    if (!lua_istable(L, ht)) {
+        rc = bad_result(st, h, "field headers must be a table {name = \"value\" | false}, got %s",
+                        luaL_typename(L, ht));
+        lua_pop(L, 1);
+        return rc;
+    }
+    size_t used = 0;
+    lua_pushnil(L);
+    while (rc == 0 && lua_next(L, ht) != 0) {
+        /* ... headers key value */
+        size_t kn = 0, vn = 0;
+        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &kn) : NULL;
+        int vt = lua_type(L, -1);
+        bool remove = vt == LUA_TBOOLEAN && !lua_toboolean(L, -1);
+        const char *v = vt == LUA_TSTRING || vt == LUA_TNUMBER ? lua_tolstring(L, -1, &vn) : NULL;
+        if (k == NULL || !header_name_ok(k, kn) || !mg_http1_field_editable(k, kn))
+            rc = bad_result(st, h, "headers: %s%s%s is not a header the route may set or "
+                                   "remove "
+                                   "(a lower-case name; not Host, Content-Length, "
+                                   "Transfer-Encoding, Connection, hop-by-hop fields, Expect, "
+                                   "X-Forwarded-For/-Proto or X-Request-Id)",
+                            k != NULL ? "\"" : "a key of type ",
+                            k != NULL ? k : luaL_typename(L, -2), k != NULL ? "\"" : "");
+        else if (!remove && (v == NULL || !value_ok(v, vn, MG_ROUTE_HEADER_VALUE_MAX)))
+            rc = bad_result(st, h, "headers.%s must be a string of at most %d bytes without "
+                                   "control characters, or false to remove the header",
+                            k, MG_ROUTE_HEADER_VALUE_MAX);
+        else if (r->nrules == MG_ROUTE_HEADER_RULES_MAX)
+            rc = bad_result(st, h, "headers: at most %d rules", MG_ROUTE_HEADER_RULES_MAX);
+        else if (used + kn + (remove ? 0 : vn) > sizeof(r->rule_buf))
+            rc = bad_result(st, h, "headers: the names and values must fit in %zu bytes",
+                            sizeof(r->rule_buf));
+        if (rc == 0) {
+            mg_policy_header_rule_t *rule = &r->rules[r->nrules++];
+            rule->remove = remove;
+            rule->name_off = (uint16_t)used;
+            rule->name_len = (uint16_t)kn;
+            memcpy(r->rule_buf + used, k, kn);
+            used += kn;
+            rule->value_off = (uint16_t)used;
+            rule->value_len = remove ? 0 : (uint16_t)vn;
+            if (!remove)
+                memcpy(r->rule_buf + used, v, vn);
+            used += rule->value_len;
+        }
+        lua_pop(L, 1);
+    }
+    if (rc != 0)
+        lua_pop(L, 1); /* the key lua_next left */
+    lua_pop(L, 1);
+    for (int i = 1; rc == 0 && i < r->nrules; i++)
+        for (int j = i; j > 0 && rule_cmp(&r->rules[j - 1], &r->rules[j], r->rule_buf) > 0; j--) {
+            mg_policy_header_rule_t tmp = r->rules[j];
+            r->rules[j] = r->rules[j - 1];
+            r->rules[j - 1] = tmp;
+        }
+    return rc;
+}
+
 /*   in: ... t        out: ... t */
 static int read_route(mg_policy_state_t *st, int t, mg_policy_route_t *r)
 {
     static const char *const names[] = {
         "transport", "host", "port", "ssh_user", "key", "key_passphrase", "known_hosts",
-        "host_key", "target_host", "target_port", NULL,
+        "host_key", "target_host", "target_port", "headers", "host_header",
+        "forward_credential", "head_timeout_ms", "idle_timeout_ms", "error_format", NULL,
     };
     const mg_hook_t h = MG_HOOK_ROUTE;
     int rc = 0, seen = 0;
@@ -498,9 +647,31 @@ static int read_route(mg_policy_state_t *st, int t, mg_policy_route_t *r)
     if (rc == 0)
         rc = field_num(st, h, t, "target_port", 1, 65535, &target_port, &seen);
     if (rc == 0)
+        rc = read_header_rules(st, t, r, &seen);
+    if (rc == 0)
+        rc = field_str(st, h, t, "host_header", r->host_header, sizeof(r->host_header), &seen);
+    if (rc == 0)
+        rc = field_bool(st, h, t, "forward_credential", &r->forward_credential, &seen);
+    double head_timeout = 0, idle_timeout = 0;
+    if (rc == 0)
+        rc = field_num(st, h, t, "head_timeout_ms", 1000, 3600000, &head_timeout, &seen);
+    if (rc == 0)
+        rc = field_num(st, h, t, "idle_timeout_ms", 1000, 3600000, &idle_timeout, &seen);
+    char format[16] = "auto";
+    if (rc == 0)
+        rc = field_str(st, h, t, "error_format", format, sizeof(format), &seen);
+    if (rc == 0)
         rc = check_fields(st, h, t, names, seen);
     if (rc != 0)
         return rc;
+    if (mg__policy_error_format_parse(format, &r->error_format) != 0)
+        return bad_result(st, h, "field error_format must be \"openai\", \"ollama\", "
+                                 "\"plain\" or \"auto\", got \"%s\"", format);
+    if (r->host_header[0] != '\0' && !host_value_ok(r->host_header))
+        return bad_result(st, h, "field host_header must be a host name or address, maybe "
+                                 "with :port");
+    r->head_timeout_ms = (uint32_t)head_timeout;
+    r->idle_timeout_ms = (uint32_t)idle_timeout;
     r->port = (int)port;
     r->target_port = (int)target_port;
     if (strcmp(transport, "tcp") == 0)
@@ -654,12 +825,45 @@ int mg_policy_shutdown(mg_policy_t *p, const mg_policy_shutdown_info_t *info,
     return rc;
 }
 
+static void set_str(lua_State *L, const char *k, const char *v)
+{
+    if (v == NULL)
+        return;
+    lua_pushstring(L, v);
+    lua_setfield(L, -2, k);
+}
+
+/* A count or time, left out when it is not known (negative). */
+static void set_num(lua_State *L, const char *k, double v)
+{
+    if (v < 0)
+        return;
+    lua_pushnumber(L, v);
+    lua_setfield(L, -2, k);
+}
+
+/*   in: ... ev        out: ... ev (with the request's fields) */
+static void push_request_info(lua_State *L, const mg_policy_request_info_t *ri)
+{
+    set_str(L, "method", ri->method);
+    set_str(L, "path", ri->path);
+    set_num(L, "status", ri->status);
+    set_num(L, "bytes_in", (double)ri->bytes_in);
+    set_num(L, "bytes_out", (double)ri->bytes_out);
+    set_num(L, "ttfb_ms", ri->ttfb_ms);
+    set_num(L, "duration_ms", ri->duration_ms);
+    set_str(L, "model", ri->model);
+    set_num(L, "prompt_tokens", (double)ri->prompt_tokens);
+    set_num(L, "completion_tokens", (double)ri->completion_tokens);
+    set_str(L, "outcome", ri->outcome);
+}
+
 int mg_policy_event(mg_policy_t *p, const mg_policy_event_t *ev)
 {
     mg_policy_state_t *st = mg_policy_acquire(p);
     lua_State *L = st->L;
     lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[MG_HOOK_ON_EVENT]);
-    lua_createtable(L, 0, 4);
+    lua_createtable(L, 0, ev->request != NULL ? 15 : 4);
     lua_pushstring(L, ev->type != NULL ? ev->type : "unknown");
     lua_setfield(L, -2, "type");
     if (ev->user != NULL) {
@@ -674,6 +878,8 @@ int mg_policy_event(mg_policy_t *p, const mg_policy_event_t *ev)
         lua_pushstring(L, ev->message);
         lua_setfield(L, -2, "message");
     }
+    if (ev->request != NULL)
+        push_request_info(L, ev->request);
     int rc = call_hook(st, MG_HOOK_ON_EVENT, 1, 0);
     lua_settop(L, 1);
     mg_policy_release(st);

@@ -44,7 +44,8 @@ struct link {
     mg_ssh_chan_t *ch;
     mg_http1_resp_parser_t *parser;
     mg_exchange_t *x;        /* the exchange using it, or NULL when idle */
-    uv_timer_t timer;        /* response-head deadline while busy, idle deadline while idle */
+    uv_timer_t timer;        /* while busy, the response head's deadline then the response's
+                                idle deadline; while idle, the keep-alive deadline */
     char user[MG_USER_ID_MAX + 1];
     char target_host[256];
     int target_port;
@@ -85,6 +86,7 @@ struct mg_exchange {
 
 static const mg_ssh_chan_cbs_t link_cbs;
 static void link_close(link_t *l);
+static void on_link_timer(uv_timer_t *t);
 static void exchange_fail(mg_exchange_t *x, int status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 static void exchange_send(mg_exchange_t *x);
@@ -190,6 +192,18 @@ static void on_link_timer_closed(uv_handle_t *h)
         free(px);
 }
 
+static uint64_t head_timeout(const mg_exchange_t *x)
+{
+    return x->req.head_timeout_ms ? x->req.head_timeout_ms : x->px->opts.head_timeout_ms;
+}
+
+/* Restarts the response's idle deadline: more of it came, or reading it resumed. */
+static void idle_deadline(link_t *l, mg_exchange_t *x)
+{
+    if (x->req.idle_timeout_ms && x->got_head && !x->paused && !x->done)
+        uv_timer_start(&l->timer, on_link_timer, x->req.idle_timeout_ms, 0);
+}
+
 static void on_link_timer(uv_timer_t *t)
 {
     link_t *l = t->data;
@@ -200,13 +214,16 @@ static void on_link_timer(uv_timer_t *t)
         link_close(l);
         return;
     }
-    if (l->x && !l->x->got_head) {
-        mg_exchange_t *x = l->x;
-        link_close(l);
+    mg_exchange_t *x = l->x;
+    if (x == NULL)
+        return;
+    link_close(l);
+    if (!x->got_head)
         exchange_fail(x, MG_ETIMEDOUT, "the upstream %s:%d sent no response within %llu ms",
-                      l->target_host, l->target_port,
-                      (unsigned long long)l->px->opts.head_timeout_ms);
-    }
+                      l->target_host, l->target_port, (unsigned long long)head_timeout(x));
+    else
+        exchange_fail(x, MG_ETIMEDOUT, "the upstream %s:%d sent nothing for %u ms mid-response",
+                      l->target_host, l->target_port, (unsigned)x->req.idle_timeout_ms);
 }
 
 /* Closes the channel; the lease goes back and the link is freed in the channel's on_close. */
@@ -233,7 +250,7 @@ static void link_reuse(link_t *l, mg_exchange_t *x)
     mg_http1_resp_parser_expect(l->parser, x->method);
     if (x->paused)
         mg_ssh_chan_read_stop(l->ch);
-    uv_timer_start(&l->timer, on_link_timer, px->opts.head_timeout_ms, 0);
+    uv_timer_start(&l->timer, on_link_timer, head_timeout(x), 0);
     exchange_send(x);
 }
 
@@ -293,6 +310,8 @@ static int on_resp_head(void *data, const mg_http1_resp_head_t *head)
     uv_timer_stop(&l->timer);
     x->got_head = true;
     x->cbs->on_head(x, head);
+    if (l->x == x)
+        idle_deadline(l, x);
     return 0;
 }
 
@@ -358,6 +377,7 @@ static void link_on_data(mg_ssh_chan_t *ch, const char *buf, size_t len)
         return;
     }
     x->got_response = true;
+    idle_deadline(l, x);
     x->dispatching++;
     size_t consumed = 0;
     int rc = mg_http1_resp_parser_feed(l->parser, buf, len, &consumed);
@@ -484,7 +504,7 @@ static int link_start(mg_exchange_t *x, mg_pool_conn_t *lease)
     mg_http1_resp_parser_expect(l->parser, x->method);
     if (x->paused)
         mg_ssh_chan_read_stop(l->ch);
-    uv_timer_start(&l->timer, on_link_timer, px->opts.head_timeout_ms, 0);
+    uv_timer_start(&l->timer, on_link_timer, head_timeout(x), 0);
     return 0;
 }
 
@@ -677,15 +697,21 @@ void mg_exchange_end_body(mg_exchange_t *x)
 void mg_exchange_pause(mg_exchange_t *x)
 {
     x->paused = true;
-    if (x->link)
+    if (x->link) {
         mg_ssh_chan_read_stop(x->link->ch);
+        /* A client that reads slowly is not an upstream that went quiet. */
+        if (x->got_head && x->req.idle_timeout_ms)
+            uv_timer_stop(&x->link->timer);
+    }
 }
 
 void mg_exchange_resume(mg_exchange_t *x)
 {
     x->paused = false;
-    if (x->link)
+    if (x->link) {
         mg_ssh_chan_read_start(x->link->ch);
+        idle_deadline(x->link, x);
+    }
 }
 
 void mg_exchange_abort(mg_exchange_t *x)

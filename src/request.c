@@ -10,6 +10,7 @@
 #include "request.h"
 
 #include "buf.h"
+#include "llm_metrics.h"
 #include "moongate/error.h"
 #include "moongate/json.h"
 #include "moongate/log.h"
@@ -34,6 +35,7 @@ typedef struct mg_req {
     const mg_http1_req_head_t *head; /* valid while c is */
     char id[MG_HTTP1_REQUEST_ID_MAX + 1];
     char user[MG_USER_ID_MAX + 1];
+    char credential[MG_POLICY_HEADER_NAME_MAX]; /* the field authenticate read, or "" */
     mg_policy_state_t *pol;
     mg_policy_route_t route;
     mg_ssh_conn_opts_t route_opts;
@@ -50,6 +52,7 @@ typedef struct mg_req {
     bool head_sent, resp_ended, x_paused;
     const char *outcome;             /* for the access log: "" or why it was cut */
     uint64_t t_start, t_first, bytes_down;
+    mg_usage_scanner_t *usage;       /* reading a 2xx LLM response's usage as it passes */
 } mg_req_t;
 
 static const mg_server_req_ops_t req_ops;
@@ -100,16 +103,75 @@ void mg_req_respond(mg_client_t *c, const char *request_id, int status, const ch
     mg_client_end(c);
 }
 
-void mg_req_respond_error(mg_client_t *c, const char *request_id, int status,
-                          const char *message, const mg_policy_decision_t *d)
+mg_error_format_t mg_req_error_format(mg_error_format_t f, const char *target, size_t len)
+{
+    if (f != MG_ERROR_FORMAT_AUTO)
+        return f;
+    /* The OpenAI API and the servers compatible with it (vLLM, llama.cpp's) live under /v1. */
+    if (target && len >= 3 && memcmp(target, "/v1", 3) == 0 &&
+        (len == 3 || target[3] == '/' || target[3] == '?'))
+        return MG_ERROR_FORMAT_OPENAI;
+    return MG_ERROR_FORMAT_PLAIN;
+}
+
+/* OpenAI's error type and code for a status, as its SDKs and clients expect them. */
+static void openai_kind(int status, const char **type, const char **code)
+{
+    static const struct {
+        int status;
+        const char *type, *code;
+    } kinds[] = {
+        { 400, "invalid_request_error", "bad_request" },
+        { 401, "authentication_error", "invalid_api_key" },
+        { 403, "permission_error", "forbidden" },
+        { 404, "invalid_request_error", "not_found" },
+        { 408, "invalid_request_error", "request_timeout" },
+        { 413, "invalid_request_error", "request_too_large" },
+        { 429, "rate_limit_error", "rate_limit_exceeded" },
+        { 502, "server_error", "bad_gateway" },
+        { 503, "server_error", "service_unavailable" },
+        { 504, "server_error", "timeout" },
+    };
+    for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++)
+        if (kinds[i].status == status) {
+            *type = kinds[i].type;
+            *code = kinds[i].code;
+            return;
+        }
+    *type = status >= 500 ? "server_error" : "invalid_request_error";
+    *code = NULL;
+}
+
+void mg_req_respond_error(mg_client_t *c, mg_error_format_t format, const char *request_id,
+                          int status, const char *message, const mg_policy_decision_t *d)
 {
     mg_json_t j;
     mg_json_init(&j, 16 * 1024);
     mg_json_begin_object(&j);
     mg_json_key(&j, "error");
-    mg_json_string(&j, message);
-    mg_json_key(&j, "request_id");
-    mg_json_string(&j, request_id);
+    if (format == MG_ERROR_FORMAT_OPENAI) {
+        const char *type, *code;
+        openai_kind(status, &type, &code);
+        mg_json_begin_object(&j);
+        mg_json_key(&j, "message");
+        mg_json_string(&j, message);
+        mg_json_key(&j, "type");
+        mg_json_string(&j, type);
+        mg_json_key(&j, "param");
+        mg_json_null(&j);
+        mg_json_key(&j, "code");
+        if (code)
+            mg_json_string(&j, code);
+        else
+            mg_json_null(&j);
+        mg_json_key(&j, "request_id");
+        mg_json_string(&j, request_id);
+        mg_json_end_object(&j);
+    } else {
+        mg_json_string(&j, message);
+        mg_json_key(&j, "request_id");
+        mg_json_string(&j, request_id);
+    }
     mg_json_end_object(&j);
     size_t len = 0;
     const char *body = mg_json_buf(&j, &len);
@@ -130,6 +192,16 @@ static void retry_after(mg_policy_decision_t *d, const char *seconds)
     d->nheaders++;
 }
 
+/* The shape of this request's error bodies: the route's choice, else the policy's, else by
+   the path. */
+static mg_error_format_t req_error_format(const mg_req_t *r)
+{
+    mg_error_format_t f = r->route.error_format;
+    if (f == MG_ERROR_FORMAT_AUTO && r->pol)
+        f = mg_policy_error_format(r->pol);
+    return mg_req_error_format(f, r->head->target, r->head->target_len);
+}
+
 /* An error for this request: logged when it is the gateway's or the upstream's fault. */
 static void req_error(mg_req_t *r, int status, const char *message, const mg_policy_decision_t *d)
 {
@@ -138,7 +210,7 @@ static void req_error(mg_req_t *r, int status, const char *message, const mg_pol
         mg_log_info(LOG, "req=%s user=%s %d: %s", r->id, r->user[0] ? r->user : "-", status,
                     message);
     if (r->c)
-        mg_req_respond_error(r->c, r->id, status, message, d);
+        mg_req_respond_error(r->c, req_error_format(r), r->id, status, message, d);
     r->resp_ended = true;
 }
 
@@ -148,19 +220,29 @@ static void req_error(mg_req_t *r, int status, const char *message, const mg_pol
 
 void mg_req_account(mg_req_env_t *env, const char *id, const char *user, const char *method,
                     const char *target, size_t target_len, int status, uint64_t bytes,
-                    uint64_t t_start_ns, const char *outcome, mg_log_level_t level)
+                    uint64_t t_start_ns, const char *outcome, const mg_usage_t *usage,
+                    mg_log_level_t level)
 {
     mg_gateway_metrics_t *m = env->metrics;
     double secs = (double)(uv_hrtime() - t_start_ns) / 1e9;
     mg_counter_inc(m->requests_total[mg_http_status_class(status)]);
     mg_histogram_observe(m->request_duration, secs);
+    if (env->llm)
+        mg_llm_metrics_count(env->llm, user, usage ? usage->model : NULL,
+                             usage ? usage->prompt_tokens : -1,
+                             usage ? usage->completion_tokens : -1);
     if (!mg_log_enabled(level))
         return;
+    char used[MG_USAGE_MODEL_MAX + 96] = "";
+    if (usage && usage->found)
+        snprintf(used, sizeof(used), ", model=%s prompt_tokens=%lld completion_tokens=%lld",
+                 usage->model[0] ? usage->model : "-", (long long)usage->prompt_tokens,
+                 (long long)usage->completion_tokens);
     int tl = target_len > LOG_TARGET_MAX ? LOG_TARGET_MAX : (int)target_len;
-    mg_log(level, LOG, "req=%s user=%s %s %.*s%s -> %d, %llu bytes, %.1f ms%s%s", id,
+    mg_log(level, LOG, "req=%s user=%s %s %.*s%s -> %d, %llu bytes, %.1f ms%s%s%s", id,
            user && user[0] ? user : "-", method, tl, target,
            target_len > LOG_TARGET_MAX ? "..." : "", status, (unsigned long long)bytes,
-           secs * 1000, outcome && outcome[0] ? ", " : "", outcome ? outcome : "");
+           secs * 1000, used, outcome && outcome[0] ? ", " : "", outcome ? outcome : "");
 }
 
 static void req_free(mg_req_t *r)
@@ -171,6 +253,7 @@ static void req_free(mg_req_t *r)
     }
     if (r->pol)
         mg_policy_release(r->pol);
+    mg_usage_scanner_free(r->usage);
     mg__buf_free(&r->body);
     mg__buf_free(&r->up);
     r->env->in_flight--;
@@ -197,6 +280,16 @@ static int status_for(int err)
     }
 }
 
+static const mg_http1_header_t *find_field(const mg_http1_header_t *hs, size_t n,
+                                           const char *name)
+{
+    size_t len = strlen(name);
+    for (size_t i = 0; i < n; i++)
+        if (hs[i].name_len == len && strncasecmp(hs[i].name, name, len) == 0)
+            return &hs[i];
+    return NULL;
+}
+
 static void x_on_head(mg_exchange_t *x, const mg_http1_resp_head_t *h)
 {
     mg_req_t *r = mg_exchange_data(x);
@@ -210,6 +303,12 @@ static void x_on_head(mg_exchange_t *x, const mg_http1_resp_head_t *h)
         len = (int64_t)h->content_length;
     else if (h->framing == MG_HTTP1_BODY_NONE)
         len = h->content_length != MG_HTTP1_NO_LENGTH ? (int64_t)h->content_length : 0;
+    const mg_http1_header_t *ct = find_field(h->headers, h->nheaders, "content-type");
+    mg_usage_format_t uf = ct ? mg_usage_format(ct->value, ct->value_len) : MG_USAGE_NONE;
+    /* What the upstream reports of its cost, read on the way; a scanner that cannot be had
+       only means a request without usage. */
+    if (uf != MG_USAGE_NONE && h->status >= 200 && h->status < 300 && !r->usage)
+        (void)mg_usage_scanner_new(uf, &r->usage);
     mg_client_head_t ch = {
         .status = h->status,
         .headers = h->headers,
@@ -217,6 +316,17 @@ static void x_on_head(mg_exchange_t *x, const mg_http1_resp_head_t *h)
         .body_length = len,
         .request_id = r->id,
     };
+    /* A streamed response must not wait in a buffering proxy in front of the gateway (nginx
+       honours X-Accel-Buffering, and others follow it). */
+    mg_http1_header_t with[MG_HTTP1_MAX_HEADERS + 1];
+    bool streamed = len < 0 || uf == MG_USAGE_NDJSON || uf == MG_USAGE_SSE;
+    if (streamed && h->nheaders < MG_HTTP1_MAX_HEADERS &&
+        !find_field(h->headers, h->nheaders, "x-accel-buffering")) {
+        memcpy(with, h->headers, h->nheaders * sizeof(*with));
+        with[h->nheaders] = (mg_http1_header_t){ "X-Accel-Buffering", 17, "no", 2 };
+        ch.headers = with;
+        ch.nheaders = h->nheaders + 1;
+    }
     r->status = h->status;
     r->head_sent = true;
     if (mg_client_head(r->c, &ch) != 0) {
@@ -233,6 +343,8 @@ static void x_on_body(mg_exchange_t *x, const char *buf, size_t len)
     mg_req_t *r = mg_exchange_data(x);
     mg_counter_add(r->env->metrics->upstream_received_bytes, len);
     r->bytes_down += len;
+    if (r->usage)
+        mg_usage_feed(r->usage, buf, len);
     mg_client_write(r->c, buf, len);
     if (!r->x_paused && mg_client_queued(r->c) > MG_CLIENT_HIGH_WATER) {
         r->x_paused = true;
@@ -318,6 +430,7 @@ static int on_body(mg_server_req_t *base, const char *data, size_t len)
         return 0;
     if (r->coalescing) {
         /* Bounded: the Content-Length is at most COALESCE_MAX. */
+        r->body_bytes += len;
         if (mg__buf_append(&r->up, data, len) != 0)
             req_error(r, 500, "out of memory", NULL);
         return 0;
@@ -437,6 +550,37 @@ static void on_drain(mg_server_req_t *base)
     }
 }
 
+/* The policy's on_event hears of every request when it ends. */
+static void request_event(const mg_req_t *r, int status, const char *outcome,
+                          const mg_usage_t *u)
+{
+    uint64_t now = uv_hrtime();
+    char path[LOG_TARGET_MAX + 1];
+    size_t pl = r->head->target_len > LOG_TARGET_MAX ? LOG_TARGET_MAX : r->head->target_len;
+    memcpy(path, r->head->target, pl);
+    path[pl] = '\0';
+    mg_policy_request_info_t info = {
+        .method = r->head->method,
+        .path = path,
+        .status = status,
+        .bytes_in = r->body_bytes,
+        .bytes_out = r->bytes_down,
+        .ttfb_ms = r->t_first ? (double)(r->t_first - r->t_start) / 1e6 : -1,
+        .duration_ms = (double)(now - r->t_start) / 1e6,
+        .model = u && u->model[0] ? u->model : NULL,
+        .prompt_tokens = u ? u->prompt_tokens : -1,
+        .completion_tokens = u ? u->completion_tokens : -1,
+        .outcome = outcome,
+    };
+    mg_policy_event_t ev = {
+        .type = "request",
+        .user = r->user[0] ? r->user : NULL,
+        .message = r->id,
+        .request = &info,
+    };
+    mg_policy_event(r->env->policy, &ev);
+}
+
 static void on_done(mg_server_req_t *base, bool complete)
 {
     mg_req_t *r = (mg_req_t *)base;
@@ -448,9 +592,18 @@ static void on_done(mg_server_req_t *base, bool complete)
     } else if (!complete && !outcome) {
         outcome = "cut: the connection to the client failed";
     }
+    mg_usage_t usage;
+    bool have_usage = false;
+    if (r->usage) {
+        mg_usage_result(r->usage, &usage);
+        have_usage = usage.found;
+    }
+    int status = r->status ? r->status : 499;
     mg_req_account(r->env, r->id, r->user, r->head->method, r->head->target,
-                   r->head->target_len, r->status ? r->status : 499, r->bytes_down, r->t_start,
-                   outcome, MG_LOG_INFO);
+                   r->head->target_len, status, r->bytes_down, r->t_start, outcome,
+                   have_usage ? &usage : NULL, MG_LOG_INFO);
+    if (mg_policy_has_on_event(r->env->policy))
+        request_event(r, status, outcome, have_usage ? &usage : NULL);
     r->c = NULL;
     r->head = NULL;
     req_free(r);
@@ -543,7 +696,6 @@ static bool run_policy(mg_req_t *r)
     }
     mg_policy_decision_t d;
     bool ok = false;
-    r->pol = mg_policy_acquire(env->policy);
     if (mg_policy_authenticate(r->pol, &preq, &d) != 0 || !d.allow) {
         if (d.status >= 500)
             mg_counter_inc(env->metrics->policy_errors);
@@ -551,6 +703,7 @@ static bool run_policy(mg_req_t *r)
         goto out;
     }
     snprintf(r->user, sizeof(r->user), "%s", d.user);
+    snprintf(r->credential, sizeof(r->credential), "%s", d.credential);
     if (mg_policy_admit(r->pol, &preq, r->user, &d) != 0 || !d.allow) {
         if (d.status >= 500)
             mg_counter_inc(env->metrics->policy_errors);
@@ -573,9 +726,25 @@ static bool build_head(mg_req_t *r)
 {
     const mg_http1_req_head_t *h = r->head;
     route_to_opts(r);
+    const mg_policy_route_t *rt = &r->route;
     char target_host[300];
-    snprintf(target_host, sizeof(target_host), "%s:%d", r->route.target_host,
-             r->route.target_port);
+    if (rt->host_header[0])
+        snprintf(target_host, sizeof(target_host), "%s", rt->host_header);
+    else
+        snprintf(target_host, sizeof(target_host), "%s:%d", rt->target_host, rt->target_port);
+    /* The gateway's own credential stays here unless the route lets it through; then the
+       route's rules. */
+    mg_http1_field_edit_t edits[MG_ROUTE_HEADER_RULES_MAX + 1];
+    size_t ne = 0;
+    if (r->credential[0] && !rt->forward_credential)
+        edits[ne++] = (mg_http1_field_edit_t){ r->credential, strlen(r->credential), NULL, 0 };
+    for (int i = 0; i < rt->nrules; i++) {
+        const mg_policy_header_rule_t *k = &rt->rules[i];
+        edits[ne++] = (mg_http1_field_edit_t){
+            rt->rule_buf + k->name_off, k->name_len,
+            k->remove ? NULL : rt->rule_buf + k->value_off, k->value_len,
+        };
+    }
     int64_t blen = MG_HTTP1_BODY_LENGTH_NONE;
     if (h->body == MG_HTTP1_REQ_BODY_LENGTH)
         blen = (int64_t)h->content_length;
@@ -592,6 +761,8 @@ static bool build_head(mg_req_t *r)
         .proto = mg_client_tls(r->c) ? "https" : "http",
         .request_id = r->id,
         .body_length = blen,
+        .edits = edits,
+        .nedits = ne,
     };
     char *head = NULL;
     size_t head_len = 0;
@@ -619,6 +790,8 @@ static bool start_exchange(mg_req_t *r, bool has_body)
         .head = r->up.data,
         .head_len = r->up.len,
         .has_body = has_body,
+        .head_timeout_ms = r->route.head_timeout_ms,
+        .idle_timeout_ms = r->route.idle_timeout_ms,
     };
     char err[256];
     int rc = mg_exchange_start(r->env->proxy, &xr, &x_cbs, r, &r->x, err, sizeof(err));
@@ -641,7 +814,9 @@ mg_server_req_t *mg_req_start(mg_req_env_t *env, mg_client_t *c, const mg_http1_
     if (r == NULL) {
         char id[MG_HTTP1_REQUEST_ID_MAX + 1];
         mg_req_id(head, id);
-        mg_req_respond_error(c, id, 500, "out of memory", NULL);
+        mg_req_respond_error(c, mg_req_error_format(MG_ERROR_FORMAT_AUTO, head->target,
+                                                    head->target_len),
+                             id, 500, "out of memory", NULL);
         return NULL;
     }
     r->base.ops = &req_ops;
@@ -650,6 +825,7 @@ mg_server_req_t *mg_req_start(mg_req_env_t *env, mg_client_t *c, const mg_http1_
     r->head = head;
     r->t_start = uv_hrtime();
     r->outcome = NULL;
+    r->pol = mg_policy_acquire(env->policy);
     env->in_flight++;
     mg_req_id(head, r->id);
     r->has_body = head->body != MG_HTTP1_REQ_BODY_NONE;

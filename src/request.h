@@ -15,7 +15,9 @@
 #include "moongate/policy.h"
 #include "moongate/proxy.h"
 #include "moongate/settings.h"
+#include "llm_metrics.h"
 #include "server.h"
+#include "usage.h"
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -26,6 +28,7 @@ typedef struct mg_req_env {
     mg_proxy_t *proxy;
     const mg_settings_t *settings;
     mg_gateway_metrics_t *metrics;
+    mg_llm_metrics_t *llm;       /* tokens and models; NULL: not counted */
     uint64_t max_body_bytes;     /* a larger body gets 413 */
     bool draining;               /* new requests get 503 */
     const char *drain_message;
@@ -45,13 +48,23 @@ void mg_req_id(const mg_http1_req_head_t *head, char out[MG_HTTP1_REQUEST_ID_MAX
 void mg_req_respond(mg_client_t *c, const char *request_id, int status, const char *ctype,
                     const char *body, size_t len, const mg_policy_decision_t *d);
 
-/* {"error": message, "request_id": id} as JSON, with the decision's headers (may be NULL). */
-void mg_req_respond_error(mg_client_t *c, const char *request_id, int status,
-                          const char *message, const mg_policy_decision_t *d);
+/* The error shape for a request to target: f, or when f is AUTO, OpenAI's under /v1 and the
+   plain one elsewhere (docs/policy.md, "Error bodies"). */
+mg_error_format_t mg_req_error_format(mg_error_format_t f, const char *target, size_t len);
 
-/* Counts a finished request in the metrics and writes its access log line at level. */
+/*
+ * An error as JSON in format (not AUTO), with the decision's headers (d may be NULL):
+ *   PLAIN   {"error": message, "request_id": id}
+ *   OPENAI  {"error": {"message", "type", "param": null, "code", "request_id"}}
+ */
+void mg_req_respond_error(mg_client_t *c, mg_error_format_t format, const char *request_id,
+                          int status, const char *message, const mg_policy_decision_t *d);
+
+/* Counts a finished request in the metrics and writes its access log line at level; usage is
+   what the response reported (NULL: nothing). */
 void mg_req_account(mg_req_env_t *env, const char *id, const char *user, const char *method,
                     const char *target, size_t target_len, int status, uint64_t bytes,
-                    uint64_t t_start_ns, const char *outcome, mg_log_level_t level);
+                    uint64_t t_start_ns, const char *outcome, const mg_usage_t *usage,
+                    mg_log_level_t level);
 
 #endif

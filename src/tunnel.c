@@ -789,7 +789,7 @@ static void refuse(mg_client_t *c, const mg_http1_req_head_t *h, int status, con
 {
     char id[MG_HTTP1_REQUEST_ID_MAX + 1];
     mg_req_id(h, id);
-    mg_req_respond_error(c, id, status, why, d);
+    mg_req_respond_error(c, MG_ERROR_FORMAT_PLAIN, id, status, why, d);
 }
 
 static tun_t *tun_new(mg_tunnel_t *t, mg_client_t *c)

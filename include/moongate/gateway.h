@@ -45,6 +45,7 @@ typedef struct mg_gateway_opts {
     uint64_t upstream_keepalive_ms;    /* idle channel reuse window; 10000 */
     const char *admin_token;      /* if set, /metrics and /stats need "Bearer TOKEN"; else
                                      they answer loopback clients only */
+    uint32_t metrics_per_user;    /* users with series of their own in /metrics; 0: none */
 } mg_gateway_opts_t;
 
 /*
@@ -52,7 +53,8 @@ typedef struct mg_gateway_opts {
  * MOONGATE_TLS_CERT, MOONGATE_TLS_KEY, MOONGATE_MAX_BODY, MOONGATE_HEADER_TIMEOUT,
  * MOONGATE_SEND_TIMEOUT, MOONGATE_KEEPALIVE_TIMEOUT, MOONGATE_MAX_CLIENTS,
  * MOONGATE_MAX_REQUEST_LINE, MOONGATE_MAX_HEADER_SIZE, MOONGATE_MAX_HEADERS,
- * UPSTREAM_HEAD_TIMEOUT, UPSTREAM_KEEPALIVE, MOONGATE_ADMIN_TOKEN. Returns 0 or MG_ECONFIG with
+ * UPSTREAM_HEAD_TIMEOUT, UPSTREAM_KEEPALIVE, MOONGATE_ADMIN_TOKEN, MOONGATE_METRICS_PER_USER.
+ * Returns 0 or MG_ECONFIG with
  * a message naming the variable.
  */
 int mg_gateway_opts_from_env(mg_gateway_opts_t *o, char *err, size_t errlen);

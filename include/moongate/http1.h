@@ -286,6 +286,24 @@ bool mg_http1_header_is_hop(const mg_http1_header_t *headers, size_t nheaders, c
 #define MG_HTTP1_BODY_LENGTH_NONE (-2)   /* no body and no framing header (a GET) */
 #define MG_HTTP1_BODY_LENGTH_CHUNKED (-1) /* the body follows chunked */
 
+/*
+ * A change to the client's fields on the way upstream: every field named name (any case) is left
+ * out, and unless value is NULL one "name: value" is added after the client's fields. The
+ * fields the builder writes itself (Host, the framing, Connection and the hop-by-hop ones,
+ * Expect, X-Forwarded-For, X-Forwarded-Proto, X-Request-Id) cannot be edited.
+ */
+typedef struct mg_http1_field_edit {
+    const char *name;
+    size_t name_len;
+    const char *value;        /* NULL: remove only */
+    size_t value_len;
+} mg_http1_field_edit_t;
+
+#define MG_HTTP1_FIELD_EDITS_MAX 32
+
+/* Whether a field named name may be edited (see above): a valid token the builder does not own. */
+bool mg_http1_field_editable(const char *name, size_t len);
+
 typedef struct mg_http1_request {
     const char *method;       /* a token; NUL-terminated */
     const char *path;         /* origin-form: "/" then visible ASCII; path_len bytes */
@@ -297,6 +315,8 @@ typedef struct mg_http1_request {
     const char *proto;        /* X-Forwarded-Proto ("http", "https"); NULL: none */
     const char *request_id;   /* X-Request-Id; NULL: none */
     int64_t body_length;      /* >= 0: Content-Length; or MG_HTTP1_BODY_LENGTH_NONE / _CHUNKED */
+    const mg_http1_field_edit_t *edits; /* applied in order; at most MG_HTTP1_FIELD_EDITS_MAX */
+    size_t nedits;
 } mg_http1_request_t;
 
 /*
@@ -304,9 +324,9 @@ typedef struct mg_http1_request {
  * frees it). The client's headers are kept in order and case, minus: hop-by-hop fields and those
  * listed in Connection; Host, Content-Length, Expect (the front answers it, and the body is
  * streamed regardless), and the client's X-Forwarded-Proto and X-Request-Id (ours replace them).
- * X-Forwarded-For values are merged into one field with client_addr appended. Then framing and
- * "Connection: keep-alive".
- * Returns 0, MG_EINVAL (bad method, path, host, header, or a head over
+ * X-Forwarded-For values are merged into one field with client_addr appended. The edits then
+ * remove fields and add theirs, followed by framing and "Connection: keep-alive".
+ * Returns 0, MG_EINVAL (bad method, path, host, header, edit, or a head over
  * MG_HTTP1_REQUEST_HEAD_MAX; *why says which, if why is not NULL) or MG_ENOMEM.
  */
 int mg_http1_request_head(const mg_http1_request_t *req, char **out, size_t *out_len,

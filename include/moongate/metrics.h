@@ -76,6 +76,14 @@ void mg_metrics_free(mg_metrics_t *reg);
 int mg_metrics_counter(mg_metrics_t *reg, const char *name, const char *help,
                        const char *label_name, const char *label_value, mg_counter_t **out);
 
+/*
+ * Lets the counter or gauge family name hold up to max_series series instead of
+ * MG_METRICS_MAX_SERIES: for a label whose values the operator chose to bound otherwise (user
+ * ids, when asked for). Returns 0, or MG_EINVAL (no such family, a histogram, or fewer than it
+ * holds).
+ */
+int mg_metrics_allow_series(mg_metrics_t *reg, const char *name, size_t max_series);
+
 /* A gauge series set by the code; as mg_metrics_counter() in every other respect. */
 int mg_metrics_gauge(mg_metrics_t *reg, const char *name, const char *help,
                      const char *label_name, const char *label_value, mg_gauge_t **out);

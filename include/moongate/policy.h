@@ -81,7 +81,29 @@ typedef struct mg_policy_decision {
     char message[MG_POLICY_MESSAGE_MAX]; /* for the client; never a traceback */
     int nheaders;
     mg_policy_out_header_t headers[MG_POLICY_MAX_HEADERS];
+    /* authenticate: the request header that held the credential it checked (lower case;
+       "authorization" unless the hook said otherwise, "" for none). The gateway's own
+       credential does not travel upstream unless the route says so. */
+    char credential[MG_POLICY_HEADER_NAME_MAX];
 } mg_policy_decision_t;
+
+/* The shape of error bodies (docs/policy.md, "Errors"). */
+typedef enum mg_error_format {
+    MG_ERROR_FORMAT_AUTO = 0, /* by the path: /v1/... OpenAI's, /api/... Ollama's, else plain */
+    MG_ERROR_FORMAT_PLAIN,    /* {"error": "message", "request_id": "..."}: Ollama's shape */
+    MG_ERROR_FORMAT_OPENAI,   /* {"error": {"message", "type", "code", "param", "request_id"}} */
+} mg_error_format_t;
+
+#define MG_ROUTE_HEADER_RULES_MAX 16
+#define MG_ROUTE_HEADER_VALUE_MAX 2048
+#define MG_ROUTE_HEADER_BYTES 4096
+
+/* One rule for the upstream request's fields: set name to value, or remove name. */
+typedef struct mg_policy_header_rule {
+    uint16_t name_off, name_len;  /* in the route's rule_buf; the name is lower case */
+    uint16_t value_off, value_len;
+    bool remove;
+} mg_policy_header_rule_t;
 
 typedef enum mg_route_transport {
     MG_ROUTE_TCP = 0, /* dial host:port */
@@ -100,6 +122,15 @@ typedef struct mg_policy_route {
     char host_key[128];        /* optional pinned fingerprint, "SHA256:<base64>" */
     char target_host[256];     /* where the channel goes on the user's machine */
     int target_port;
+    /* For the upstream request (docs/policy.md, "route"): */
+    mg_policy_header_rule_t rules[MG_ROUTE_HEADER_RULES_MAX]; /* fields set or removed */
+    int nrules;
+    char rule_buf[MG_ROUTE_HEADER_BYTES];
+    char host_header[256];     /* the Host sent; "" for target_host:target_port */
+    bool forward_credential;   /* let authenticate's credential header through */
+    uint32_t head_timeout_ms;  /* until the response head; 0: UPSTREAM_HEAD_TIMEOUT */
+    uint32_t idle_timeout_ms;  /* the longest pause between response bytes; 0: none */
+    mg_error_format_t error_format; /* AUTO: the policy's choice */
 } mg_policy_route_t;
 
 /* Handed to the shutdown hook. */
@@ -117,13 +148,29 @@ typedef struct mg_policy_shutdown {
     char message[MG_POLICY_MESSAGE_MAX];
 } mg_policy_shutdown_t;
 
+/* A finished request, for the "request" event. Strings may be NULL; -1 for a count not known. */
+typedef struct mg_policy_request_info {
+    const char *method;
+    const char *path;
+    int status;
+    uint64_t bytes_in;        /* request body bytes */
+    uint64_t bytes_out;       /* response body bytes */
+    double ttfb_ms;           /* to the first response byte; -1 without one */
+    double duration_ms;
+    const char *model;
+    int64_t prompt_tokens;
+    int64_t completion_tokens;
+    const char *outcome;      /* NULL when complete; else why it was cut */
+} mg_policy_request_info_t;
+
 /* Handed to on_event. Strings may be NULL. */
 typedef struct mg_policy_event {
     const char *type;    /* "connection_opened", "connection_closed", "connection_unhealthy",
-                            "agent_joined", "agent_left", ... */
+                            "agent_joined", "agent_left", "request", ... */
     const char *user;
     uint64_t conn_id;    /* 0 when not about a connection */
     const char *message;
+    const mg_policy_request_info_t *request; /* for "request" */
 } mg_policy_event_t;
 
 /* Stats providers (the pool). Return 0, or a negative code when the user is unknown. */
@@ -220,6 +267,12 @@ int mg_policy_shutdown(mg_policy_t *p, const mg_policy_shutdown_info_t *info,
                        mg_policy_shutdown_t *out);
 /* Errors are logged and returned; there is nothing to fail closed. */
 int mg_policy_event(mg_policy_t *p, const mg_policy_event_t *ev);
+
+/* True if the current policy file defines on_event (the default one does nothing of note). */
+bool mg_policy_has_on_event(mg_policy_t *p);
+
+/* The policy file's error_format (AUTO when it says none). */
+mg_error_format_t mg_policy_error_format(const mg_policy_state_t *st);
 
 /* An mg_pool_limits_fn over mg_policy_limits(): ctx is the mg_policy_t. */
 int mg_policy_pool_limits_fn(void *ctx, const char *user, mg_pool_limits_t *out);

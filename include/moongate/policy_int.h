@@ -82,6 +82,9 @@ typedef enum mg_hook {
 
 extern const char *const mg__hook_names[MG_HOOK_COUNT];
 
+/* "auto", "plain", "openai", "ollama". Returns 0, or MG_EINVAL. */
+int mg__policy_error_format_parse(const char *s, mg_error_format_t *out);
+
 typedef struct mg_policy_timer mg_policy_timer_t;
 
 struct mg_policy {
@@ -130,6 +133,8 @@ struct mg_policy_state {
     char hook_where[MG_HOOK_COUNT][160]; /* "file.lua:12", for error messages */
     int req_ref;          /* the last request's table (registry), and its seq */
     uint64_t req_seq;
+    bool hook_from_file[MG_HOOK_COUNT]; /* else the default's */
+    mg_error_format_t error_format;     /* the policy table's error_format */
 
     mg_policy_timer_t *timers;
     int ntimers;

@@ -62,6 +62,9 @@ typedef struct mg_exchange_req {
     const char *head;                /* the request head to send upstream (copied) */
     size_t head_len;
     bool has_body;                   /* false: the request ends with its head */
+    uint32_t head_timeout_ms;        /* until the response head; 0: the proxy's */
+    uint32_t idle_timeout_ms;        /* the longest silence once the head is in (not counted
+                                        while paused); 0: none. Past it, MG_ETIMEDOUT. */
 } mg_exchange_req_t;
 
 typedef struct mg_proxy_stats {

@@ -83,6 +83,19 @@ function M.route(req, user)
   return route
 end
 
+-- The default route with fields added or replaced: for a policy that keeps the MOONGATE_SSH_*
+-- connection and says what its LLM server needs (examples/policies/ollama.lua).
+function M.route_with(fields)
+  local r = {}
+  for k, v in pairs(route) do
+    r[k] = v
+  end
+  for k, v in pairs(fields) do
+    r[k] = v
+  end
+  return r
+end
+
 function M.agent_auth(token, req)
   local user = token and agent_tokens[mg.sha256(token)]
   if not user then

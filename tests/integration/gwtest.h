@@ -471,6 +471,22 @@ static inline int gw_healthz(const gw_t *g, int timeout_ms)
     return status;
 }
 
+/* The value of a sample in g's /metrics ("name" or "name{label=\"value\"}"), or -1. */
+static inline double gw_metric(gw_t *g, const char *sample)
+{
+    mg_test_http_response_t r;
+    int rc = gw_request(g, "GET", "/metrics", NULL, NULL, 0, &r, 5000);
+    gw_expect_status(g, rc, &r, 200, "GET /metrics");
+    double v = -1;
+    char pat[256];
+    snprintf(pat, sizeof(pat), "\n%s ", sample);
+    const char *p = strstr(r.body, pat);
+    if (p != NULL)
+        v = atof(p + strlen(pat));
+    mg_test_http_response_free(&r);
+    return v;
+}
+
 /* ---- a minimal JSON checker ---- */
 
 typedef struct gw_json {

@@ -258,22 +258,6 @@ static double hello_until_ok(gw_t *g, const gw_agent_t *a, int timeout_ms, int *
     return -1;
 }
 
-/* The value of an unlabelled sample in /metrics, or -1. */
-static double metric_value(gw_t *g, const char *name)
-{
-    mg_test_http_response_t r;
-    int rc = gw_request(g, "GET", "/metrics", NULL, NULL, 0, &r, 5000);
-    gw_expect_status(g, rc, &r, 200, "GET /metrics");
-    double v = -1;
-    char pat[128];
-    snprintf(pat, sizeof(pat), "\n%s ", name);
-    const char *p = strstr(r.body, pat);
-    if (p != NULL)
-        v = atof(p + strlen(pat));
-    mg_test_http_response_free(&r);
-    return v;
-}
-
 /* "total_connections" of /stats' pool, or -1. */
 static int stats_pool_connections(const gw_t *g)
 {
@@ -552,7 +536,7 @@ static void test_requests_through_agent(void **state)
     assert_string_equal(got, want);
     mg_test_http_response_free(&r);
 
-    assert_true(metric_value(g, "moongate_agent_connections") >= 1);
+    assert_true(gw_metric(g, "moongate_agent_connections") >= 1);
     assert_true(gw_agent_log_count(a, "local ssh stream opened") >= 1);
     stop_both(g, a);
 }
@@ -694,7 +678,7 @@ static void test_connection_limit(void **state)
 
     /* Four open, as the gauge says once the replaced one is gone. */
     double v = -1, end = mg_test_now_ms() + 3000;
-    while ((v = metric_value(g, "moongate_agent_connections")) != 4 && mg_test_now_ms() < end)
+    while ((v = gw_metric(g, "moongate_agent_connections")) != 4 && mg_test_now_ms() < end)
         mg_test_sleep_ms(50);
     print_message("moongate_agent_connections %.0f\n", v);
     assert_true(v == 4);
@@ -703,7 +687,7 @@ static void test_connection_limit(void **state)
     for (int i = 1; i < 6; i++)
         ws_close(w, &ws[i]);
     end = mg_test_now_ms() + 3000;
-    while ((v = metric_value(g, "moongate_agent_connections")) != 0 && mg_test_now_ms() < end)
+    while ((v = gw_metric(g, "moongate_agent_connections")) != 0 && mg_test_now_ms() < end)
         mg_test_sleep_ms(50);
     assert_true(v == 0);
     gw_stop(g);
@@ -742,7 +726,7 @@ static void test_bad_token_and_bad_upgrades(void **state)
     assert_int_equal(ws_open(w, &ws, g->port, AGENT_TOKEN, NULL, "moongate-tunnel.v1"), 400);
     assert_int_equal(ws_open(w, &ws, g->port, AGENT_TOKEN, "short", "moongate-tunnel.v1"), 400);
     assert_int_equal(gw_healthz(g, 2000), 200);
-    assert_true(metric_value(g, "moongate_agent_connections") == 0);
+    assert_true(gw_metric(g, "moongate_agent_connections") == 0);
     gw_stop(g);
 }
 

@@ -1106,7 +1106,7 @@ static void test_metrics(void **state)
     rc = gw_request(g, "GET", "/metrics", NULL, NULL, 0, &r, 5000);
     gw_expect_status(g, rc, &r, 200, "GET /metrics again");
     for (int i = 0; i < nhist; i++) {
-        char want[200];
+        char want[2100];
         snprintf(want, sizeof(want), "\n%s_bucket{", histos[i]);
         assert_non_null(strstr(r.body, want));
         snprintf(want, sizeof(want), "%s_bucket{", histos[i]);

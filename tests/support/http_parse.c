@@ -116,6 +116,9 @@ int mg_test_http_parse_head(char *buf, size_t len, mg_test_http_head_t *h)
         } else if (name_is(line, nlen, "Connection")) {
             conn_close |= list_has(v, vlen, "close");
             conn_keep |= list_has(v, vlen, "keep-alive");
+        } else if (name_is(line, nlen, "Content-Type")) {
+            h->content_type = v;
+            h->content_type_len = vlen;
         } else if (name_is(line, nlen, "Expect")) {
             h->expect_continue = vlen == 12 && strncasecmp(v, "100-continue", 12) == 0;
         }

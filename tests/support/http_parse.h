@@ -35,6 +35,8 @@ typedef struct mg_test_http_head {
     bool keep_alive;             /* by version and the Connection header */
     bool expect_continue;        /* Expect: 100-continue */
     bool is_head;                /* the method is HEAD */
+    const char *content_type;    /* the Content-Type value in the buffer, or NULL */
+    size_t content_type_len;
 } mg_test_http_head_t;
 
 /*

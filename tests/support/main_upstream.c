@@ -14,8 +14,12 @@
  *   GET  /stream?chunks=N&interval_ms=M&size=S
  *                   chunked; N lines {"i":I,"t_ms":T,"pad":"xx.."}\n, one every M ms (the first at
  *                   once), S bytes of pad; T is this server's send time in ms since it started
- *   POST /echo      the request body back with Content-Length: a Content-Length body streams
- *                   straight back; a chunked one is gathered first (up to 64 MB, else 413)
+ *   POST /echo      the request body back with Content-Length and the request's Content-Type
+ *                   (else application/octet-stream): a Content-Length body streams straight
+ *                   back; a chunked one is gathered first (up to 64 MB, else 413)
+ *   POST /api/generate, /api/chat, /v1/chat/completions, /v1/completions
+ *                   a fake Ollama and OpenAI-compatible server (llm_fake.h): NDJSON or SSE
+ *                   streams, one piece every interval_ms, with real-looking final usage records
  *   GET  /stats     JSON counters (see send_stats())
  *   anything else   200 "hello\n"
  *
@@ -36,6 +40,7 @@
 #define _GNU_SOURCE
 #include "http_client.h"
 #include "http_parse.h"
+#include "llm_fake.h"
 
 #include "moongate/error.h"
 
@@ -76,7 +81,7 @@ enum conn_state {
     CS_DEAD,     /* an error response was sent; nothing more is read */
 };
 
-enum route { R_HELLO, R_STATS, R_BYTES, R_STREAM, R_ECHO };
+enum route { R_HELLO, R_STATS, R_BYTES, R_STREAM, R_ECHO, R_LLM };
 
 struct conn {
     uv_tcp_t tcp;
@@ -110,6 +115,12 @@ struct conn {
     unsigned st_total, st_sent, st_size;  /* R_STREAM */
     uint64_t st_interval;
     bool st_due;
+    char ctype[128];          /* R_ECHO: the request's Content-Type */
+    mg_test_llm_t llm;        /* R_LLM */
+    char llm_query[512];
+    char *lp;                 /* R_LLM streaming: the piece being sent, from lp_off */
+    size_t lp_len, lp_off;
+    bool llm_ended;
 };
 
 struct server {
@@ -139,6 +150,7 @@ static void on_handle_closed(uv_handle_t *h)
         close(c->capture_fd);
     free(c->in);
     free(c->ebuf);
+    free(c->lp);
     free(c);
 }
 
@@ -328,6 +340,9 @@ static void end_response(conn_t *c)
     free(c->ebuf);
     c->ebuf = NULL;
     c->elen = c->ecap = c->eoff = 0;
+    free(c->lp);
+    c->lp = NULL;
+    c->lp_len = c->lp_off = 0;
     c->state = CS_HEAD;
     if (!c->keep_alive)
         c->close_after = true;
@@ -403,8 +418,15 @@ static void stream_chunk(conn_t *c)
  * Produces the response body from its source while a slot is free; called again when a write
  * completes (and by the /stream timer), which is the backpressure.
  */
+static void pump_llm(conn_t *c);
+static void on_stream_tick(uv_timer_t *t);
+
 static void pump(conn_t *c)
 {
+    if (c->route == R_LLM && c->llm.stream) {
+        pump_llm(c);
+        return;
+    }
     if (c->route == R_STREAM) {
         while (c->st_sent < c->st_total && (c->st_due || c->st_interval == 0)) {
             if (slot_get(c) == NULL)
@@ -441,6 +463,122 @@ static void pump(conn_t *c)
             return;
     }
     end_response(c);
+}
+
+/* A streamed LLM answer: each piece as chunks, the next when it is due and a slot is free. */
+static void pump_llm(conn_t *c)
+{
+    for (;;) {
+        if (c->lp_off == c->lp_len) {
+            if (c->llm_ended) {
+                if (slot_get(c) == NULL)
+                    return;
+                slot_printf(c, "0\r\n\r\n");
+                end_response(c);
+                return;
+            }
+            if (!c->st_due && c->st_interval > 0)
+                return;
+            c->st_due = false;
+            c->lp_len = mg_test_llm_next(&c->llm, c->lp, mg_test_llm_piece_max(&c->llm));
+            c->lp_off = 0;
+            if (c->lp_len == 0) {
+                c->llm_ended = true;
+                uv_timer_stop(&c->timer);
+            }
+            continue;
+        }
+        slot_t *s = slot_get(c);
+        if (s == NULL)
+            return;
+        if (SLOT_SIZE - s->len < 64) {
+            slot_flush(c);
+            continue;
+        }
+        size_t k = SLOT_SIZE - s->len - 32;
+        if (k > c->lp_len - c->lp_off)
+            k = c->lp_len - c->lp_off;
+        slot_printf(c, "%zx\r\n", k);
+        memcpy(s->buf + s->len, c->lp + c->lp_off, k);
+        s->len += k;
+        memcpy(s->buf + s->len, "\r\n", 2);
+        s->len += 2;
+        c->lp_off += k;
+        if (c->lp_off == c->lp_len)
+            slot_flush(c); /* each piece leaves at once, as a server's token would */
+        if (c->closing)
+            return;
+    }
+}
+
+static void llm_respond(conn_t *c);
+
+static void on_llm_delay(uv_timer_t *t)
+{
+    conn_t *c = t->data;
+    if (slot_get(c) == NULL) {
+        conn_close(c);
+        return;
+    }
+    llm_respond(c);
+    if (!c->closing)
+        update_reading(c);
+}
+
+/* Starts the answer of the fake LLM server to the body gathered in ebuf. */
+static void start_llm(conn_t *c, mg_test_llm_api_t api)
+{
+    if (mg_test_llm_start(&c->llm, api, c->llm_query, c->ebuf, c->elen) != 0) {
+        send_error(c, 400, "Bad Request");
+        return;
+    }
+    if (c->llm.delay_ms > 0) {
+        c->state = CS_RESPOND;
+        c->responding = true;
+        uv_timer_start(&c->timer, on_llm_delay, c->llm.delay_ms, 0);
+        return;
+    }
+    llm_respond(c);
+}
+
+static void llm_respond(conn_t *c)
+{
+    free(c->ebuf);
+    c->ebuf = NULL;
+    c->elen = c->ecap = c->eoff = 0;
+    size_t cap = mg_test_llm_piece_max(&c->llm);
+    char *buf = malloc(cap);
+    if (buf == NULL) {
+        send_error(c, 500, "Internal Server Error");
+        return;
+    }
+    const char *type = mg_test_llm_content_type(&c->llm);
+    if (!c->llm.stream) {
+        c->ebuf = buf;
+        c->elen = mg_test_llm_next(&c->llm, buf, cap);
+        slot_printf(c, "HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s\r\n",
+                    type, c->elen, conn_header(c));
+        c->out_left = c->head_only ? 0 : c->elen;
+        c->state = CS_RESPOND;
+        pump(c);
+        return;
+    }
+    c->lp = buf;
+    c->lp_len = c->lp_off = 0;
+    c->llm_ended = false;
+    slot_printf(c, "HTTP/1.1 200 OK\r\nContent-Type: %s\r\nCache-Control: no-cache\r\n"
+                   "Transfer-Encoding: chunked\r\n%s\r\n", type, conn_header(c));
+    if (c->head_only) {
+        end_response(c);
+        return;
+    }
+    c->state = CS_RESPOND;
+    c->responding = true;
+    c->st_interval = c->llm.interval_ms;
+    c->st_due = true;
+    if (c->st_interval > 0)
+        uv_timer_start(&c->timer, on_stream_tick, c->st_interval, c->st_interval);
+    pump(c);
 }
 
 static void on_stream_tick(uv_timer_t *t)
@@ -533,10 +671,17 @@ static void handle_head(conn_t *c, char *p, size_t len)
         c->route = R_ECHO;
     } else if (strcmp(h.path, "/stats") == 0) {
         c->route = R_STATS;
+    } else if (mg_test_llm_route(h.path) != MG_TEST_LLM_NONE) {
+        c->route = R_LLM;
+        c->llm.api = mg_test_llm_route(h.path);
+        snprintf(c->llm_query, sizeof(c->llm_query), "%s", h.query ? h.query : "");
     } else {
         c->route = R_HELLO;
     }
     c->out_left = nbytes;
+    snprintf(c->ctype, sizeof(c->ctype), "%.*s",
+             h.content_type ? (int)(h.content_type_len < 127 ? h.content_type_len : 127) : 0,
+             h.content_type ? h.content_type : "");
 
     /* curl waits a second for this before it sends a body of more than 1 KB. */
     if (h.expect_continue && (h.chunked || h.content_length > 0))
@@ -544,8 +689,10 @@ static void handle_head(conn_t *c, char *p, size_t len)
 
     if (c->route == R_ECHO && !h.chunked) {
         /* Content-Length is known up front: stream the body straight back. */
-        slot_printf(c, "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                       "Content-Length: %" PRIu64 "\r\n%s\r\n", h.content_length, conn_header(c));
+        slot_printf(c, "HTTP/1.1 200 OK\r\nContent-Type: %s\r\n"
+                       "Content-Length: %" PRIu64 "\r\n%s\r\n",
+                    c->ctype[0] ? c->ctype : "application/octet-stream", h.content_length,
+                    conn_header(c));
         c->state = CS_BODY;
         return;
     }
@@ -570,6 +717,9 @@ static void handle_head(conn_t *c, char *p, size_t len)
         return;
     case R_ECHO:
         break;  /* went through the Content-Length branch above */
+    case R_LLM:
+        start_llm(c, c->llm.api);
+        return;
     }
     return;
 bad:
@@ -579,7 +729,7 @@ bad:
 /* A piece of chunked request body: gathered for /echo, else dropped. False on overflow. */
 static bool body_data(conn_t *c, const char *p, size_t n)
 {
-    if (c->route != R_ECHO || n == 0)
+    if ((c->route != R_ECHO && c->route != R_LLM) || n == 0)
         return true;
     if (c->elen + n > ECHO_BUFFER_MAX)
         return false;
@@ -605,9 +755,13 @@ static void body_done(conn_t *c)
         end_response(c);
         return;
     }
-    if (c->route == R_ECHO) {
-        slot_printf(c, "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                       "Content-Length: %zu\r\n%s\r\n", c->elen, conn_header(c));
+    if (c->route == R_LLM) {
+        start_llm(c, c->llm.api);
+    } else if (c->route == R_ECHO) {
+        slot_printf(c, "HTTP/1.1 200 OK\r\nContent-Type: %s\r\n"
+                       "Content-Length: %zu\r\n%s\r\n",
+                    c->ctype[0] ? c->ctype : "application/octet-stream", c->elen,
+                    conn_header(c));
         c->out_left = c->elen;
         c->eoff = 0;
         c->state = CS_RESPOND;
@@ -658,6 +812,10 @@ static int body_step(conn_t *c)
         if (avail == 0)
             break;
         size_t k = avail < c->body_left ? avail : (size_t)c->body_left;
+        if (c->route == R_LLM && !body_data(c, p, k)) {
+            send_error(c, 413, "Content Too Large");
+            return -1;
+        }
         if (echo_stream) {
             slot_t *s = slot_get(c);
             if (s == NULL)

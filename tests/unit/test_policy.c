@@ -94,7 +94,7 @@ static void test_default_admit_limits_route_shutdown(void **state)
     assert_true(sd.notify_clients);
     assert_true(sd.force_after_grace);
 
-    mg_policy_event_t ev = { "connection_opened", "alice", 7, NULL };
+    mg_policy_event_t ev = { .type = "connection_opened", .user = "alice", .conn_id = 7 };
     assert_int_equal(mg_policy_event(p, &ev), 0);
 
     st = mg_policy_acquire(p);
@@ -225,7 +225,7 @@ static void test_custom_hooks(void **state)
     assert_string_equal(d.user, "agent-1");
     mg_policy_release(st);
 
-    mg_policy_event_t ev = { "connection_closed", "alice", 42, "bye" };
+    mg_policy_event_t ev = { .type = "connection_closed", .user = "alice", .conn_id = 42, .message = "bye" };
     assert_int_equal(mg_policy_event(p, &ev), 0);
     mg_dict_value_t v;
     assert_true(mg__dict_get(p->dict, "event", 5, mg__policy_now_ms(p), &v));
@@ -351,6 +351,30 @@ static void test_wrong_result_types(void **state)
                            "host_key = 'MD5:aa' } end", "field host_key must be" } },
         { MG_HOOK_ROUTE, { "route = function() return { ssh_user = 'u', key = 'k', "
                            "known_hosts = 'kh' } end", "field host is required" } },
+#define R "route = function() return { host = 'h', ssh_user = 'u', key = 'k', known_hosts = 'kh', "
+        { MG_HOOK_ROUTE, { R "headers = { host = 'evil' } } end", "headers: \"host\" is not" } },
+        { MG_HOOK_ROUTE, { R "headers = { ['content-length'] = '0' } } end",
+                           "\"content-length\" is not" } },
+        { MG_HOOK_ROUTE, { R "headers = { ['X-Up'] = '1' } } end", "\"X-Up\" is not" } },
+        { MG_HOOK_ROUTE, { R "headers = { a = 'x\\r\\nb: 1' } } end",
+                           "headers.a must be a string" } },
+        { MG_HOOK_ROUTE, { R "headers = { a = true } } end", "headers.a must be a string" } },
+        { MG_HOOK_ROUTE, { R "headers = { a = string.rep('v', 2049) } } end",
+                           "at most 2048 bytes" } },
+        { MG_HOOK_ROUTE, { R "headers = { [1] = 'x' } } end", "a key of type number" } },
+        { MG_HOOK_ROUTE, { R "headers = 'x' } end", "field headers must be a table" } },
+        { MG_HOOK_ROUTE, { R "host_header = 'a b' } end", "field host_header must be" } },
+        { MG_HOOK_ROUTE, { R "head_timeout_ms = 10 } end", "field head_timeout_ms must be" } },
+        { MG_HOOK_ROUTE, { R "idle_timeout_ms = 'x' } end", "field idle_timeout_ms must be" } },
+        { MG_HOOK_ROUTE, { R "error_format = 'xml' } end", "field error_format must be" } },
+        { MG_HOOK_ROUTE, { R "forward_credential = 1 } end", "must be a boolean" } },
+#undef R
+        { MG_HOOK_AUTHENTICATE, { "authenticate = function() return 'a', { credential = 'Host' } "
+                                  "end", "credential must name a request header" } },
+        { MG_HOOK_AUTHENTICATE, { "authenticate = function() return 'a', { cred = 'x' } end",
+                                  "unknown field cred" } },
+        { MG_HOOK_AUTHENTICATE, { "authenticate = function() return 'a', 'x' end",
+                                  "the second result with a user must be a table" } },
         { MG_HOOK_LIMITS, { "limits = function() return { max_connections = '3' } end",
                             "field max_connections must be a whole number" } },
         { MG_HOOK_LIMITS, { "limits = function() return { max_connections = 2.5 } end",
@@ -367,6 +391,63 @@ static void test_wrong_result_types(void **state)
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
         run_bad(&cases[i].c, cases[i].hook);
+}
+
+/* A route's rules for the upstream request, and authenticate's credential. */
+static void test_route_rules_and_credential(void **state)
+{
+    mg_policy_t *p = tp_policy_src("rules.lua",
+        "return {\n"
+        "  authenticate = function(req)\n"
+        "    if req.headers['x-api-key'] then return 'k', { credential = 'x-api-key' } end\n"
+        "    if req.headers['x-none'] then return 'n', { credential = false } end\n"
+        "    return 'a'\n"
+        "  end,\n"
+        "  route = function() return { host = 'h', ssh_user = 'u', key = 'k', known_hosts = 'kh',\n"
+        "    headers = { origin = false, authorization = 'Bearer up', ['x-b'] = 7 },\n"
+        "    host_header = 'localhost:11434', forward_credential = true,\n"
+        "    head_timeout_ms = 600000, idle_timeout_ms = 30000, error_format = 'ollama' } end,\n"
+        "  error_format = 'openai',\n"
+        "}\n");
+    mg_policy_state_t *st = mg_policy_acquire(p);
+    assert_int_equal(mg_policy_error_format(st), MG_ERROR_FORMAT_OPENAI);
+    mg_policy_decision_t d;
+    tp_req_t r;
+    assert_int_equal(mg_policy_authenticate(st, tp_request(&r, "t"), &d), 0);
+    assert_string_equal(d.credential, "authorization");
+    mg_policy_header_t hk[] = { { "x-api-key", "1" } };
+    mg_policy_request_t req = { .method = "GET", .path = "/", .headers = hk, .nheaders = 1 };
+    assert_int_equal(mg_policy_authenticate(st, &req, &d), 0);
+    assert_string_equal(d.user, "k");
+    assert_string_equal(d.credential, "x-api-key");
+    hk[0].name = "x-none";
+    assert_int_equal(mg_policy_authenticate(st, &req, &d), 0);
+    assert_string_equal(d.credential, "");
+
+    mg_policy_route_t route;
+    assert_int_equal(mg_policy_route(st, tp_request(&r, NULL), "a", &route, &d), 0);
+    assert_true(d.allow);
+    assert_int_equal(route.nrules, 3);
+    /* sorted by name: authorization, origin, x-b */
+    static const char *const names[] = { "authorization", "origin", "x-b" };
+    static const char *const values[] = { "Bearer up", NULL, "7" };
+    for (int i = 0; i < 3; i++) {
+        const mg_policy_header_rule_t *k = &route.rules[i];
+        assert_int_equal(k->name_len, strlen(names[i]));
+        assert_memory_equal(route.rule_buf + k->name_off, names[i], k->name_len);
+        assert_int_equal(k->remove, values[i] == NULL);
+        if (values[i]) {
+            assert_int_equal(k->value_len, strlen(values[i]));
+            assert_memory_equal(route.rule_buf + k->value_off, values[i], k->value_len);
+        }
+    }
+    assert_string_equal(route.host_header, "localhost:11434");
+    assert_true(route.forward_credential);
+    assert_int_equal(route.head_timeout_ms, 600000);
+    assert_int_equal(route.idle_timeout_ms, 30000);
+    assert_int_equal(route.error_format, MG_ERROR_FORMAT_PLAIN);
+    mg_policy_release(st);
+    tp_free(p);
 }
 
 static void test_hook_not_a_function(void **state)
@@ -438,7 +519,7 @@ static void test_hook_that_throws(void **state)
     assert_int_equal(mg_policy_shutdown(p, NULL, &sd), MG_EINVAL);
     assert_int_equal(sd.grace_ms, 30000);
     assert_string_equal(sd.message, "The gateway is shutting down.");
-    mg_policy_event_t ev = { "x", NULL, 0, NULL };
+    mg_policy_event_t ev = { .type = "x" };
     assert_int_equal(mg_policy_event(p, &ev), MG_EINVAL);
     tp_free(p);
 }
@@ -765,6 +846,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_timers_cancelled_on_reload, tp_setup, tp_teardown),
         cmocka_unit_test_setup_teardown(test_timer_errors_are_bounded, tp_setup, tp_teardown),
         cmocka_unit_test_setup_teardown(test_dict_survives_reload, tp_setup, tp_teardown),
+        cmocka_unit_test_setup_teardown(test_route_rules_and_credential, tp_setup, tp_teardown),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     tp_cleanup_dir();

@@ -205,6 +205,156 @@ static void test_maintenance(void **state)
     tp_free(p);
 }
 
+/* ---- LLM servers (docs/llm.md) ---- */
+
+static void route_of(mg_policy_t *p, const char *user, mg_policy_route_t *route,
+                     mg_policy_decision_t *d)
+{
+    tp_req_t r;
+    mg_policy_state_t *st = mg_policy_acquire(p);
+    assert_int_equal(mg_policy_route(st, tp_request(&r, NULL), user, route, d), 0);
+    mg_policy_release(st);
+}
+
+/* The value route sets for name, "" for a removal, NULL when it has no rule. */
+static const char *rule(const mg_policy_route_t *route, const char *name, char *buf, size_t cap)
+{
+    for (int i = 0; i < route->nrules; i++) {
+        const mg_policy_header_rule_t *k = &route->rules[i];
+        if (k->name_len == strlen(name) && memcmp(route->rule_buf + k->name_off, name,
+                                                  k->name_len) == 0) {
+            snprintf(buf, cap, "%.*s", (int)k->value_len, route->rule_buf + k->value_off);
+            return buf;
+        }
+    }
+    return NULL;
+}
+
+static void test_ollama(void **state)
+{
+    setenv("MOONGATE_SSH_HOST", "198.51.100.4", 1);
+    mg_policy_t *p = example(EXAMPLE("ollama.lua"));
+    unsetenv("MOONGATE_SSH_HOST");
+    mg_policy_route_t route;
+    mg_policy_decision_t d;
+    char v[64];
+    route_of(p, "alice", &route, &d);
+    assert_true(d.allow);
+    assert_string_equal(route.host, "198.51.100.4"); /* the default route's connection */
+    assert_int_equal(route.target_port, 11434);
+    assert_string_equal(route.host_header, "localhost:11434");
+    assert_string_equal(rule(&route, "origin", v, sizeof(v)), "");
+    assert_string_equal(rule(&route, "referer", v, sizeof(v)), "");
+    assert_null(rule(&route, "authorization", v, sizeof(v)));
+    assert_false(route.forward_credential);
+    assert_int_equal(route.head_timeout_ms, 600000);
+    assert_int_equal(route.error_format, MG_ERROR_FORMAT_PLAIN);
+    tp_free(p);
+}
+
+static void test_llamacpp(void **state)
+{
+    setenv("LLAMACPP_API_KEY", "sk-local", 1);
+    mg_policy_t *p = example(EXAMPLE("llamacpp.lua"));
+    unsetenv("LLAMACPP_API_KEY");
+    mg_policy_route_t route;
+    mg_policy_decision_t d;
+    char v[64];
+    route_of(p, "alice", &route, &d);
+    assert_int_equal(route.target_port, 8080);
+    assert_string_equal(rule(&route, "authorization", v, sizeof(v)), "Bearer sk-local");
+    assert_string_equal(rule(&route, "origin", v, sizeof(v)), "");
+    tp_free(p);
+}
+
+static void test_vllm(void **state)
+{
+    setenv("VLLM_KEYS", "alice:k-alice,bob:k-bob", 1);
+    mg_policy_t *p = example(EXAMPLE("vllm.lua"));
+    unsetenv("VLLM_KEYS");
+    mg_policy_route_t route;
+    mg_policy_decision_t d;
+    char v[64];
+    route_of(p, "bob", &route, &d);
+    assert_true(d.allow);
+    assert_int_equal(route.target_port, 8000);
+    assert_string_equal(rule(&route, "authorization", v, sizeof(v)), "Bearer k-bob");
+    assert_int_equal(route.error_format, MG_ERROR_FORMAT_OPENAI);
+    route_of(p, "carol", &route, &d);
+    assert_false(d.allow);
+    assert_int_equal(d.status, 503);
+    assert_string_equal(d.message, "no vLLM key for this user");
+    tp_free(p);
+}
+
+static int in_flight;
+
+static int fake_user_stats(void *ctx, const char *user, mg_pool_user_stats_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->leases = in_flight;
+    return 0;
+}
+
+static void used(mg_policy_t *p, const char *user, int64_t prompt, int64_t completion)
+{
+    mg_policy_request_info_t info = { .method = "POST", .path = "/api/chat", .status = 200,
+                                      .ttfb_ms = 5, .duration_ms = 50, .model = "llama3",
+                                      .prompt_tokens = prompt, .completion_tokens = completion };
+    mg_policy_event_t ev = { .type = "request", .user = user, .request = &info };
+    assert_int_equal(mg_policy_event(p, &ev), 0);
+}
+
+static void test_token_quota(void **state)
+{
+    uint64_t clock_was = tp_clock_ms;
+    tp_clock_ms = 1700000000000ull; /* 22:13:20 UTC, 6400 s before midnight */
+    setenv("MOONGATE_TOKENS", "alice:ta,bob:tb", 1);
+    setenv("MOONGATE_DAILY_TOKENS", "1000", 1);
+    setenv("MOONGATE_MAX_CONCURRENT", "2", 1);
+    mg_policy_t *p = example(EXAMPLE("token_quota.lua"));
+    unsetenv("MOONGATE_TOKENS");
+    unsetenv("MOONGATE_DAILY_TOKENS");
+    unsetenv("MOONGATE_MAX_CONCURRENT");
+    mg_policy_set_stats_fn(p, fake_user_stats, NULL, NULL);
+    mg_policy_decision_t d;
+    assert_int_equal(admit_n(p, "alice", 1, &d), 1);
+
+    used(p, "alice", 400, 500);
+    assert_int_equal(admit_n(p, "alice", 1, &d), 1); /* 900 of 1000 */
+    used(p, "alice", 60, 40);                         /* 1000: used up */
+    assert_int_equal(admit_n(p, "alice", 1, &d), 0);
+    assert_int_equal(d.status, 429);
+    assert_string_equal(d.message, "daily token quota of 1000 used up");
+    assert_string_equal(tp_header(&d, "retry-after"), "6400");
+    /* A request without usage changes nothing; bob has his own count. */
+    used(p, "bob", -1, -1);
+    assert_int_equal(admit_n(p, "bob", 1, &d), 1);
+    /* The count survives a reload. */
+    setenv("MOONGATE_TOKENS", "alice:ta,bob:tb", 1);
+    setenv("MOONGATE_DAILY_TOKENS", "1000", 1);
+    assert_int_equal(mg_policy_reload(p, NULL, 0), 0);
+    unsetenv("MOONGATE_TOKENS");
+    unsetenv("MOONGATE_DAILY_TOKENS");
+    assert_int_equal(admit_n(p, "alice", 1, &d), 0);
+    /* The next day starts afresh. */
+    tp_clock_ms += 6400 * 1000;
+    assert_int_equal(admit_n(p, "alice", 1, &d), 1);
+    tp_clock_ms -= 6400 * 1000;
+
+    /* The concurrency cap (4 by default after the reload without the variable). */
+    in_flight = 4;
+    assert_int_equal(admit_n(p, "bob", 1, &d), 0);
+    assert_int_equal(d.status, 429);
+    assert_string_equal(d.message, "at most 4 requests at once");
+    assert_string_equal(tp_header(&d, "retry-after"), "1");
+    in_flight = 3;
+    assert_int_equal(admit_n(p, "bob", 1, &d), 1);
+    in_flight = 0;
+    tp_free(p);
+    tp_clock_ms = clock_was;
+}
+
 int main(void)
 {
     mg_log_set_level(MG_LOG_ERROR);
@@ -214,6 +364,10 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_rate_limit, tp_setup, tp_teardown),
         cmocka_unit_test_setup_teardown(test_tiers, tp_setup, tp_teardown),
         cmocka_unit_test_setup_teardown(test_maintenance, tp_setup, tp_teardown),
+        cmocka_unit_test_setup_teardown(test_ollama, tp_setup, tp_teardown),
+        cmocka_unit_test_setup_teardown(test_llamacpp, tp_setup, tp_teardown),
+        cmocka_unit_test_setup_teardown(test_vllm, tp_setup, tp_teardown),
+        cmocka_unit_test_setup_teardown(test_token_quota, tp_setup, tp_teardown),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     tp_cleanup_dir();

@@ -1,0 +1,411 @@
+/*
+ * The gateway knowing what it carries, end to end: the real moongate program, a real sshd, and
+ * mg-upstream playing Ollama and an OpenAI-compatible server (tests/support/llm_fake.h) while
+ * capturing every byte it receives.
+ *
+ *   - credentials: the header authenticate read never reaches the upstream unless the route
+ *     lets it through; a route's header rules set and remove fields and override Host;
+ *   - usage: NDJSON, SSE and JSON responses served byte for byte as the upstream sent them,
+ *     their usage in the policy's "request" event, the access log and /metrics, with the exact
+ *     counts; nothing for a response without usage or with a broken record;
+ *   - error bodies in OpenAI's shape under /v1 and the plain (Ollama's) one elsewhere, and the
+ *     real openai and ollama npm clients reading them (tests/sdk/sdk_check.mjs), and streams
+ *     with their usage;
+ *   - a route's idle timeout cutting a stream that went quiet, and its head timeout waiting
+ *     longer than the global one.
+ */
+#include "gwtest.h"
+
+#define ALICE "Authorization: Bearer alice-token\r\n"
+
+typedef struct world {
+    mg_test_sshd_t sshd;
+    mg_test_upstream_t up;   /* with capture */
+    gw_t gw;
+} world_t;
+
+static void write_policy(const world_t *w, const char *path)
+{
+    char text[8192];
+    int n = snprintf(
+        text, sizeof(text),
+        "local mg = require \"moongate\"\n"
+        "return {\n"
+        "  authenticate = function(req)\n"
+        "    local t = req.headers[\"authorization\"]\n"
+        "    if t == \"Bearer alice-token\" then return \"alice\" end\n"
+        "    if t == \"Bearer bob-token\" then return \"bob\" end\n"
+        "    if t == \"Bearer carol-token\" then return \"carol\" end\n"
+        "    if req.headers[\"x-api-key\"] == \"dave-key\" then\n"
+        "      return \"dave\", { credential = \"x-api-key\" }\n"
+        "    end\n"
+        "    if t == \"Bearer limited-token\" then return \"limited\" end\n"
+        "    return nil, 401, \"bad or missing token\"\n"
+        "  end,\n"
+        "  admit = function(req, user)\n"
+        "    if user == \"limited\" then\n"
+        "      return false, 429, \"slow down\", { [\"retry-after\"] = \"7\" }\n"
+        "    end\n"
+        "    return true\n"
+        "  end,\n"
+        "  route = function(req, user)\n"
+        "    local r = { host = \"127.0.0.1\", port = %u, ssh_user = \"%s\", key = \"%s\",\n"
+        "                known_hosts = \"%s\", target_host = \"127.0.0.1\", target_port = %u }\n"
+        "    if user == \"bob\" then\n"
+        "      r.headers = { authorization = \"Bearer vllm-key\", origin = false,\n"
+        "                    [\"x-added\"] = \"yes\" }\n"
+        "      r.host_header = \"localhost:11434\"\n"
+        "      r.idle_timeout_ms = 1000\n"
+        "    elseif user == \"carol\" then\n"
+        "      r.forward_credential = true\n"
+        "      r.head_timeout_ms = 5000\n"
+        "    end\n"
+        "    return r\n"
+        "  end,\n"
+        "  on_event = function(ev)\n"
+        "    if ev.type == \"request\" then\n"
+        "      mg.info(string.format(\"usage user=%%s path=%%s status=%%d model=%%s prompt=%%s \"\n"
+        "        .. \"completion=%%s\", ev.user or \"-\", ev.path, ev.status, ev.model or \"-\",\n"
+        "        tostring(ev.prompt_tokens), tostring(ev.completion_tokens)))\n"
+        "    end\n"
+        "  end,\n"
+        "}\n",
+        (unsigned)w->sshd.port, w->sshd.user, w->sshd.client_key, w->sshd.known_hosts,
+        (unsigned)w->up.port);
+    assert_true(n > 0 && n < (int)sizeof(text));
+    assert_int_equal(mg_test_write_file(path, text, (size_t)n, 0600), 0);
+}
+
+static int group_setup(void **state)
+{
+    world_t *w = calloc(1, sizeof(*w));
+    if (w == NULL || mg_test_sshd_start(&w->sshd, NULL) != 0 ||
+        mg_test_upstream_start_capture(&w->up) != 0)
+        return -1;
+    *state = w;
+    return 0;
+}
+
+static int group_teardown(void **state)
+{
+    world_t *w = *state;
+    gw_kill(&w->gw);
+    mg_test_upstream_stop(&w->up);
+    mg_test_sshd_stop(&w->sshd);
+    free(w);
+    mg_test_cleanup_all();
+    return 0;
+}
+
+static gw_t *gateway(world_t *w)
+{
+    if (!w->gw.running) {
+        gw_prepare(&w->gw);
+        write_policy(w, w->gw.policy);
+        static const char *const env[] = { "UPSTREAM_HEAD_TIMEOUT=1000", NULL };
+        gw_launch(&w->gw, "127.0.0.1:0", env);
+    }
+    gw_assert_alive(&w->gw);
+    return &w->gw;
+}
+
+/* One POST to port (the gateway's or the upstream's), its response kept in r. */
+static int post(uint16_t port, const char *path, const char *headers, const char *body,
+                mg_test_http_response_t *r, int timeout_ms)
+{
+    char *req = NULL;
+    size_t len = 0;
+    assert_int_equal(mg_test_http_request(&req, &len, "POST", path, headers, body, strlen(body)),
+                     0);
+    mg_test_http_response_init(r);
+    r->keep_body = true;
+    int rc = gw_exchange(port, req, len, r, timeout_ms, NULL);
+    free(req);
+    return rc;
+}
+
+/* What reached the upstream since the last call. */
+static char *upstream_saw(world_t *w)
+{
+    char *out = NULL;
+    assert_int_equal(mg_test_upstream_captured(&w->up, &out, NULL), 0);
+    assert_int_equal(mg_test_upstream_capture_clear(&w->up), 0);
+    return out;
+}
+
+static void expect_in(const char *hay, const char *needle, bool present, const char *who)
+{
+    bool found = strstr(hay, needle) != NULL;
+    if (found != present)
+        fail_msg("%s: \"%s\" %s upstream; it saw:\n%s", who, needle,
+                 present ? "did not arrive" : "arrived", hay);
+}
+
+/* ---- credentials and header rules ---- */
+
+static void test_credentials_and_header_rules(void **state)
+{
+    world_t *w = *state;
+    gw_t *g = gateway(w);
+    mg_test_http_response_t r;
+    assert_int_equal(mg_test_upstream_capture_clear(&w->up), 0);
+
+    /* alice: the gateway's token stays here; everything else goes on. */
+    int rc = post(g->port, "/echo", ALICE "Origin: https://app.example\r\n", "{}", &r, 10000);
+    gw_expect_status(g, rc, &r, 200, "alice");
+    mg_test_http_response_free(&r);
+    char *up = upstream_saw(w);
+    expect_in(up, "alice-token", false, "alice");
+    expect_in(up, "\r\nAuthorization:", false, "alice");
+    expect_in(up, "\r\nOrigin: https://app.example\r\n", true, "alice");
+    free(up);
+
+    /* bob's route: its own Authorization for the upstream, no Origin, a Host of its own. */
+    rc = post(g->port, "/echo",
+              "Authorization: Bearer bob-token\r\nOrigin: https://app.example\r\n"
+              "X-Added: from the client\r\n", "{}", &r, 10000);
+    gw_expect_status(g, rc, &r, 200, "bob");
+    mg_test_http_response_free(&r);
+    up = upstream_saw(w);
+    expect_in(up, "bob-token", false, "bob");
+    expect_in(up, "\r\nauthorization: Bearer vllm-key\r\n", true, "bob");
+    expect_in(up, "Origin", false, "bob");
+    expect_in(up, "from the client", false, "bob");
+    expect_in(up, "\r\nx-added: yes\r\n", true, "bob");
+    expect_in(up, "\r\nHost: localhost:11434\r\n", true, "bob");
+    free(up);
+
+    /* carol's route lets her credential through. */
+    rc = post(g->port, "/echo", "Authorization: Bearer carol-token\r\n", "{}", &r, 10000);
+    gw_expect_status(g, rc, &r, 200, "carol");
+    mg_test_http_response_free(&r);
+    up = upstream_saw(w);
+    expect_in(up, "\r\nAuthorization: Bearer carol-token\r\n", true, "carol");
+    free(up);
+
+    /* dave authenticates with X-Api-Key: that goes, his own Authorization stays. */
+    rc = post(g->port, "/echo", "X-Api-Key: dave-key\r\nAuthorization: Bearer sk-upstream\r\n",
+              "{}", &r, 10000);
+    gw_expect_status(g, rc, &r, 200, "dave");
+    mg_test_http_response_free(&r);
+    up = upstream_saw(w);
+    expect_in(up, "dave-key", false, "dave");
+    expect_in(up, "\r\nAuthorization: Bearer sk-upstream\r\n", true, "dave");
+    free(up);
+}
+
+/* ---- usage ---- */
+
+typedef struct llm_case {
+    const char *path;
+    const char *body;
+    const char *ctype;        /* NULL: the request's default */
+    const char *log;          /* the event's line; NULL: no usage */
+    bool streamed;            /* X-Accel-Buffering: no expected */
+} llm_case_t;
+
+/* The same request straight to the upstream and through the gateway: the same body back. */
+static void expect_served_unchanged(world_t *w, gw_t *g, const llm_case_t *c)
+{
+    char headers[256];
+    snprintf(headers, sizeof(headers), ALICE "Content-Type: %s\r\n",
+             c->ctype ? c->ctype : "application/json");
+    mg_test_http_response_t direct, via;
+    int rc = post(w->up.port, c->path, headers, c->body, &direct, 10000);
+    assert_int_equal(rc, 0);
+    assert_int_equal(direct.status, 200);
+    rc = post(g->port, c->path, headers, c->body, &via, 10000);
+    gw_expect_status(g, rc, &via, 200, c->path);
+    if (via.body_received != direct.body_received ||
+        memcmp(via.body, direct.body, (size_t)direct.body_received) != 0)
+        fail_msg("%s: the body through the gateway differs from the upstream's:\n%s\n---\n%s",
+                 c->path, via.body, direct.body);
+    const char *xab = mg_test_http_response_header(&via, "x-accel-buffering");
+    if (c->streamed) {
+        assert_non_null(xab);
+        assert_string_equal(xab, "no");
+        /* Cache-Control as the upstream sent it (the fake's streams say no-cache). */
+        const char *cc = mg_test_http_response_header(&direct, "cache-control");
+        const char *got = mg_test_http_response_header(&via, "cache-control");
+        assert_true((cc == NULL) == (got == NULL));
+        if (cc)
+            assert_string_equal(got, cc);
+    } else {
+        assert_null(xab);
+    }
+    mg_test_http_response_free(&direct);
+    mg_test_http_response_free(&via);
+}
+
+static void test_usage_accounting(void **state)
+{
+    world_t *w = *state;
+    gw_t *g = gateway(w);
+    static const llm_case_t cases[] = {
+        /* Ollama, streamed: the last NDJSON line. */
+        { "/api/chat",
+          "{\"model\":\"llama3.1:8b\",\"messages\":[{\"role\":\"user\",\"content\":\"one two "
+          "three\"}]}",
+          NULL, "usage user=alice path=/api/chat status=200 model=llama3.1:8b prompt=3 "
+                "completion=5", true },
+        /* Ollama, one record of some 36 KB (its context): the counts are in its tail. */
+        { "/api/generate?context=3000&tokens=7",
+          "{\"model\":\"qwen2.5:7b\",\"prompt\":\"a b\",\"stream\":false}", NULL,
+          "usage user=alice path=/api/generate?context=3000&tokens=7 status=200 "
+          "model=qwen2.5:7b prompt=2 completion=7", false },
+        /* OpenAI-compatible, streamed with include_usage: the event with "usage". */
+        { "/v1/chat/completions?tokens=4",
+          "{\"model\":\"gpt-oss:20b\",\"stream\":true,\"stream_options\":{\"include_usage\":"
+          "true},\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}",
+          NULL, "usage user=alice path=/v1/chat/completions?tokens=4 status=200 "
+                "model=gpt-oss:20b prompt=1 completion=4", true },
+        /* Streamed without include_usage: nothing to read. */
+        { "/v1/chat/completions?tokens=3",
+          "{\"model\":\"gpt-oss:20b\",\"stream\":true,\"messages\":[]}", NULL,
+          "usage user=alice path=/v1/chat/completions?tokens=3 status=200 model=- prompt=nil "
+          "completion=nil", true },
+        /* A broken record served as it came, and not counted. */
+        { "/echo", "{\"done\":true,\"eval_count\":\"many\",\"prompt_eval_count\":[\n{{{\n",
+          "application/x-ndjson",
+          "usage user=alice path=/echo status=200 model=- prompt=nil completion=nil", true },
+    };
+    double prompt0 = gw_metric(g, "moongate_tokens_total{kind=\"prompt\"}");
+    double completion0 = gw_metric(g, "moongate_tokens_total{kind=\"completion\"}");
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        expect_served_unchanged(w, g, &cases[i]);
+        if (!gw_wait_log(g, cases[i].log, 1, 5000)) {
+            gw_print_log_tail(g, 20);
+            fail_msg("no event line \"%s\"", cases[i].log);
+        }
+    }
+    assert_true(gw_wait_log(g, "model=llama3.1:8b prompt_tokens=3 completion_tokens=5", 1, 2000));
+    assert_true(gw_log_count(g, "model=qwen2.5:7b prompt_tokens=2 completion_tokens=7") == 1);
+    assert_true(gw_metric(g, "moongate_tokens_total{kind=\"prompt\"}") - prompt0 == 3 + 2 + 1);
+    assert_true(gw_metric(g, "moongate_tokens_total{kind=\"completion\"}") - completion0 == 5 + 7 + 4);
+    assert_true(gw_metric(g, "moongate_model_requests_total{family=\"llama\"}") == 1);
+    assert_true(gw_metric(g, "moongate_model_requests_total{family=\"qwen\"}") == 1);
+    assert_true(gw_metric(g, "moongate_model_requests_total{family=\"gpt\"}") == 1);
+    assert_int_equal(mg_test_upstream_capture_clear(&w->up), 0);
+}
+
+/* ---- error bodies ---- */
+
+static void test_error_shapes(void **state)
+{
+    world_t *w = *state;
+    gw_t *g = gateway(w);
+    mg_test_http_response_t r;
+    int rc = post(g->port, "/v1/chat/completions", "X-Request-Id: req-openai-1\r\n", "{}", &r,
+                  5000);
+    gw_expect_status(g, rc, &r, 401, "no token under /v1");
+    assert_true(gw_json_valid(r.body, (size_t)r.body_received));
+    assert_non_null(strstr(r.body, "{\"error\":{\"message\":\"bad or missing token\","
+                                    "\"type\":\"authentication_error\",\"param\":null,"
+                                    "\"code\":\"invalid_api_key\","
+                                    "\"request_id\":\"req-openai-1\"}}"));
+    assert_string_equal(mg_test_http_response_header(&r, "x-request-id"), "req-openai-1");
+    mg_test_http_response_free(&r);
+
+    rc = post(g->port, "/api/chat", "X-Request-Id: req-ollama-1\r\n", "{}", &r, 5000);
+    gw_expect_status(g, rc, &r, 401, "no token under /api");
+    assert_string_equal(r.body,
+                        "{\"error\":\"bad or missing token\",\"request_id\":\"req-ollama-1\"}");
+    mg_test_http_response_free(&r);
+}
+
+/* ---- timeouts ---- */
+
+static void test_route_timeouts(void **state)
+{
+    world_t *w = *state;
+    gw_t *g = gateway(w);
+    /* bob's stream pauses 3 s between lines; his route allows 1 s of silence. */
+    char *req = NULL;
+    size_t len = 0;
+    assert_int_equal(mg_test_http_request(&req, &len, "GET", "/stream?chunks=3&interval_ms=3000",
+                                          "Authorization: Bearer bob-token\r\n", NULL, 0),
+                     0);
+    mg_test_http_response_t r;
+    mg_test_http_response_init(&r);
+    double t0 = mg_test_now_ms();
+    int rc = gw_exchange(g->port, req, len, &r, 10000, NULL);
+    double took = mg_test_now_ms() - t0;
+    free(req);
+    assert_int_equal(r.status, 200);
+    assert_false(r.complete);
+    assert_int_equal(rc, MG_ECLOSED);
+    assert_true(took > 900 && took < 2900);
+    mg_test_http_response_free(&r);
+    assert_true(gw_wait_log(g, "sent nothing for 1000 ms mid-response", 1, 2000));
+
+    /* A cold model: the head comes after 2 s. The global timeout (1 s) gives up; carol's
+       route waits 5 s. */
+    static const char body[] = "{\"model\":\"slow\",\"stream\":false}";
+    rc = post(g->port, "/api/generate?delay_ms=2000", ALICE, body, &r, 10000);
+    gw_expect_status(g, rc, &r, 504, "alice, cold model");
+    mg_test_http_response_free(&r);
+    rc = post(g->port, "/api/generate?delay_ms=2000", "Authorization: Bearer carol-token\r\n",
+              body, &r, 10000);
+    gw_expect_status(g, rc, &r, 200, "carol, cold model");
+    assert_non_null(strstr(r.body, "\"done\":true"));
+    mg_test_http_response_free(&r);
+}
+
+/* ---- the real clients ---- */
+
+static void test_real_sdks(void **state)
+{
+    world_t *w = *state;
+    gw_t *g = gateway(w);
+    if (system("command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1") != 0) {
+        print_message("SKIPPED: npm or node is not installed (scripts/install-deps.sh installs "
+                      "them), so the openai and ollama clients cannot run\n");
+        skip();
+    }
+    /* The clients are installed once per build tree, from the lock file, and again only when
+       it changes. */
+    const char *dir = MG_BINARY_DIR "/tests/sdk-node";
+    char cmd[4096];
+    snprintf(cmd, sizeof(cmd),
+             "set -e; d='%s'; s='%s/tests/sdk'; mkdir -p \"$d\";"
+             " cp \"$s/package.json\" \"$s/package-lock.json\" \"$s/sdk_check.mjs\" \"$d/\";"
+             " if ! cmp -s \"$d/package-lock.json\" \"$d/node_modules/.moongate-lock\"; then"
+             "   (cd \"$d\" && timeout 300 npm ci --no-audit --no-fund --silent) >&2;"
+             "   cp \"$d/package-lock.json\" \"$d/node_modules/.moongate-lock\"; fi",
+             dir, MG_SOURCE_DIR);
+    if (system(cmd) != 0)
+        fail_msg("npm ci in %s failed: is the npm registry reachable?", dir);
+    char out[MG_TEST_PATH_MAX];
+    assert_int_equal(mg_test_path_join(out, sizeof(out), g->dir, "sdk_check.out"), 0);
+    snprintf(cmd, sizeof(cmd), "cd '%s' && timeout 60 node sdk_check.mjs http://127.0.0.1:%u "
+             "> '%s' 2>&1", dir, (unsigned)g->port, out);
+    int rc = system(cmd);
+    char *text = NULL;
+    assert_int_equal(mg_test_read_file(out, &text, NULL), 0);
+    print_message("%s", text);
+    bool ok = rc == 0 && strstr(text, " passed, 0 failed") != NULL;
+    free(text);
+    if (!ok) {
+        gw_print_log_tail(g, 20);
+        fail_msg("the openai and ollama clients did not read the gateway as they should");
+    }
+}
+
+static void test_exits_cleanly(void **state)
+{
+    world_t *w = *state;
+    gw_stop(gateway(w));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_credentials_and_header_rules),
+        cmocka_unit_test(test_usage_accounting),
+        cmocka_unit_test(test_error_shapes),
+        cmocka_unit_test(test_route_timeouts),
+        cmocka_unit_test(test_real_sdks),
+        cmocka_unit_test(test_exits_cleanly),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}

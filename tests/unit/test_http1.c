@@ -934,6 +934,54 @@ static void test_request_head_names_in_connection_case(void **state)
  * Chunk framing and request ids
  */
 
+/* Field edits: every client field of an edited name goes, set ones follow the client's. */
+static void test_request_head_edits(void **state)
+{
+    mg_http1_header_t hs[] = {
+        H("Authorization", "Bearer gateway-token"),
+        H("Origin", "https://app.example"),
+        H("X-Keep", "1"),
+        H("authorization", "Bearer second"),
+        H("X-Api-Key", "k"),
+    };
+    mg_http1_field_edit_t edits[] = {
+        { "authorization", 13, NULL, 0 },          /* the credential */
+        { "authorization", 13, "Bearer up", 9 },   /* the route's own */
+        { "ORIGIN", 6, NULL, 0 },
+        { "x-empty", 7, "", 0 },
+    };
+    mg_http1_request_t req = {
+        .method = "GET", .path = S("/"), .host = "localhost:11434", .headers = hs,
+        .nheaders = 5, .body_length = MG_HTTP1_BODY_LENGTH_NONE, .edits = edits, .nedits = 4,
+    };
+    char *s = build(&req);
+    assert_string_equal(s, "GET / HTTP/1.1\r\nHost: localhost:11434\r\nX-Keep: 1\r\n"
+                           "X-Api-Key: k\r\nauthorization: Bearer up\r\nx-empty: \r\n"
+                           "Connection: keep-alive\r\n\r\n");
+    free(s);
+
+    /* The builder's own fields and bad values are refused. */
+    static const char *const owned[] = { "host", "Content-Length", "transfer-encoding",
+                                         "connection", "keep-alive", "te", "upgrade", "expect",
+                                         "x-forwarded-for", "x-forwarded-proto", "x-request-id",
+                                         "proxy-authorization", "a b", "" };
+    for (size_t i = 0; i < sizeof(owned) / sizeof(owned[0]); i++) {
+        mg_http1_field_edit_t e = { owned[i], strlen(owned[i]), "v", 1 };
+        mg_http1_request_t r = req;
+        r.edits = &e;
+        r.nedits = 1;
+        expect_head_error(&r, "cannot be edited");
+        assert_false(mg_http1_field_editable(owned[i], strlen(owned[i])));
+    }
+    mg_http1_field_edit_t e = { "x-a", 3, "v\r\nx-b: 1", 10 };
+    req.edits = &e;
+    req.nedits = 1;
+    expect_head_error(&req, "contains CR, LF or NUL");
+    req.nedits = MG_HTTP1_FIELD_EDITS_MAX + 1;
+    expect_head_error(&req, "too many field edits");
+    assert_true(mg_http1_field_editable("authorization", 13));
+}
+
 static void test_chunk_head(void **state)
 {
     char b[MG_HTTP1_CHUNK_HEAD_MAX];
@@ -1094,6 +1142,7 @@ int main(void)
         cmocka_unit_test(test_request_head_fidelity),
         cmocka_unit_test(test_request_head_rejects),
         cmocka_unit_test(test_request_head_names_in_connection_case),
+        cmocka_unit_test(test_request_head_edits),
         cmocka_unit_test(test_chunk_head),
         cmocka_unit_test(test_response_head),
         cmocka_unit_test(test_request_id),

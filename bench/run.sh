@@ -538,9 +538,24 @@ if [ $have_mg = 1 ]; then
     if [ "$mg_pid_c" != 0 ]; then
         sleep 0.5
         rss0=$(rss "$mg_pid_c")
-        run_client c -p "$mg_port_c" -n 10000 --path /healthz --hold-ms 2000 --timeout-ms 60000
+        # RSS is read while the connections are held (the client exits after the hold, and a
+        # heap trimmed after the close would read as if they had cost nothing).
+        "$client_bin" -p "$mg_port_c" -n 10000 --path /healthz --hold-ms 5000 --timeout-ms 60000 \
+            >"$dir/c.out" 2>>"$dir/client.log" &
+        cpid=$!
+        open_now=0
+        for _ in $(seq 1 200); do
+            open_now=$(curl -s "http://127.0.0.1:$mg_port_c/metrics" | awk '$1 == "moongate_client_connections" { printf "%d", $2 }')
+            [ "${open_now:-0}" -gt 10000 ] && break  # (this request is one of them)
+            sleep 0.1
+        done
         rss1=fail
-        [ "${c_ok:-0}" = 1 ] && [ "${c_held:-0}" = 10000 ] && mg_alive c && rss1=$(rss "$mg_pid_c")
+        [ "${open_now:-0}" -gt 10000 ] && mg_alive c && rss1=$(rss "$mg_pid_c")
+        wait "$cpid" || true
+        while IFS='=' read -r k v; do
+            [[ $k =~ ^[a-z0-9_]+$ ]] && printf -v "c_$k" %s "$v"
+        done <"$dir/c.out"
+        [ "${c_ok:-0}" = 1 ] && [ "${c_held:-0}" = 10000 ] || rss1=fail
         rss2=$(sleep 0.5; rss "$mg_pid_c")
         per=$(num "$rss1" && calc "sprintf(\"%.0f\", ($rss1 - $rss0) * 1048576 / 10000)" || echo fail)
         printf "%-${W1}s %${W}s %-22s %s\n" "RSS before (MB)" "$rss0" "-" ""

@@ -24,9 +24,12 @@ enum sse_state { SSE_FIELD, SSE_VALUE_START, SSE_VALUE, SSE_SKIP, SSE_CR };
 struct mg_usage_scanner {
     mg_usage_format_t format;
     mg_usage_t result;
-    /* the unit being gathered */
-    char buf[UNIT_MAX];
-    size_t len;                /* bytes in buf */
+    /* the unit being gathered, in a buffer that grows to UNIT_MAX as units need: most are a
+       few hundred bytes, and a fixed 16 KiB per response made malloc grow and trim the heap on
+       every request (bench scenario 1) */
+    char *buf;
+    size_t cap, len;           /* bytes allocated and in use */
+    bool lost;                 /* out of memory: nothing more is read */
     uint64_t unit_bytes;       /* bytes of the unit so far (more than len once it slid) */
     /* SSE: the line being read */
     enum sse_state sse;
@@ -72,6 +75,9 @@ int mg_usage_scanner_new(mg_usage_format_t f, mg_usage_scanner_t **out)
         return MG_ENOMEM;
     s->format = f;
     result_reset(&s->result);
+    s->buf = NULL;
+    s->cap = 0;
+    s->lost = false;
     s->len = 0;
     s->unit_bytes = 0;
     s->sse = SSE_FIELD;
@@ -83,14 +89,39 @@ int mg_usage_scanner_new(mg_usage_format_t f, mg_usage_scanner_t **out)
 
 void mg_usage_scanner_free(mg_usage_scanner_t *s)
 {
+    if (s == NULL)
+        return;
+    free(s->buf);
     free(s);
 }
 
 /* ---- gathering a unit ---- */
 
+/* Makes room for n more bytes, up to UNIT_MAX. False when memory ran out. */
+static bool unit_room(mg_usage_scanner_t *s, size_t n)
+{
+    if (s->len + n <= s->cap || s->cap == UNIT_MAX)
+        return true;
+    size_t cap = s->cap ? s->cap : 256;
+    while (cap < s->len + n && cap < UNIT_MAX)
+        cap *= 2;
+    if (cap > UNIT_MAX)
+        cap = UNIT_MAX;
+    char *b = realloc(s->buf, cap);
+    if (b == NULL) {
+        s->lost = true;
+        return false;
+    }
+    s->buf = b;
+    s->cap = cap;
+    return true;
+}
+
 static void unit_append(mg_usage_scanner_t *s, const char *p, size_t n)
 {
     s->unit_bytes += n;
+    if (s->lost || !unit_room(s, n))
+        return;
     while (n > 0) {
         if (s->len == UNIT_MAX) {
             /* Slide the tail: keep the head and the newer half of what follows it. */
@@ -275,6 +306,10 @@ static bool read_windows(const char *head, size_t hlen, const char *tail, size_t
 /* A unit is complete: read it if it may hold usage. */
 static void unit_end(mg_usage_scanner_t *s)
 {
+    if (s->lost || s->len == 0) {
+        unit_reset(s);
+        return;
+    }
     const char *text = s->buf;
     size_t len = s->len;
     /* The quick test: a stream's token lines and events never name these keys. */

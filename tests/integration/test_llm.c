@@ -68,6 +68,8 @@ static void write_policy(const world_t *w, const char *path)
         "      mg.info(string.format(\"usage user=%%s path=%%s status=%%d model=%%s prompt=%%s \"\n"
         "        .. \"completion=%%s\", ev.user or \"-\", ev.path, ev.status, ev.model or \"-\",\n"
         "        tostring(ev.prompt_tokens), tostring(ev.completion_tokens)))\n"
+        "      mg.info(string.format(\"bytes path=%%s in=%%d out=%%d ttfb=%%s id=%%s\", ev.path,\n"
+        "        ev.bytes_in, ev.bytes_out, ev.ttfb_ms and \"yes\" or \"no\", ev.message))\n"
         "    end\n"
         "  end,\n"
         "}\n",
@@ -281,6 +283,11 @@ static void test_usage_accounting(void **state)
         }
     }
     assert_true(gw_wait_log(g, "model=llama3.1:8b prompt_tokens=3 completion_tokens=5", 1, 2000));
+    /* The echo: as many bytes back as went up, a first byte, and the request's id. */
+    char line[128];
+    snprintf(line, sizeof(line), "bytes path=/echo in=%zu out=%zu ttfb=yes id=",
+             strlen(cases[4].body), strlen(cases[4].body));
+    assert_true(gw_log_count(g, line) >= 1);
     assert_true(gw_log_count(g, "model=qwen2.5:7b prompt_tokens=2 completion_tokens=7") == 1);
     assert_true(gw_metric(g, "moongate_tokens_total{kind=\"prompt\"}") - prompt0 == 3 + 2 + 1);
     assert_true(gw_metric(g, "moongate_tokens_total{kind=\"completion\"}") - completion0 == 5 + 7 + 4);
@@ -345,6 +352,56 @@ static void test_stream_timing_unchanged(void **state)
     expect_paced(g, "POST", "/api/chat?tokens=15&interval_ms=50",
                  "{\"model\":\"m\",\"messages\":[]}", 15, 50);
     assert_int_equal(mg_test_upstream_capture_clear(&w->up), 0);
+}
+
+/* ---- examples/policies/token_quota.lua in the real gateway ---- */
+
+static void test_quota_example(void **state)
+{
+    world_t *w = *state;
+    gw_t q;
+    gw_prepare(&q);
+    char *text = NULL;
+    size_t len = 0;
+    assert_int_equal(mg_test_read_file(MG_SOURCE_DIR "/examples/policies/token_quota.lua", &text,
+                                       &len), 0);
+    assert_int_equal(mg_test_write_file(q.policy, text, len, 0600), 0);
+    free(text);
+    char e[8][MG_TEST_PATH_MAX + 32];
+    snprintf(e[0], sizeof(e[0]), "MOONGATE_SSH_PORT=%u", (unsigned)w->sshd.port);
+    snprintf(e[1], sizeof(e[1]), "MOONGATE_SSH_USER=%s", w->sshd.user);
+    snprintf(e[2], sizeof(e[2]), "MOONGATE_SSH_KEY=%s", w->sshd.client_key);
+    snprintf(e[3], sizeof(e[3]), "MOONGATE_KNOWN_HOSTS=%s", w->sshd.known_hosts);
+    snprintf(e[4], sizeof(e[4]), "MOONGATE_TARGET_PORT=%u", (unsigned)w->up.port);
+    const char *env[] = { e[0], e[1], e[2], e[3], e[4], "MOONGATE_SSH_HOST=127.0.0.1",
+                          "MOONGATE_TOKENS=alice:alice-token", "MOONGATE_DAILY_TOKENS=20",
+                          NULL };
+    gw_launch(&q, "127.0.0.1:0", env);
+    /* Each chat costs 3 + 5 tokens: 8, 16, 24. The quota of 20 is used up after the third. */
+    static const char body[] =
+        "{\"model\":\"llama3.1:8b\",\"messages\":[{\"role\":\"user\",\"content\":\"one two three\"}]}";
+    mg_test_http_response_t r;
+    for (int i = 0; i < 3; i++) {
+        int rc = post(q.port, "/api/chat", ALICE, body, &r, 10000);
+        gw_expect_status(&q, rc, &r, 200, "under the quota");
+        mg_test_http_response_free(&r);
+        /* The event that counts the tokens comes as the request ends: wait for its log line. */
+        assert_true(gw_wait_log(&q, "completion_tokens=5", i + 1, 5000));
+    }
+    int rc = post(q.port, "/api/chat", ALICE, body, &r, 10000);
+    gw_expect_status(&q, rc, &r, 429, "past the quota");
+    static const char want[] = "{\"error\":\"daily token quota of 20 used up\",\"request_id\":\"";
+    if (strncmp(r.body, want, sizeof(want) - 1) != 0)
+        fail_msg("the refusal: %s", r.body);
+    assert_non_null(mg_test_http_response_header(&r, "retry-after"));
+    mg_test_http_response_free(&r);
+    rc = post(q.port, "/v1/chat/completions", ALICE, "{}", &r, 10000);
+    gw_expect_status(&q, rc, &r, 429, "past the quota, OpenAI's shape");
+    long retry = atol(mg_test_http_response_header(&r, "retry-after"));
+    assert_true(retry >= 1 && retry <= 86400);
+    assert_non_null(strstr(r.body, "\"code\":\"rate_limit_exceeded\""));
+    mg_test_http_response_free(&r);
+    gw_stop(&q);
 }
 
 /* ---- error bodies ---- */
@@ -462,6 +519,7 @@ int main(void)
         cmocka_unit_test(test_credentials_and_header_rules),
         cmocka_unit_test(test_usage_accounting),
         cmocka_unit_test(test_stream_timing_unchanged),
+        cmocka_unit_test(test_quota_example),
         cmocka_unit_test(test_error_shapes),
         cmocka_unit_test(test_route_timeouts),
         cmocka_unit_test(test_real_sdks),

@@ -338,7 +338,7 @@ static void expect_paced(gw_t *g, const char *method, const char *path, const ch
     }
     print_message("%s: %d pieces, worst gap %.1f ms off the upstream's %d ms\n", path, pieces,
                   worst, interval_ms);
-    assert_true(worst < 25);
+    assert_true(worst < 40); /* a piece held back a whole interval would be 50 ms off */
 }
 
 static void test_stream_timing_unchanged(void **state)

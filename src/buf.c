@@ -1,6 +1,7 @@
 #include "buf.h"
 
 #include "moongate/error.h"
+#include "moongate/http1.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -49,4 +50,19 @@ void mg__buf_free(mg__buf_t *b)
 {
     free(b->data);
     *b = (mg__buf_t){0};
+}
+
+int mg__buf_append_chunk(mg__buf_t *b, const void *p, size_t n)
+{
+    if (n == 0)
+        return 0; /* a chunk of nothing would end the body */
+    char head[MG_HTTP1_CHUNK_HEAD_MAX];
+    size_t hn = mg_http1_chunk_head(head, n);
+    size_t before = mg__buf_size(b);
+    if (mg__buf_append(b, head, hn) != 0 || mg__buf_append(b, p, n) != 0 ||
+        mg__buf_append(b, MG_HTTP1_CHUNK_TAIL, MG_HTTP1_CHUNK_TAIL_LEN) != 0) {
+        b->len = b->off + before; /* (an append may have moved the bytes to the front) */
+        return MG_ENOMEM;
+    }
+    return 0;
 }

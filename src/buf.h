@@ -22,6 +22,10 @@ static inline size_t mg__buf_size(const mg__buf_t *b)
 /* Appends n bytes. Returns 0 or MG_ENOMEM (then the buffer is unchanged). */
 int mg__buf_append(mg__buf_t *b, const void *p, size_t n);
 
+/* Appends n bytes as one HTTP/1.1 chunk: its size line, the bytes, CRLF; nothing for n == 0
+   (that would be the last chunk). Returns 0 or MG_ENOMEM (then the buffer is unchanged). */
+int mg__buf_append_chunk(mg__buf_t *b, const void *p, size_t n);
+
 /* Drops n bytes from the front; an emptied buffer larger than keep_cap gives its memory back. */
 void mg__buf_consume(mg__buf_t *b, size_t n, size_t keep_cap);
 

@@ -603,21 +603,38 @@ static bool is_static_hop(const char *name, size_t len)
            NAME_IS(name, len, "transfer-encoding") || NAME_IS(name, len, "upgrade");
 }
 
-static bool listed_in_connection(const mg_http1_header_t *headers, size_t nheaders,
-                                 const char *name, size_t name_len)
+const mg_http1_header_t *mg_http1_header_find(const mg_http1_header_t *headers, size_t nheaders,
+                                              const char *name)
 {
+    size_t n = strlen(name);
+    for (size_t i = 0; i < nheaders; i++)
+        if (name_is(headers[i].name, headers[i].name_len, name, n))
+            return &headers[i];
+    return NULL;
+}
+
+bool mg_http1_header_lists(const mg_http1_header_t *headers, size_t nheaders, const char *name,
+                           const char *token, size_t token_len)
+{
+    size_t n = strlen(name);
     for (size_t i = 0; i < nheaders; i++) {
         const mg_http1_header_t *h = &headers[i];
-        if (!NAME_IS(h->name, h->name_len, "connection"))
+        if (!name_is(h->name, h->name_len, name, n))
             continue;
         size_t pos = 0;
         const char *el;
         size_t el_len;
         while (list_next(h->value, h->value_len, &pos, &el, &el_len))
-            if (name_is(name, name_len, el, el_len))
+            if (name_is(token, token_len, el, el_len))
                 return true;
     }
     return false;
+}
+
+static bool listed_in_connection(const mg_http1_header_t *headers, size_t nheaders,
+                                 const char *name, size_t name_len)
+{
+    return mg_http1_header_lists(headers, nheaders, "connection", name, name_len);
 }
 
 bool mg_http1_header_is_hop(const mg_http1_header_t *headers, size_t nheaders, const char *name,

@@ -63,14 +63,12 @@ static const mg_server_req_ops_t req_ops;
 
 void mg_req_id(const mg_http1_req_head_t *head, char out[MG_HTTP1_REQUEST_ID_MAX + 1])
 {
-    for (size_t i = 0; head && i < head->nheaders; i++) {
-        const mg_http1_header_t *h = &head->headers[i];
-        if (h->name_len == 12 && strncasecmp(h->name, "x-request-id", 12) == 0 &&
-            mg_http1_request_id_valid(h->value, h->value_len)) {
-            memcpy(out, h->value, h->value_len);
-            out[h->value_len] = '\0';
-            return;
-        }
+    const mg_http1_header_t *h =
+        head ? mg_http1_header_find(head->headers, head->nheaders, "x-request-id") : NULL;
+    if (h && mg_http1_request_id_valid(h->value, h->value_len)) {
+        memcpy(out, h->value, h->value_len);
+        out[h->value_len] = '\0';
+        return;
     }
     if (mg_http1_request_id_new(out) != 0)
         snprintf(out, MG_HTTP1_REQUEST_ID_MAX + 1, "-");
@@ -280,16 +278,6 @@ static int status_for(int err)
     }
 }
 
-static const mg_http1_header_t *find_field(const mg_http1_header_t *hs, size_t n,
-                                           const char *name)
-{
-    size_t len = strlen(name);
-    for (size_t i = 0; i < n; i++)
-        if (hs[i].name_len == len && strncasecmp(hs[i].name, name, len) == 0)
-            return &hs[i];
-    return NULL;
-}
-
 static void x_on_head(mg_exchange_t *x, const mg_http1_resp_head_t *h)
 {
     mg_req_t *r = mg_exchange_data(x);
@@ -303,7 +291,7 @@ static void x_on_head(mg_exchange_t *x, const mg_http1_resp_head_t *h)
         len = (int64_t)h->content_length;
     else if (h->framing == MG_HTTP1_BODY_NONE)
         len = h->content_length != MG_HTTP1_NO_LENGTH ? (int64_t)h->content_length : 0;
-    const mg_http1_header_t *ct = find_field(h->headers, h->nheaders, "content-type");
+    const mg_http1_header_t *ct = mg_http1_header_find(h->headers, h->nheaders, "content-type");
     mg_usage_format_t uf = ct ? mg_usage_format(ct->value, ct->value_len) : MG_USAGE_NONE;
     /* What the upstream reports of its cost, read on the way; a scanner that cannot be had
        only means a request without usage. */
@@ -321,7 +309,7 @@ static void x_on_head(mg_exchange_t *x, const mg_http1_resp_head_t *h)
     mg_http1_header_t with[MG_HTTP1_MAX_HEADERS + 1];
     bool streamed = len < 0 || uf == MG_USAGE_NDJSON || uf == MG_USAGE_SSE;
     if (streamed && h->nheaders < MG_HTTP1_MAX_HEADERS &&
-        !find_field(h->headers, h->nheaders, "x-accel-buffering")) {
+        !mg_http1_header_find(h->headers, h->nheaders, "x-accel-buffering")) {
         memcpy(with, h->headers, h->nheaders * sizeof(*with));
         with[h->nheaders] = (mg_http1_header_t){ "X-Accel-Buffering", 17, "no", 2 };
         ch.headers = with;
@@ -450,18 +438,8 @@ static int on_body(mg_server_req_t *base, const char *data, size_t len)
         }
         return 0;
     }
-    int rc = 0;
-    if (r->chunked_up) {
-        char ch[MG_HTTP1_CHUNK_HEAD_MAX];
-        size_t n = mg_http1_chunk_head(ch, len);
-        rc = body_append(r, ch, n);
-        if (rc == 0)
-            rc = body_append(r, data, len);
-        if (rc == 0)
-            rc = body_append(r, MG_HTTP1_CHUNK_TAIL, MG_HTTP1_CHUNK_TAIL_LEN);
-    } else {
-        rc = body_append(r, data, len);
-    }
+    int rc = r->chunked_up ? mg__buf_append_chunk(&r->body, data, len)
+                           : mg__buf_append(&r->body, data, len);
     if (rc != 0) {
         req_error(r, 500, "out of memory", NULL);
         return 0;

@@ -1162,13 +1162,9 @@ int mg_client_write(mg_client_t *c, const char *data, size_t len)
         return 0;
     int rc;
     if (c->resp_chunked) {
-        char ch[MG_HTTP1_CHUNK_HEAD_MAX];
-        size_t n = mg_http1_chunk_head(ch, len);
-        rc = out_append(c, ch, n);
+        rc = mg__buf_append_chunk(&c->out, data, len) != 0 ? MG_ENOMEM : 0;
         if (rc == 0)
-            rc = out_append(c, data, len);
-        if (rc == 0)
-            rc = out_append(c, MG_HTTP1_CHUNK_TAIL, MG_HTTP1_CHUNK_TAIL_LEN);
+            schedule(c, PEND_FLUSH);
     } else {
         if (c->resp_remaining > 0 && len > c->resp_remaining) {
             /* More than the length we announced: the response is wrong; cut it. */

@@ -684,36 +684,12 @@ void mg_tunnel_agent_cancel(void *arg, mg_pool_conn_t *pc)
 
 static const mg_http1_header_t *field(const mg_http1_req_head_t *h, const char *name)
 {
-    size_t n = strlen(name);
-    for (size_t i = 0; i < h->nheaders; i++)
-        if (h->headers[i].name_len == n && strncasecmp(h->headers[i].name, name, n) == 0)
-            return &h->headers[i];
-    return NULL;
+    return mg_http1_header_find(h->headers, h->nheaders, name);
 }
 
-/* Whether a comma-separated field (any of its occurrences) lists token, case-insensitively. */
 static bool lists(const mg_http1_req_head_t *h, const char *name, const char *token)
 {
-    size_t n = strlen(name), tl = strlen(token);
-    for (size_t i = 0; i < h->nheaders; i++) {
-        const mg_http1_header_t *f = &h->headers[i];
-        if (f->name_len != n || strncasecmp(f->name, name, n) != 0)
-            continue;
-        const char *p = f->value, *end = f->value + f->value_len;
-        while (p < end) {
-            while (p < end && (*p == ' ' || *p == '\t' || *p == ','))
-                p++;
-            const char *s = p;
-            while (p < end && *p != ',')
-                p++;
-            const char *e = p;
-            while (e > s && (e[-1] == ' ' || e[-1] == '\t'))
-                e--;
-            if ((size_t)(e - s) == tl && strncasecmp(s, token, tl) == 0)
-                return true;
-        }
-    }
-    return false;
+    return mg_http1_header_lists(h->headers, h->nheaders, name, token, strlen(token));
 }
 
 static bool agent_id_valid(const char *s, size_t n)

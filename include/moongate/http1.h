@@ -270,6 +270,17 @@ bool mg_http1_value_valid(const char *s, size_t len);
 int mg_http1_check_request(const char *method, const mg_http1_header_t *headers, size_t nheaders,
                            mg_http1_req_framing_t *framing, int *status, const char **why);
 
+/* The first field named name (any case) in headers, or NULL. */
+const mg_http1_header_t *mg_http1_header_find(const mg_http1_header_t *headers, size_t nheaders,
+                                              const char *name);
+
+/*
+ * True if a field named name (any of its occurrences) lists token as one of its comma-separated
+ * elements, compared without case ("Connection: keep-alive, Upgrade" lists "upgrade").
+ */
+bool mg_http1_header_lists(const mg_http1_header_t *headers, size_t nheaders, const char *name,
+                           const char *token, size_t token_len);
+
 /*
  * True if the header named name must not be forwarded by a proxy: a hop-by-hop field (Connection,
  * Keep-Alive, Proxy-*, TE, Trailer, Transfer-Encoding, Upgrade) or one listed in a Connection

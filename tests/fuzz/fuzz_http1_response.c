@@ -10,6 +10,7 @@
  * refuses more.
  */
 #include "moongate/error.h"
+#include "pieces.h"
 #include "moongate/http1.h"
 
 #include <stdint.h>
@@ -119,13 +120,7 @@ static uint64_t run(const uint8_t *data, size_t len, bool head, size_t head_max,
     int rc = 0;
     size_t off = 0;
     while (off < len && rc == 0) {
-        size_t n = len - off;
-        if (seed) {
-            seed = seed * 1103515245u + 12345u;
-            size_t want = 1 + (seed >> 16) % 64;
-            if (want < n)
-                n = want;
-        }
+        size_t n = fuzz_piece_len(&seed, len - off, 64);
         /* A fresh copy, so that a pointer outside the piece is caught by ASan too. */
         char *piece = malloc(n ? n : 1);
         if (!piece)

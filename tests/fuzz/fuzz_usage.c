@@ -7,6 +7,7 @@
  * report; counts are -1 or not negative; the model is a NUL-terminated string within bounds.
  */
 #include "usage.h"
+#include "pieces.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -21,13 +22,7 @@ static void run(mg_usage_format_t f, const uint8_t *data, size_t len, uint32_t s
         abort();
     size_t off = 0;
     while (off < len) {
-        size_t n = len - off;
-        if (seed) {
-            seed = seed * 1103515245u + 12345u;
-            size_t want = 1 + (seed >> 16) % 97;
-            if (want < n)
-                n = want;
-        }
+        size_t n = fuzz_piece_len(&seed, len - off, 97);
         char *piece = malloc(n);
         if (!piece)
             abort();

@@ -50,10 +50,24 @@ typedef struct gw {
 
 /* ---- files ---- */
 
+/* The fields of a route to upstream_port on the test's sshd, as a Lua table's body. */
+static inline void gw_route_fields(char *out, size_t cap, const mg_test_sshd_t *sshd,
+                                   uint16_t upstream_port)
+{
+    int n = snprintf(out, cap,
+                     "host = \"127.0.0.1\", port = %u, ssh_user = \"%s\", key = \"%s\", "
+                     "known_hosts = \"%s\", target_host = \"127.0.0.1\", target_port = %u",
+                     (unsigned)sshd->port, sshd->user, sshd->client_key, sshd->known_hosts,
+                     (unsigned)upstream_port);
+    assert_true(n > 0 && (size_t)n < cap);
+}
+
 /* Writes the test policy: alice is served, limited gets 429 with retry-after: 7. */
 static inline void gw_write_policy(const char *path, const mg_test_sshd_t *sshd,
                                    uint16_t upstream_port)
 {
+    char route[2048];
+    gw_route_fields(route, sizeof(route), sshd, upstream_port);
     char text[4096];
     int n = snprintf(
         text, sizeof(text),
@@ -72,12 +86,10 @@ static inline void gw_write_policy(const char *path, const mg_test_sshd_t *sshd,
         "    return true\n"
         "  end,\n"
         "  route = function(req, user)\n"
-        "    return { host = \"127.0.0.1\", port = %u, ssh_user = \"%s\", key = \"%s\",\n"
-        "             known_hosts = \"%s\", target_host = \"127.0.0.1\", target_port = %u }\n"
+        "    return { %s }\n"
         "  end,\n"
         "}\n",
-        (unsigned)sshd->port, sshd->user, sshd->client_key, sshd->known_hosts,
-        (unsigned)upstream_port);
+        route);
     assert_true(n > 0 && n < (int)sizeof(text));
     assert_int_equal(mg_test_write_file(path, text, (size_t)n, 0600), 0);
 }

@@ -27,6 +27,8 @@ typedef struct world {
 
 static void write_policy(const world_t *w, const char *path)
 {
+    char route[2048];
+    gw_route_fields(route, sizeof(route), &w->sshd, w->up.port);
     char text[8192];
     int n = snprintf(
         text, sizeof(text),
@@ -41,6 +43,7 @@ static void write_policy(const world_t *w, const char *path)
         "      return \"dave\", { credential = \"x-api-key\" }\n"
         "    end\n"
         "    if t == \"Bearer limited-token\" then return \"limited\" end\n"
+        "    if t == \"Bearer erin-token\" then return \"erin\" end\n"
         "    return nil, 401, \"bad or missing token\"\n"
         "  end,\n"
         "  admit = function(req, user)\n"
@@ -50,13 +53,15 @@ static void write_policy(const world_t *w, const char *path)
         "    return true\n"
         "  end,\n"
         "  route = function(req, user)\n"
-        "    local r = { host = \"127.0.0.1\", port = %u, ssh_user = \"%s\", key = \"%s\",\n"
-        "                known_hosts = \"%s\", target_host = \"127.0.0.1\", target_port = %u }\n"
+        "    local r = { %s }\n"
         "    if user == \"bob\" then\n"
         "      r.headers = { authorization = \"Bearer vllm-key\", origin = false,\n"
         "                    [\"x-added\"] = \"yes\" }\n"
         "      r.host_header = \"localhost:11434\"\n"
         "      r.idle_timeout_ms = 1000\n"
+        "    elseif user == \"erin\" then\n"
+        "      r.target_port = 1\n" /* nothing listens there */
+        "      r.error_format = \"openai\"\n"
         "    elseif user == \"carol\" then\n"
         "      r.forward_credential = true\n"
         "      r.head_timeout_ms = 5000\n"
@@ -73,8 +78,7 @@ static void write_policy(const world_t *w, const char *path)
         "    end\n"
         "  end,\n"
         "}\n",
-        (unsigned)w->sshd.port, w->sshd.user, w->sshd.client_key, w->sshd.known_hosts,
-        (unsigned)w->up.port);
+        route);
     assert_true(n > 0 && n < (int)sizeof(text));
     assert_int_equal(mg_test_write_file(path, text, (size_t)n, 0600), 0);
 }
@@ -426,6 +430,16 @@ static void test_error_shapes(void **state)
     gw_expect_status(g, rc, &r, 401, "no token under /api");
     assert_string_equal(r.body,
                         "{\"error\":\"bad or missing token\",\"request_id\":\"req-ollama-1\"}");
+    mg_test_http_response_free(&r);
+
+    /* erin's route says "openai": her upstream's failure under /api takes OpenAI's shape. */
+    rc = post(g->port, "/api/chat", "Authorization: Bearer erin-token\r\n", "{}", &r, 10000);
+    gw_expect_status(g, rc, &r, 502, "erin, nothing listening");
+    assert_true(gw_json_valid(r.body, (size_t)r.body_received));
+    static const char open_obj[] = "{\"error\":{\"message\":";
+    if (strncmp(r.body, open_obj, sizeof(open_obj) - 1) != 0 ||
+        !strstr(r.body, "\"type\":\"server_error\",\"param\":null,\"code\":\"bad_gateway\""))
+        fail_msg("erin's error: %s", r.body);
     mg_test_http_response_free(&r);
 }
 

@@ -33,6 +33,8 @@ typedef struct world {
 
 static void write_policy(const world_t *w, const char *path)
 {
+    char route[2048];
+    gw_route_fields(route, sizeof(route), &w->sshd, w->up.port);
     char text[4096];
     int n = snprintf(
         text, sizeof(text),
@@ -48,12 +50,10 @@ static void write_policy(const world_t *w, const char *path)
         "             queue_timeout_ms = 20000, idle_timeout_ms = 300000 }\n"
         "  end,\n"
         "  route = function(req, user)\n"
-        "    return { host = \"127.0.0.1\", port = %u, ssh_user = \"%s\", key = \"%s\",\n"
-        "             known_hosts = \"%s\", target_host = \"127.0.0.1\", target_port = %u }\n"
+        "    return { %s }\n"
         "  end,\n"
         "}\n",
-        (unsigned)w->sshd.port, w->sshd.user, w->sshd.client_key, w->sshd.known_hosts,
-        (unsigned)w->up.port);
+        route);
     assert_true(n > 0 && n < (int)sizeof(text));
     assert_int_equal(mg_test_write_file(path, text, (size_t)n, 0600), 0);
 }

@@ -3,11 +3,15 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-# libluajit-5.1-dev and libluajit2-5.1-dev conflict; keep whichever is already installed.
+# LuaJIT comes in two Debian builds whose -dev packages conflict. Where OpenResty's runtime
+# (libluajit2-5.1-2, which nginx's Lua module depends on) or its -dev package is installed, use
+# libluajit2-5.1-dev: installing libluajit-5.1-dev there would remove the operator's nginx module.
 lua_dev=libluajit-5.1-dev
-if dpkg-query -W -f='${Status}' libluajit2-5.1-dev 2>/dev/null | grep -q 'install ok installed'; then
-    lua_dev=libluajit2-5.1-dev
-fi
+for pkg in libluajit2-5.1-2 libluajit2-5.1-dev; do
+    if dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+        lua_dev=libluajit2-5.1-dev
+    fi
+done
 apt-get install -y -qq --no-install-recommends \
     build-essential cmake pkg-config ca-certificates \
     libssh2-1-dev libssl-dev libuv1-dev "$lua_dev" libwebsockets-dev libcmocka-dev libhttp-parser-dev libwslay-dev libjansson-dev \

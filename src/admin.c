@@ -8,6 +8,7 @@
 #include "moongate/ssh_backend.h"
 
 #include <openssl/crypto.h>
+#include <openssl/sha.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
@@ -47,21 +48,26 @@ static bool loopback(const char *addr)
            strncmp(addr, "::ffff:127.", 11) == 0;
 }
 
-/* The token or loopback. The comparison takes the same time wherever the first difference is. */
+/*
+ * The token or loopback. The digests of the presented and the expected token are compared, so
+ * the time taken depends on neither where they first differ nor how long either is.
+ */
 static bool allowed(const mg_admin_env_t *a, mg_client_t *c, const mg_http1_req_head_t *h)
 {
     const char *token = a->admin_token;
     if (token == NULL || *token == '\0')
         return loopback(mg_client_remote(c));
-    size_t tlen = strlen(token);
+    unsigned char want[SHA256_DIGEST_LENGTH], got[SHA256_DIGEST_LENGTH];
+    SHA256((const unsigned char *)token, strlen(token), want);
     bool ok = false;
     for (size_t i = 0; i < h->nheaders; i++) {
         const mg_http1_header_t *f = &h->headers[i];
         if (f->name_len != 13 || strncasecmp(f->name, "authorization", 13) != 0)
             continue;
-        if (f->value_len != 7 + tlen || strncasecmp(f->value, "Bearer ", 7) != 0)
+        if (f->value_len < 7 || strncasecmp(f->value, "Bearer ", 7) != 0)
             continue;
-        ok |= CRYPTO_memcmp(f->value + 7, token, tlen) == 0;
+        SHA256((const unsigned char *)f->value + 7, f->value_len - 7, got);
+        ok |= CRYPTO_memcmp(got, want, sizeof(want)) == 0;
     }
     return ok;
 }
@@ -84,8 +90,10 @@ static void stats_conn(const char *user, mg_pool_conn_t *pc, void *arg)
     mg_json_string(j, user);
     mg_json_key(j, "id");
     mg_json_uint(j, mg_pool_conn_id(pc));
-    mg_json_key(j, "leases");
-    mg_json_int(j, mg_pool_conn_leases(pc));
+    mg_json_key(j, "busy_channels");
+    mg_json_int(j, mg_pool_conn_leases(pc) - mg_pool_conn_idle_leases(pc));
+    mg_json_key(j, "idle_channels");
+    mg_json_int(j, mg_pool_conn_idle_leases(pc));
     mg_json_key(j, "healthy");
     mg_json_bool(j, mg_pool_conn_healthy(pc));
     mg_ssh_conn_t *sc = mg_ssh_backend_conn(pc);
@@ -135,8 +143,10 @@ static void render_stats(const mg_admin_env_t *a, mg_json_t *j)
     mg_json_int(j, ps.ready_connections);
     mg_json_key(j, "users");
     mg_json_int(j, ps.users);
-    mg_json_key(j, "leases");
-    mg_json_int(j, ps.leases);
+    mg_json_key(j, "busy_channels");
+    mg_json_int(j, ps.leases - ps.idle_leases);
+    mg_json_key(j, "idle_channels");
+    mg_json_int(j, ps.idle_leases);
     mg_json_key(j, "waiters");
     mg_json_int(j, ps.waiters);
     mg_json_key(j, "connections");
@@ -156,8 +166,6 @@ static void render_stats(const mg_admin_env_t *a, mg_json_t *j)
     mg_json_uint(j, xs.retried);
     mg_json_key(j, "active");
     mg_json_int(j, xs.active);
-    mg_json_key(j, "idle");
-    mg_json_int(j, xs.idle_channels);
     mg_json_end_object(j);
 
     mg_json_key(j, "cleanup");

@@ -609,22 +609,27 @@ static void test_sigterm_drains_stream(void **state)
 }
 
 /* A second SIGTERM during a drain ends the process at once, without a sanitizer report. */
+/* Sends alice's GET path on a new connection and returns the socket once bytes are back. */
+static int open_stream(const gw_t *g, const char *path)
+{
+    char *req = NULL;
+    size_t len = 0;
+    assert_int_equal(mg_test_http_request(&req, &len, "GET", path, GW_AUTH_ALICE, NULL, 0), 0);
+    int fd = gw_connect(g->port, 2000);
+    assert_true(fd >= 0);
+    assert_int_equal(send(fd, req, len, MSG_NOSIGNAL), (ssize_t)len);
+    free(req);
+    assert_int_equal(gw_poll(fd, POLLIN, mg_test_now_ms() + 5000), 0);
+    return fd;
+}
+
 static void test_second_sigterm_exits_at_once(void **state)
 {
     world_t *w = *state;
     static gw_t g;
     const char *env[] = { "SHUTDOWN_GRACE_PERIOD=20000", NULL };
     gw_start(&g, &w->sshd, w->up.port, env);
-    char *req = NULL;
-    size_t len = 0;
-    assert_int_equal(mg_test_http_request(&req, &len, "GET", "/stream?chunks=100&interval_ms=100",
-                                          GW_AUTH_ALICE, NULL, 0),
-                     0);
-    int fd = gw_connect(g.port, 2000);
-    assert_true(fd >= 0);
-    assert_int_equal(send(fd, req, len, MSG_NOSIGNAL), (ssize_t)len);
-    free(req);
-    assert_int_equal(gw_poll(fd, POLLIN, mg_test_now_ms() + 5000), 0);
+    int fd = open_stream(&g, "/stream?chunks=100&interval_ms=100");
 
     assert_int_equal(mg_test_proc_kill(&g.proc, SIGTERM), 0);
     assert_true(gw_wait_log(&g, "draining (SIGTERM)", 1, 3000));
@@ -642,6 +647,42 @@ static void test_second_sigterm_exits_at_once(void **state)
     /* It exits (with a non-zero code), and is not killed by a signal or a sanitizer. */
     assert_true(code >= 0 && code < 128);
     gw_assert_log_clean(&g);
+}
+
+/* A stream that outlives the grace period is cut by the drain: the client sees no clean end,
+ * the access log names the drain (not an upstream failure), and the process still exits 0. */
+static void test_drain_cut_is_named(void **state)
+{
+    world_t *w = *state;
+    static gw_t g;
+    const char *env[] = { "SHUTDOWN_GRACE_PERIOD=300", "SHUTDOWN_FORCE_AFTER_GRACE=true", NULL };
+    gw_start(&g, &w->sshd, w->up.port, env);
+    int fd = open_stream(&g, "/stream?chunks=100&interval_ms=50");
+    assert_int_equal(mg_test_proc_kill(&g.proc, SIGTERM), 0);
+
+    char buf[65536];
+    size_t got = 0;
+    bool closed = false;
+    double t = mg_test_now_ms(), deadline = t + 5000;
+    while (gw_poll(fd, POLLIN, deadline) == 0) {
+        ssize_t n = recv(fd, buf + got, sizeof(buf) - 1 - got, 0);
+        if (n <= 0) {
+            closed = true;
+            break;
+        }
+        got += (size_t)n;
+        if (got == sizeof(buf) - 1)
+            got = 0; /* only the end matters */
+    }
+    buf[got] = '\0';
+    close(fd);
+    print_message("drain cut: closed=%d %.0f ms after SIGTERM\n", (int)closed,
+                  mg_test_now_ms() - t);
+    assert_true(closed);
+    assert_null(strstr(buf, "\r\n0\r\n\r\n"));
+    assert_true(gw_wait_log(&g, "cut: the drain's grace period (300 ms) ended", 1, 3000));
+    assert_int_equal(gw_log_count(&g, "upstream failed mid-response"), 0);
+    gw_assert_exits_cleanly(&g, 5000);
 }
 
 /* ---- 10. malformed input never reaches the upstream ---- */
@@ -966,7 +1007,7 @@ static void test_stalled_client_cut(void **state)
         mg_test_sleep_ms(200);
         mg_test_http_response_t r;
         assert_int_equal(gw_request(&g, "GET", "/stats", NULL, NULL, 0, &r, 3000), 0);
-        closed = strstr(r.body, "\"leases\":0") != NULL;
+        closed = strstr(r.body, "\"busy_channels\":0,\"idle_channels\":0") != NULL;
         mg_test_http_response_free(&r);
     }
     double took = mg_test_now_ms() - t0;
@@ -1147,6 +1188,74 @@ static void test_stats(void **state)
     mg_test_http_response_free(&r);
 }
 
+/* A channel kept alive after its response is idle, not busy: in /stats, in /metrics, in the
+ * policy's stats, and in the drain's count of requests in flight. */
+static void test_idle_channels_counted(void **state)
+{
+    world_t *w = *state;
+    static gw_t g;
+    gw_start(&g, &w->sshd, w->up.port, NULL);
+    mg_test_http_response_t r;
+    int rc = gw_request(&g, "GET", "/hello", GW_AUTH_ALICE, NULL, 0, &r, 10000);
+    gw_expect_status(&g, rc, &r, 200, "GET /hello");
+    mg_test_http_response_free(&r);
+
+    rc = gw_request(&g, "GET", "/stats", NULL, NULL, 0, &r, 5000);
+    gw_expect_status(&g, rc, &r, 200, "GET /stats");
+    print_message("/stats: %.300s\n", r.body);
+    assert_non_null(strstr(r.body, "\"busy_channels\":0,\"idle_channels\":1"));
+    mg_test_http_response_free(&r);
+    assert_true(gw_metric(&g, "moongate_pool_channels{state=\"busy\"}") == 0);
+    assert_true(gw_metric(&g, "moongate_pool_channels{state=\"idle\"}") == 1);
+
+    assert_int_equal(mg_test_proc_kill(&g.proc, SIGTERM), 0);
+    gw_assert_exits_cleanly(&g, 10000);
+    assert_true(gw_log_count(&g, "draining (SIGTERM): 0 requests in flight") == 1);
+    assert_true(gw_log_count(&g, "shutdown: draining: 0 requests in flight") == 1);
+    assert_true(gw_log_count(&g, "1 requests in flight") == 0);
+}
+
+/* With MOONGATE_ADMIN_TOKEN set, /metrics and /stats need exactly that bearer token, even from
+ * loopback; a token that shares a prefix or differs in length is refused like any other. */
+static void test_admin_token(void **state)
+{
+    world_t *w = *state;
+    static const char *const env[] = { "MOONGATE_ADMIN_TOKEN=adm1n-s3cret", NULL };
+    gw_t g;
+    gw_start(&g, &w->sshd, w->up.port, env);
+    static const struct {
+        const char *headers;
+        int status;
+    } cases[] = {
+        { NULL, 403 },
+        { "Authorization: Bearer adm1n-s3cre\r\n", 403 },
+        { "Authorization: Bearer adm1n-s3cret2\r\n", 403 },
+        { "Authorization: Bearer adm1n-s3creT\r\n", 403 },
+        { "Authorization: Basic adm1n-s3cret\r\n", 403 },
+        { "Authorization: Bearer \r\n", 403 },
+        { "Authorization: Bearer adm1n-s3cret\r\n", 200 },
+        { "Authorization: bearer adm1n-s3cret\r\n", 200 },
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        for (int ep = 0; ep < 2; ep++) {
+            mg_test_http_response_t r;
+            const char *path = ep == 0 ? "/metrics" : "/stats";
+            int rc = gw_request(&g, "GET", path, cases[i].headers, NULL, 0, &r, 5000);
+            char what[160];
+            snprintf(what, sizeof(what), "GET %s with %s", path,
+                     cases[i].headers != NULL ? cases[i].headers : "no token");
+            gw_expect_status(&g, rc, &r, cases[i].status, what);
+            mg_test_http_response_free(&r);
+        }
+    }
+    /* /healthz stays open: a load balancer's probe carries no token. */
+    mg_test_http_response_t r;
+    int rc = gw_request(&g, "GET", "/healthz", NULL, NULL, 0, &r, 5000);
+    gw_expect_status(&g, rc, &r, 200, "GET /healthz without a token");
+    mg_test_http_response_free(&r);
+    gw_stop(&g);
+}
+
 /* ---- 13. it listens only where it is told ---- */
 
 /* True if something listens on port on every address (0.0.0.0 or [::]). */
@@ -1205,6 +1314,7 @@ int main(void)
         cmocka_unit_test(test_reload_broken_policy),
         cmocka_unit_test(test_sigterm_drains_stream),
         cmocka_unit_test(test_second_sigterm_exits_at_once),
+        cmocka_unit_test(test_drain_cut_is_named),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_tls),
         cmocka_unit_test(test_cli_check_and_bad_setting),
@@ -1214,6 +1324,8 @@ int main(void)
         cmocka_unit_test(test_stalled_client_cut),
         cmocka_unit_test(test_metrics),
         cmocka_unit_test(test_stats),
+        cmocka_unit_test(test_admin_token),
+        cmocka_unit_test(test_idle_channels_counted),
         cmocka_unit_test(test_listens_on_loopback_only),
         cmocka_unit_test(test_shared_gateway_exits_cleanly),
     };

@@ -17,6 +17,7 @@
 #include "request.h"
 #include "server.h"
 #include "tunnel.h"
+#include "watchdog.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -52,6 +53,7 @@ struct mg_gateway {
     uv_timer_t timer;             /* the drain's flush, then the teardown's wait */
     bool timer_ready;
     uint64_t deadline;
+    mg_watchdog_t *watchdog;
 };
 
 static uint64_t wall_ms(void)
@@ -90,29 +92,18 @@ int mg_gateway_parse_listen(mg_gateway_opts_t *o, const char *addr, char *host, 
     return 0;
 }
 
+/* The settings' readers (settings.h), under short names. */
 static int env_u64(const char *name, uint64_t lo, uint64_t hi, uint64_t *out, char *err,
                    size_t errlen)
 {
-    const char *v = getenv(name);
-    if (v == NULL || *v == '\0')
-        return 0;
-    char *end;
-    errno = 0;
-    unsigned long long n = strtoull(v, &end, 10);
-    if (*v == '-' || errno || *end != '\0' || n < lo || n > hi) {
-        snprintf(err, errlen, "%s: must be a whole number from %llu to %llu, got \"%s\"", name,
-                 (unsigned long long)lo, (unsigned long long)hi, v);
-        return MG_ECONFIG;
-    }
-    *out = n;
-    return 0;
+    return mg_settings_env_u64(name, lo, hi, out, err, errlen);
 }
 
 static int env_u32(const char *name, uint32_t lo, uint32_t hi, uint32_t *out, char *err,
                    size_t errlen)
 {
     uint64_t v = *out;
-    int rc = env_u64(name, lo, hi, &v, err, errlen);
+    int rc = mg_settings_env_u64(name, lo, hi, &v, err, errlen);
     if (rc == 0)
         *out = (uint32_t)v;
     return rc;
@@ -134,6 +125,7 @@ int mg_gateway_opts_from_env(mg_gateway_opts_t *o, char *err, size_t errlen)
         .max_headers = MG_HTTP1_REQ_FIELDS_MAX_DEFAULT,
         .upstream_head_timeout_ms = 120000,
         .upstream_keepalive_ms = 10000,
+        .watchdog_ms = 5000,
     };
     const char *v = getenv("MOONGATE_LISTEN");
     if (v && *v && mg_gateway_parse_listen(o, v, listen_host, sizeof(listen_host)) != 0) {
@@ -175,6 +167,16 @@ int mg_gateway_opts_from_env(mg_gateway_opts_t *o, char *err, size_t errlen)
         snprintf(err, errlen, "MOONGATE_TLS_CERT and MOONGATE_TLS_KEY: give both or neither");
         return MG_ECONFIG;
     }
+    if ((rc = env_u64("MOONGATE_WATCHDOG_MS", 0, 600000, &o->watchdog_ms, err, errlen)))
+        return rc;
+    if (o->watchdog_ms > 0 && o->watchdog_ms < 100) {
+        snprintf(err, errlen, "MOONGATE_WATCHDOG_MS: must be 0 (off) or from 100 to 600000, "
+                 "got \"%s\"", getenv("MOONGATE_WATCHDOG_MS"));
+        return MG_ECONFIG;
+    }
+    if ((rc = mg_settings_env_bool("MOONGATE_DEBUG_FUNCTIONS", &o->debug_functions, err,
+                                   errlen)))
+        return rc;
     o->admin_token = getenv("MOONGATE_ADMIN_TOKEN");
     v = getenv("MOONGATE_FORWARD_HEADERS");
     if (v && *v)
@@ -192,11 +194,18 @@ static double gauge_connections(void *arg)
     return st.total_connections;
 }
 
-static double gauge_channels(void *arg)
+static double gauge_channels_busy(void *arg)
 {
     mg_pool_stats_t st;
     mg_pool_stats(((mg_gateway_t *)arg)->pool, &st);
-    return st.leases;
+    return st.leases - st.idle_leases;
+}
+
+static double gauge_channels_idle(void *arg)
+{
+    mg_pool_stats_t st;
+    mg_pool_stats(((mg_gateway_t *)arg)->pool, &st);
+    return st.idle_leases;
 }
 
 static double gauge_queue(void *arg)
@@ -310,6 +319,13 @@ static int start_server(mg_gateway_t *gw, char *err, size_t errlen)
     return mg_server_new(gw->loop, &so, &h, &gw->server, err, errlen);
 }
 
+/* What the watchdog says the loop is doing when it is stuck (a signal handler: no allocation). */
+static void describe_stall(void *arg, char *buf, size_t len)
+{
+    (void)arg;
+    mg_policy_describe_running(buf, len);
+}
+
 int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gateway_opts_t *o,
                    mg_gateway_t **out, char *err, size_t errlen)
 {
@@ -327,7 +343,8 @@ int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gate
     gw->metrics_reg = mg_metrics_new();
     mg_gateway_metrics_sources_t src = {
         .connections = gauge_connections,
-        .channels_in_use = gauge_channels,
+        .channels_busy = gauge_channels_busy,
+        .channels_idle = gauge_channels_idle,
         .queue_depth = gauge_queue,
         .arg = gw,
     };
@@ -340,6 +357,7 @@ int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gate
     mg_policy_options_t po;
     mg_policy_options_init(&po, settings);
     po.path = o->policy_path;
+    po.debug_functions = o->debug_functions;
     if ((rc = mg_policy_new(loop, &po, &gw->policy, err, errlen)) != 0)
         goto fail;
 
@@ -376,6 +394,7 @@ int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gate
         .llm = gw->llm_metrics,
         .max_body_bytes = o->max_body_bytes,
         .drain_message = gw->drain_message,
+        .shutdown = &gw->shutdown,
     };
     gw->admin_env = (mg_admin_env_t){
         .req = &gw->req_env,
@@ -405,6 +424,11 @@ int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gate
     gw->backend.agent_arg = gw->tunnel;
     if ((rc = start_server(gw, err, errlen)) != 0)
         goto fail;
+    if (o->watchdog_ms > 0 &&
+        (rc = mg_watchdog_start(loop, o->watchdog_ms, describe_stall, gw, &gw->watchdog)) != 0) {
+        snprintf(err, errlen, "cannot start the watchdog: %s", mg_strerror(rc));
+        goto fail;
+    }
     *out = gw;
     return 0;
 
@@ -576,6 +600,8 @@ static void teardown_ssh(void *arg)
 
 void mg_gateway_free(mg_gateway_t *gw)
 {
+    mg_watchdog_stop(gw->watchdog);
+    gw->watchdog = NULL;
     uv_timer_stop(&gw->timer);
     if (gw->server)
         mg_server_close(gw->server, teardown_ssh, gw);

@@ -32,27 +32,36 @@ const char *mg_log_level_name(mg_log_level_t level)
     return level <= MG_LOG_TRACE ? level_names[level] : "?";
 }
 
-void mg_logv(mg_log_level_t level, const char *component, const char *fmt, va_list ap)
+size_t mg_log_format(char *line, size_t cap, mg_log_level_t level, const char *component,
+                     const char *fmt, va_list ap)
 {
-    if (!mg_log_enabled(level))
-        return;
-
-    /* One fwrite per line, so lines from concurrent writers do not interleave. */
-    char line[2048];
+    if (cap < 2)
+        return 0;
     struct timeval tv;
     struct tm tm;
     gettimeofday(&tv, NULL);
     gmtime_r(&tv.tv_sec, &tm);
-    int n = snprintf(line, sizeof(line), "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ %-5s %s: ",
+    int n = snprintf(line, cap, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ %-5s %s: ",
                      tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                     tm.tm_sec, (int)(tv.tv_usec / 1000), level_names[level], component);
+                     tm.tm_sec, (int)(tv.tv_usec / 1000), mg_log_level_name(level), component);
     if (n < 0)
-        return;
-    int m = vsnprintf(line + n, sizeof(line) - (size_t)n, fmt, ap);
-    size_t len = (size_t)n + (m < 0 ? 0 : (size_t)m);
-    if (len > sizeof(line) - 2)
-        len = sizeof(line) - 2;
+        return 0;
+    size_t len = (size_t)n < cap ? (size_t)n : cap - 1;
+    int m = vsnprintf(line + len, cap - len, fmt, ap);
+    len += m < 0 ? 0 : (size_t)m;
+    if (len > cap - 2)
+        len = cap - 2;
     line[len++] = '\n';
+    return len;
+}
+
+void mg_logv(mg_log_level_t level, const char *component, const char *fmt, va_list ap)
+{
+    if (!mg_log_enabled(level))
+        return;
+    /* One fwrite per line, so lines from concurrent writers do not interleave. */
+    char line[2048];
+    size_t len = mg_log_format(line, sizeof(line), level, component, fmt, ap);
     fwrite(line, 1, len, stderr);
 }
 

@@ -521,6 +521,22 @@ static double read_zero(void *arg)
     return 0;
 }
 
+/* moongate_pool_channels{state="busy"} and {state="idle"}. */
+static int channel_gauges(mg_metrics_t *reg, const mg_gateway_metrics_sources_t *src)
+{
+    const struct {
+        const char *state;
+        mg_gauge_fn fn;
+    } g[] = { { "busy", src->channels_busy }, { "idle", src->channels_idle } };
+    int rc = 0;
+    for (size_t i = 0; i < 2 && rc == 0; i++)
+        rc = mg_metrics_gauge_fn(reg, "moongate_pool_channels",
+                                 "SSH channels open: busy serving a request, or idle and kept "
+                                 "alive for the next.", "state", g[i].state,
+                                 g[i].fn != NULL ? g[i].fn : read_zero, src->arg);
+    return rc;
+}
+
 int mg_gateway_metrics_init(mg_gateway_metrics_t *m, mg_metrics_t *reg,
                             const mg_gateway_metrics_sources_t *src)
 {
@@ -585,10 +601,7 @@ int mg_gateway_metrics_init(mg_gateway_metrics_t *m, mg_metrics_t *reg,
                                  src->connections != NULL ? src->connections : read_zero,
                                  src->arg);
     if (rc == 0)
-        rc = mg_metrics_gauge_fn(reg, "moongate_pool_channels_in_use",
-                                 "SSH channels leased to requests.", NULL, NULL,
-                                 src->channels_in_use != NULL ? src->channels_in_use : read_zero,
-                                 src->arg);
+        rc = channel_gauges(reg, src);
     if (rc == 0)
         rc = mg_metrics_gauge_fn(reg, "moongate_pool_queue_depth",
                                  "Requests waiting for a channel.", NULL, NULL,

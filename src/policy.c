@@ -37,6 +37,9 @@
 
 static int live_states;
 
+/* The state whose call is running, for the watchdog (mg_policy_describe_running). */
+static mg_policy_state_t *calling;
+
 int mg__policy_live_states(void)
 {
     return live_states;
@@ -180,6 +183,31 @@ static int message_handler(lua_State *L)
     return 1;
 }
 
+void mg_policy_describe_running(char *buf, size_t len)
+{
+    mg_policy_state_t *st = calling;
+    if (st == NULL || !st->in_call) {
+        snprintf(buf, len, "not in a policy call");
+        return;
+    }
+    /* The innermost frame with a line is the policy's; a C function above it is what spins. */
+    lua_State *L = st->L;
+    lua_Debug ar;
+    char at[256] = "", cfn[96] = "";
+    for (int level = 0; level < 32 && lua_getstack(L, level, &ar); level++) {
+        if (lua_getinfo(L, "Sln", &ar) == 0)
+            break;
+        if (ar.currentline > 0) {
+            snprintf(at, sizeof(at), ", at %s:%d", ar.short_src, ar.currentline);
+            break;
+        }
+        if (level == 0 && ar.what != NULL && strcmp(ar.what, "C") == 0)
+            snprintf(cfn, sizeof(cfn), ", in the C function %s", ar.name ? ar.name : "?");
+    }
+    snprintf(buf, len, "in the policy's %s call (%s)%s%s", st->call_what ? st->call_what : "?",
+             st->call_where ? st->call_where : "?", at, cfn);
+}
+
 void mg__policy_where(lua_State *L, int idx, char *buf, size_t len)
 {
     lua_Debug ar;
@@ -229,6 +257,9 @@ static int call_lua(mg_policy_state_t *st, const char *what, const char *where, 
         return MG_ESTATE;
     }
     st->in_call = true;
+    st->call_what = what;
+    st->call_where = where;
+    calling = st;
     st->timed_out = false;
     st->mem_hit = false;
     st->budget_ms = budget_ms;
@@ -239,6 +270,7 @@ static int call_lua(mg_policy_state_t *st, const char *what, const char *where, 
     st->mem_capped = false;
 
     st->in_call = false;
+    calling = NULL;
     if (st->timed_out)
         lua_sethook(L, count_hook, LUA_MASKCOUNT, COUNT_HOOK_INSTRUCTIONS);
     if (rc == 0)
@@ -500,6 +532,7 @@ static int state_new(mg_policy_t *p, mg_policy_state_t **out, char *err, size_t 
     lua_State *L = st->L;
     lua_pushcfunction(L, message_handler); /* stays at index 1 */
     luaL_openlibs(L);
+    mg__policy_open_patterns(L); /* LuaJIT's own matcher cannot be interrupted */
     /* After luaL_openlibs: opening the jit library switches the JIT back on. */
     luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | (p->opts.jit ? LUAJIT_MODE_ON : LUAJIT_MODE_OFF));
     lua_sethook(L, count_hook, LUA_MASKCOUNT, COUNT_HOOK_INSTRUCTIONS);

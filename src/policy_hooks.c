@@ -350,8 +350,8 @@ static void push_user_stats(lua_State *L, mg_policy_t *p, const char *user)
                  p->user_stats_fn(p->stats_ctx, user, &s) == 0;
     if (!known)
         memset(&s, 0, sizeof(s));
-    lua_createtable(L, 0, 8);
-    lua_pushinteger(L, s.leases + s.waiters);
+    lua_createtable(L, 0, 9);
+    lua_pushinteger(L, s.leases - s.idle_leases + s.waiters);
     lua_setfield(L, -2, "in_flight");
     lua_pushinteger(L, s.waiters);
     lua_setfield(L, -2, "queued");
@@ -359,8 +359,10 @@ static void push_user_stats(lua_State *L, mg_policy_t *p, const char *user)
     lua_setfield(L, -2, "connections");
     lua_pushinteger(L, s.opening);
     lua_setfield(L, -2, "opening");
-    lua_pushinteger(L, s.leases);
+    lua_pushinteger(L, s.leases - s.idle_leases);
     lua_setfield(L, -2, "channels");
+    lua_pushinteger(L, s.idle_leases);
+    lua_setfield(L, -2, "idle_channels");
     lua_pushboolean(L, known);
     lua_setfield(L, -2, "known");
     if (known) {

@@ -124,15 +124,17 @@ static int l_pool_stats(lua_State *L)
     mg_pool_stats_t s;
     memset(&s, 0, sizeof(s));
     p->pool_stats_fn(p->stats_ctx, &s);
-    lua_createtable(L, 0, 6);
+    lua_createtable(L, 0, 7);
     lua_pushinteger(L, s.total_connections);
     lua_setfield(L, -2, "connections");
     lua_pushinteger(L, s.ready_connections);
     lua_setfield(L, -2, "ready");
     lua_pushinteger(L, s.users);
     lua_setfield(L, -2, "users");
-    lua_pushinteger(L, s.leases);
+    lua_pushinteger(L, s.leases - s.idle_leases);
     lua_setfield(L, -2, "channels");
+    lua_pushinteger(L, s.idle_leases);
+    lua_setfield(L, -2, "idle_channels");
     lua_pushinteger(L, s.waiters);
     lua_setfield(L, -2, "queued");
     lua_pushboolean(L, s.draining);
@@ -495,6 +497,19 @@ static int l_sha256(lua_State *L)
     return 1;
 }
 
+/* ---- for tests ---- */
+
+/* moongate.debug_spin(ms): busy in C, where no time budget reaches (opts.debug_functions). */
+static int l_debug_spin(lua_State *L)
+{
+    lua_Number ms = luaL_checknumber(L, 1);
+    luaL_argcheck(L, ms >= 0 && ms <= 60000, 1, "0 to 60000 ms");
+    uint64_t end = uv_hrtime() + (uint64_t)(ms * 1e6);
+    while (uv_hrtime() < end)
+        ;
+    return 0;
+}
+
 /* ---- the module ---- */
 
 static const luaL_Reg lib[] = {
@@ -543,6 +558,10 @@ void mg__policy_lib_open(mg_policy_state_t *st)
 
     lua_newtable(L);
     luaL_setfuncs(L, lib, 0);
+    if (o->debug_functions) {
+        lua_pushcfunction(L, l_debug_spin);
+        lua_setfield(L, -2, "debug_spin");
+    }
     lua_newtable(L);
     luaL_setfuncs(L, dict_lib, 0);
     lua_setfield(L, -2, "dict");

@@ -55,6 +55,7 @@ struct mg_pool_conn {
     enum conn_state state;
     bool healthy;
     int leases;
+    int idle_leases; /* of leases, those held by a channel serving no request */
     uint64_t last_used;
     void *backend_data;
 };
@@ -69,7 +70,7 @@ struct mg_pool_user {
     int nrecords;          /* length of conns */
     int nconns;            /* records not CLOSED: what counts against max_connections */
     int nopening;
-    int leases;
+    int leases, idle_leases;
     mg_pool_acquire_t *wait_head, *wait_tail;
     int nwaiters;
     int holds; /* walks in progress; the entry is not freed while > 0 */
@@ -94,7 +95,7 @@ struct mg_pool {
     size_t nusers;
     mg_pool_user_t *users;
     uint64_t next_id;
-    int nconns, nready, leases, waiters;
+    int nconns, nready, leases, idle_leases, waiters;
     bool draining;
     void (*on_idle)(mg_pool_t *pool, void *arg);
     void *on_idle_arg;
@@ -778,8 +779,8 @@ void mg_pool_acquire_cancel(mg_pool_acquire_t *req)
 
 void mg_pool_release(mg_pool_t *pool, mg_pool_conn_t *pc)
 {
-    if (pc == NULL || pc->user->pool != pool || pc->leases <= 0) {
-        mg_log_error("pool", "release of a connection that holds no lease of this pool");
+    if (pc == NULL || pc->user->pool != pool || pc->leases <= pc->idle_leases) {
+        mg_log_error("pool", "release of a connection that holds no busy lease of this pool");
         return;
     }
     mg_pool_user_t *u = pc->user;
@@ -794,6 +795,20 @@ void mg_pool_release(mg_pool_t *pool, mg_pool_conn_t *pc)
     user_update(u);
     if (pool->draining && pool->leases == 0 && pool->on_idle != NULL)
         pool->on_idle(pool, pool->on_idle_arg);
+}
+
+void mg_pool_lease_set_idle(mg_pool_t *pool, mg_pool_conn_t *pc, bool idle)
+{
+    if (pc == NULL || pc->user->pool != pool ||
+        (idle ? pc->idle_leases >= pc->leases : pc->idle_leases <= 0)) {
+        mg_log_error("pool", "a lease marked %s that is not %s", idle ? "idle" : "busy",
+                     idle ? "busy" : "idle");
+        return;
+    }
+    int d = idle ? 1 : -1;
+    pc->idle_leases += d;
+    pc->user->idle_leases += d;
+    pool->idle_leases += d;
 }
 
 static int user_close_conns(mg_pool_user_t *u, bool force, const char *reason)
@@ -865,8 +880,9 @@ int mg_pool_cleanup_stale(mg_pool_t *pool, uint64_t max_idle_ms)
 void mg_pool_drain(mg_pool_t *pool, void (*on_idle)(mg_pool_t *pool, void *arg), void *arg)
 {
     if (!pool->draining) {
-        mg_log_info("pool", "draining: %d connections, %d leases, %d waiters", pool->nconns,
-                    pool->leases, pool->waiters);
+        mg_log_info("pool", "draining: %d connections, %d busy and %d idle channels, %d waiting",
+                    pool->nconns, pool->leases - pool->idle_leases, pool->idle_leases,
+                    pool->waiters);
         pool->draining = true;
         /* Users with waiters cannot be freed by an update, so this walk is safe. */
         for (mg_pool_user_t *u = pool->users; u != NULL; u = u->next) {
@@ -892,6 +908,7 @@ void mg_pool_stats(const mg_pool_t *pool, mg_pool_stats_t *out)
     out->total_connections = pool->nconns;
     out->ready_connections = pool->nready;
     out->leases = pool->leases;
+    out->idle_leases = pool->idle_leases;
     out->waiters = pool->waiters;
     out->draining = pool->draining;
     for (const mg_pool_user_t *u = pool->users; u != NULL; u = u->next) {
@@ -911,6 +928,7 @@ int mg_pool_user_stats(const mg_pool_t *pool, const char *user, mg_pool_user_sta
     out->connections = u->nconns;
     out->opening = u->nopening;
     out->leases = u->leases;
+    out->idle_leases = u->idle_leases;
     out->waiters = u->nwaiters;
     out->limits = u->limits;
     return 0;
@@ -1022,6 +1040,11 @@ const char *mg_pool_conn_user(const mg_pool_conn_t *pc)
 int mg_pool_conn_leases(const mg_pool_conn_t *pc)
 {
     return pc->leases;
+}
+
+int mg_pool_conn_idle_leases(const mg_pool_conn_t *pc)
+{
+    return pc->idle_leases;
 }
 
 bool mg_pool_conn_healthy(const mg_pool_conn_t *pc)

@@ -52,6 +52,8 @@ struct link {
     int uses;
     bool open;
     bool idle;
+    bool lease_idle;         /* the lease counts as idle in the pool: from the link's going on
+                                the idle list until it serves again or its lease goes back */
     bool closing;
     link_t *next, *prev;     /* idle list */
 };
@@ -226,6 +228,16 @@ static void on_link_timer(uv_timer_t *t)
                       l->target_host, l->target_port, (unsigned)x->req.idle_timeout_ms);
 }
 
+/* Tells the pool whether the link's lease serves a request, so that its counts of busy and idle
+ * channels (the drain's "requests in flight") mean what they say. */
+static void link_lease_idle(link_t *l, bool idle)
+{
+    if (l->lease_idle == idle)
+        return;
+    l->lease_idle = idle;
+    mg_pool_lease_set_idle(l->px->pool, l->lease, idle);
+}
+
 /* Closes the channel; the lease goes back and the link is freed in the channel's on_close. */
 static void link_close(link_t *l)
 {
@@ -242,6 +254,7 @@ static void link_reuse(link_t *l, mg_exchange_t *x)
 {
     mg_proxy_t *px = l->px;
     uv_timer_stop(&l->timer);
+    link_lease_idle(l, false);
     l->uses++;
     l->x = x;
     x->link = l;
@@ -281,6 +294,7 @@ static void link_make_idle(link_t *l)
        and so that the next exchange hears its response). */
     mg_ssh_chan_read_start(l->ch);
     l->idle = true;
+    link_lease_idle(l, true);
     l->prev = NULL;
     l->next = px->idle_head;
     if (px->idle_head)
@@ -443,6 +457,7 @@ static void link_on_close(mg_ssh_chan_t *ch, int status)
     mg_exchange_t *x = l->x;
     idle_unlink(l);
     l->x = NULL;
+    link_lease_idle(l, false);
     mg_pool_release(px->pool, l->lease);
     l->lease = NULL;
     if (x && !x->done) {

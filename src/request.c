@@ -50,7 +50,8 @@ typedef struct mg_req {
     bool body_complete, body_ended, reading_paused;
     /* the response */
     bool head_sent, resp_ended, x_paused;
-    const char *outcome;             /* for the access log: "" or why it was cut */
+    const char *outcome;             /* for the access log: NULL or why it was cut */
+    char outcome_buf[200];           /* where outcome points when it was composed */
     uint64_t t_start, t_first, bytes_down;
     mg_usage_scanner_t *usage;       /* reading a 2xx LLM response's usage as it passes */
 } mg_req_t;
@@ -358,9 +359,20 @@ static void x_on_done(mg_exchange_t *x, int status, const char *message)
     }
     if (r->head_sent) {
         /* The head went out: the client must see a cut, never a clean end. */
-        mg_log_warn(LOG, "req=%s user=%s upstream failed mid-response: %s", r->id, r->user,
-                    message);
-        r->outcome = "cut: the upstream failed mid-response";
+        const mg_shutdown_t *sd = r->env->shutdown;
+        if (r->env->draining && sd != NULL && sd->result.forced) {
+            snprintf(r->outcome_buf, sizeof(r->outcome_buf),
+                     "cut: the drain's grace period (%llu ms) ended",
+                     (unsigned long long)sd->opts.grace_ms);
+            mg_log_warn(LOG, "req=%s user=%s cut by the drain after its grace period", r->id,
+                        r->user);
+        } else {
+            snprintf(r->outcome_buf, sizeof(r->outcome_buf),
+                     "cut: the upstream failed mid-response (%s)", message);
+            mg_log_warn(LOG, "req=%s user=%s upstream failed mid-response: %s", r->id, r->user,
+                        message);
+        }
+        r->outcome = r->outcome_buf;
         mg_client_abort(r->c);
         r->resp_ended = true;
         return;

@@ -15,6 +15,7 @@
 #include "moongate/policy.h"
 #include "moongate/proxy.h"
 #include "moongate/settings.h"
+#include "moongate/shutdown.h"
 #include "llm_metrics.h"
 #include "server.h"
 #include "usage.h"
@@ -32,6 +33,7 @@ typedef struct mg_req_env {
     uint64_t max_body_bytes;     /* a larger body gets 413 */
     bool draining;               /* new requests get 503 */
     const char *drain_message;
+    const mg_shutdown_t *shutdown; /* the drain: a stream it cuts is logged as its doing */
     int in_flight;               /* read-only to the gateway: requests being served */
 } mg_req_env_t;
 

@@ -27,8 +27,8 @@ void mg_settings_init(mg_settings_t *s)
     };
 }
 
-static int read_u64(const char *name, uint64_t lo, uint64_t hi, uint64_t *out, char *err,
-                    size_t errlen)
+int mg_settings_env_u64(const char *name, uint64_t lo, uint64_t hi, uint64_t *out, char *err,
+                        size_t errlen)
 {
     const char *v = getenv(name);
     if (v == NULL || *v == '\0')
@@ -48,13 +48,13 @@ static int read_u64(const char *name, uint64_t lo, uint64_t hi, uint64_t *out, c
 static int read_int(const char *name, int lo, int hi, int *out, char *err, size_t errlen)
 {
     uint64_t n = (uint64_t)*out;
-    int rc = read_u64(name, (uint64_t)lo, (uint64_t)hi, &n, err, errlen);
+    int rc = mg_settings_env_u64(name, (uint64_t)lo, (uint64_t)hi, &n, err, errlen);
     if (rc == 0)
         *out = (int)n;
     return rc;
 }
 
-static int read_bool(const char *name, bool *out, char *err, size_t errlen)
+int mg_settings_env_bool(const char *name, bool *out, char *err, size_t errlen)
 {
     const char *v = getenv(name);
     if (v == NULL || *v == '\0')
@@ -77,22 +77,22 @@ int mg_settings_from_env(mg_settings_t *s, char *err, size_t errlen)
     int rc;
     if ((rc = read_int("MAX_CONNECTIONS_PER_USER", 1, 1000, &n.max_connections_per_user, err,
                        errlen)) ||
-        (rc = read_u64("MAX_IDLE_TIME", 1000, 86400000, &n.max_idle_ms, err, errlen)) ||
-        (rc = read_u64("CLEANUP_INTERVAL", 100, 86400000, &n.cleanup_interval_ms, err, errlen)) ||
-        (rc = read_u64("SSH_KEEPALIVE_INTERVAL", 2000, 3600000, &n.keepalive_interval_ms, err,
+        (rc = mg_settings_env_u64("MAX_IDLE_TIME", 1000, 86400000, &n.max_idle_ms, err, errlen)) ||
+        (rc = mg_settings_env_u64("CLEANUP_INTERVAL", 100, 86400000, &n.cleanup_interval_ms, err, errlen)) ||
+        (rc = mg_settings_env_u64("SSH_KEEPALIVE_INTERVAL", 2000, 3600000, &n.keepalive_interval_ms, err,
                        errlen)) ||
         (rc = read_int("SSH_KEEPALIVE_MAX_MISSES", 1, 100, &n.keepalive_max_misses, err,
                        errlen)) ||
         (rc = read_int("SSH_MAX_CHANNELS", 1, 1000, &n.max_channels, err, errlen)) ||
-        (rc = read_u64("SSH_CONNECTION_TIMEOUT", 100, 600000, &n.connect_timeout_ms, err,
+        (rc = mg_settings_env_u64("SSH_CONNECTION_TIMEOUT", 100, 600000, &n.connect_timeout_ms, err,
                        errlen)) ||
         (rc = read_int("QUEUE_MAX_PER_USER", 0, 100000, &n.queue_max, err, errlen)) ||
-        (rc = read_u64("QUEUE_TIMEOUT", 1, 600000, &n.queue_timeout_ms, err, errlen)) ||
-        (rc = read_u64("SHUTDOWN_GRACE_PERIOD", 0, 3600000, &n.shutdown_grace_ms, err,
+        (rc = mg_settings_env_u64("QUEUE_TIMEOUT", 1, 600000, &n.queue_timeout_ms, err, errlen)) ||
+        (rc = mg_settings_env_u64("SHUTDOWN_GRACE_PERIOD", 0, 3600000, &n.shutdown_grace_ms, err,
                        errlen)) ||
-        (rc = read_bool("SHUTDOWN_FORCE_AFTER_GRACE", &n.shutdown_force_after_grace, err,
+        (rc = mg_settings_env_bool("SHUTDOWN_FORCE_AFTER_GRACE", &n.shutdown_force_after_grace, err,
                         errlen)) ||
-        (rc = read_bool("SHUTDOWN_NOTIFY_CLIENTS", &n.shutdown_notify_clients, err, errlen)))
+        (rc = mg_settings_env_bool("SHUTDOWN_NOTIFY_CLIENTS", &n.shutdown_notify_clients, err, errlen)))
         return rc;
 
     const char *lvl = getenv("MOONGATE_LOG_LEVEL");

@@ -145,12 +145,12 @@ static void grace_cb(uv_timer_t *t)
     if (s->phase == MG_SHUTDOWN_DRAINING && st.leases > 0) {
         if (s->opts.force_after_grace) {
             add_error(s, "%d requests still in flight after %" PRIu64 " ms grace; forced",
-                      st.leases, s->opts.grace_ms);
+                      st.leases - st.idle_leases, s->opts.grace_ms);
             s->phase = MG_SHUTDOWN_CLOSING;
             close_all(s, true);
         } else {
             add_error(s, "%d requests still in flight after %" PRIu64 " ms grace; waiting",
-                      st.leases, s->opts.grace_ms);
+                      st.leases - st.idle_leases, s->opts.grace_ms);
         }
     } else if (s->phase == MG_SHUTDOWN_CLOSING && st.total_connections > 0) {
         add_error(s, "%d connections still closing after %" PRIu64 " ms grace",
@@ -166,7 +166,7 @@ static void hard_cb(uv_timer_t *t)
 
     mg_pool_stats(s->pool, &st);
     add_error(s, "gave up after %" PRIu64 " ms: %d connections still open, %d requests in flight",
-              s->opts.hard_timeout_ms, st.total_connections, st.leases);
+              s->opts.hard_timeout_ms, st.total_connections, st.leases - st.idle_leases);
     finish(s);
 }
 
@@ -207,8 +207,9 @@ int mg_shutdown_start(mg_shutdown_t *s, uv_loop_t *loop, mg_pool_t *pool,
 
     mg_pool_stats_t st;
     mg_pool_stats(pool, &st);
-    mg_log_info("shutdown", "draining: %d requests in flight, %d waiting, %d connections; "
-                "grace %" PRIu64 " ms, then %s", st.leases, st.waiters, st.total_connections,
+    mg_log_info("shutdown", "draining: %d requests in flight, %d idle channels closing, %d "
+                "waiting, %d connections; grace %" PRIu64 " ms, then %s",
+                st.leases - st.idle_leases, st.idle_leases, st.waiters, st.total_connections,
                 s->opts.grace_ms, s->opts.force_after_grace ? "force" : "keep waiting");
 
     mg_pool_set_closed_cb(pool, on_pool_closed, s);

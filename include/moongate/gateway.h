@@ -46,6 +46,9 @@ typedef struct mg_gateway_opts {
     const char *admin_token;      /* if set, /metrics and /stats need "Bearer TOKEN"; else
                                      they answer loopback clients only */
     uint32_t metrics_per_user;    /* users with series of their own in /metrics; 0: none */
+    uint64_t watchdog_ms;         /* a loop stalled this long aborts the process; 0: no
+                                     watchdog (the default here; the program's is 5000) */
+    bool debug_functions;         /* moongate.debug_spin for tests of the watchdog; false */
 } mg_gateway_opts_t;
 
 /*
@@ -53,7 +56,8 @@ typedef struct mg_gateway_opts {
  * MOONGATE_TLS_CERT, MOONGATE_TLS_KEY, MOONGATE_MAX_BODY, MOONGATE_HEADER_TIMEOUT,
  * MOONGATE_SEND_TIMEOUT, MOONGATE_KEEPALIVE_TIMEOUT, MOONGATE_MAX_CLIENTS,
  * MOONGATE_MAX_REQUEST_LINE, MOONGATE_MAX_HEADER_SIZE, MOONGATE_MAX_HEADERS,
- * UPSTREAM_HEAD_TIMEOUT, UPSTREAM_KEEPALIVE, MOONGATE_ADMIN_TOKEN, MOONGATE_METRICS_PER_USER.
+ * UPSTREAM_HEAD_TIMEOUT, UPSTREAM_KEEPALIVE, MOONGATE_ADMIN_TOKEN, MOONGATE_METRICS_PER_USER,
+ * MOONGATE_WATCHDOG_MS (default 5000), MOONGATE_DEBUG_FUNCTIONS.
  * Returns 0 or MG_ECONFIG with
  * a message naming the variable.
  */

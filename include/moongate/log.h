@@ -11,6 +11,7 @@
 #define MOONGATE_LOG_H
 
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdbool.h>
 
 typedef enum mg_log_level {
@@ -35,6 +36,14 @@ const char *mg_log_level_name(mg_log_level_t level);
 void mg_log(mg_log_level_t level, const char *component, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 void mg_logv(mg_log_level_t level, const char *component, const char *fmt, va_list ap);
+
+/*
+ * Formats one log line, newline included, into line (cap bytes, at least 2) and returns its
+ * length; longer lines are cut. Writes nothing: for writers that cannot use stdio (the
+ * watchdog's signal handler).
+ */
+size_t mg_log_format(char *line, size_t cap, mg_log_level_t level, const char *component,
+                     const char *fmt, va_list ap);
 
 #define mg_log_error(comp, ...) mg_log(MG_LOG_ERROR, comp, __VA_ARGS__)
 #define mg_log_warn(comp, ...) \

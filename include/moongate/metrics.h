@@ -171,7 +171,8 @@ const char *mg_http_class_name(mg_http_class_t cls);
 /* Where the pool gauges read their values at render time; a NULL fn reads as 0. */
 typedef struct mg_gateway_metrics_sources {
     mg_gauge_fn connections;     /* SSH connections open or opening, all users */
-    mg_gauge_fn channels_in_use; /* channels leased to requests */
+    mg_gauge_fn channels_busy;   /* channels serving a request */
+    mg_gauge_fn channels_idle;   /* kept-alive channels serving none */
     mg_gauge_fn queue_depth;     /* requests waiting for a channel */
     void *arg;                   /* passed to each fn */
 } mg_gateway_metrics_sources_t;
@@ -198,7 +199,7 @@ typedef struct mg_gateway_metrics {
     mg_gauge_t *agent_connections;           /* moongate_agent_connections */
     /*
      * Read at render time through the sources: moongate_pool_connections,
-     * moongate_pool_channels_in_use, moongate_pool_queue_depth.
+     * moongate_pool_channels{state="busy|idle"}, moongate_pool_queue_depth.
      */
 } mg_gateway_metrics_t;
 

@@ -196,9 +196,21 @@ typedef struct mg_policy_options {
      * interrupted, so hook_timeout_ms no longer holds. Benchmarks only.
      */
     bool jit;
+    /*
+     * Adds moongate.debug_spin(ms), which keeps the loop busy in C for ms milliseconds where
+     * no time budget can stop it: for testing the watchdog (MOONGATE_DEBUG_FUNCTIONS). false.
+     */
+    bool debug_functions;
     mg_pool_limits_t default_limits;     /* limits when a hook fails or says nothing */
     mg_policy_shutdown_t default_shutdown;
 } mg_policy_options_t;
+
+/*
+ * For the watchdog, from a signal handler on the loop's thread: writes into buf which policy
+ * call is running ("in the policy's route hook (policy.lua:12), at policy.lua:15, in the C
+ * function find"), or that none is. Reads the running state's stack; allocates nothing.
+ */
+void mg_policy_describe_running(char *buf, size_t len);
 
 /* Fills in the defaults above; limits and shutdown come from s (NULL: mg_settings_init()). */
 void mg_policy_options_init(mg_policy_options_t *o, const mg_settings_t *s);

@@ -7,6 +7,7 @@
  *   policy_lib.c   the `moongate` Lua module (log, clock, stats, timers, dict, env)
  *   policy_dict.c  the shared dictionary, plain C (no Lua)
  *   policy_jwt.c   HS256 JWT verification and the small JSON reader it needs
+ *   policy_pattern.c  string.find/match/gmatch/gsub with a bound on their work
  */
 #ifndef MOONGATE_POLICY_INT_H
 #define MOONGATE_POLICY_INT_H
@@ -125,6 +126,7 @@ struct mg_policy_state {
     bool timed_out;
     uint64_t deadline_ns;
     uint32_t budget_ms;
+    const char *call_what, *call_where; /* the current call's, for the watchdog */
 
     bool rebuild;         /* memory stays high after a failed call: replace the state */
     char last_error[512]; /* the first line of the last failure, for load errors */
@@ -189,6 +191,29 @@ void mg__policy_timers_cancel(mg_policy_state_t *st, const char *reason);
 int mg__jwt_verify_hs256(lua_State *L, const char *token, size_t tlen, const char *secret,
                          size_t slen, double now_s, double leeway_s, char *reason,
                          size_t reasonlen);
+
+/*
+ * policy_pattern.c: a check function of the pattern matcher, run every 1024 or so steps of
+ * matching. Returns 0 to go on, or a negative code with a short reason in why ("time budget of
+ * 50 ms exceeded"); the pattern function then raises "FILE:LINE: <why> in string.find".
+ */
+typedef int (*mg__pattern_check_fn)(lua_State *L, void *ctx, char *why, size_t whylen);
+
+/*
+ * policy_pattern.c: replaces string.find, match, gmatch and gsub in L's string table (which
+ * string methods go through too) with moongate's matcher: LuaJIT's semantics, results and
+ * errors, but bounded. check (NULL for none) is asked every so many steps whether to go on;
+ * recursion stops at 200 levels ("pattern too complex") in any case. Needs the string library
+ * open; does nothing without it.
+ */
+void mg__pattern_open(lua_State *L, mg__pattern_check_fn check, void *ctx);
+
+/*
+ * policy_pattern.c: mg__pattern_open() for a policy state, right after luaL_openlibs. Its check
+ * is the running call's deadline: past it the call is marked timed out (so it fails with
+ * MG_ETIMEDOUT) and the pattern function raises "time budget of N ms exceeded in string.find".
+ */
+void mg__policy_open_patterns(lua_State *L);
 
 /* States alive in the process (for tests: a retired state must go with its last pin). */
 int mg__policy_live_states(void);

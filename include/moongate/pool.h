@@ -96,7 +96,8 @@ typedef struct mg_pool_stats {
     int total_connections; /* open or opening, over all users */
     int ready_connections;
     int users;             /* users with a connection or a waiter */
-    int leases;            /* leases held: channels in use */
+    int leases;            /* leases held: channels open, busy or idle */
+    int idle_leases;       /* of those, held by a kept-alive channel serving no request */
     int waiters;           /* acquires waiting */
     bool draining;
 } mg_pool_stats_t;
@@ -104,7 +105,8 @@ typedef struct mg_pool_stats {
 typedef struct mg_pool_user_stats {
     int connections;       /* open or opening */
     int opening;
-    int leases;
+    int leases;            /* as in mg_pool_stats_t */
+    int idle_leases;
     int waiters;
     mg_pool_limits_t limits;
 } mg_pool_user_stats_t;
@@ -150,8 +152,15 @@ int mg_pool_acquire(mg_pool_t *pool, mg_pool_acquire_t *req, const char *user, v
 /* Withdraws a waiting request; its callback is not called. A no-op for one that completed. */
 void mg_pool_acquire_cancel(mg_pool_acquire_t *req);
 
-/* Returns a lease taken by acquire. */
+/* Returns a busy lease taken by acquire (mark an idle one busy first). */
 void mg_pool_release(mg_pool_t *pool, mg_pool_conn_t *pc);
+
+/*
+ * Marks one of pc's leases idle (held by a kept-alive channel that serves no request) or busy
+ * again. A lease starts busy. Only the counts change: an idle lease still takes a channel slot.
+ * The pool keeps them apart so that "requests in flight" means requests.
+ */
+void mg_pool_lease_set_idle(mg_pool_t *pool, mg_pool_conn_t *pc, bool idle);
 
 /* Closes every connection of user (waiting for their channels unless force). Returns how many. */
 int mg_pool_close_user(mg_pool_t *pool, const char *user, bool force, const char *reason);
@@ -202,6 +211,7 @@ void *mg_pool_conn_backend_ctx(const mg_pool_conn_t *pc);
 uint64_t mg_pool_conn_id(const mg_pool_conn_t *pc);
 const char *mg_pool_conn_user(const mg_pool_conn_t *pc);
 int mg_pool_conn_leases(const mg_pool_conn_t *pc);
+int mg_pool_conn_idle_leases(const mg_pool_conn_t *pc);
 bool mg_pool_conn_healthy(const mg_pool_conn_t *pc);
 /* Loop time (ms) when the connection last lost its last lease, or became ready. */
 uint64_t mg_pool_conn_last_used(const mg_pool_conn_t *pc);

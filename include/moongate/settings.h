@@ -54,4 +54,13 @@ void mg_settings_init(mg_settings_t *s);
  */
 int mg_settings_from_env(mg_settings_t *s, char *err, size_t errlen);
 
+/*
+ * The environment's readers, for every setting the program takes: an unset or empty variable
+ * leaves *out alone and returns 0; a value that is not a whole number from lo to hi (no sign),
+ * or not true/false/1/0/yes/no, returns MG_ECONFIG with a message naming the variable.
+ */
+int mg_settings_env_u64(const char *name, uint64_t lo, uint64_t hi, uint64_t *out, char *err,
+                        size_t errlen);
+int mg_settings_env_bool(const char *name, bool *out, char *err, size_t errlen);
+
 #endif

@@ -568,6 +568,93 @@ static void test_prompt_closes(void **state)
     }
 }
 
+/*
+ * Sends req on a new connection, reads until the body's first bytes are in, runs act (may be
+ * NULL), and reads on until the server closes or 10 s pass. *after_ms: from act to the close.
+ */
+static void raw_stream_then(uint16_t port, const char *req, void (*act)(void *), void *arg,
+                            raw_t *r, double *after_ms)
+{
+    memset(r, 0, sizeof(*r));
+    int fd = gw_connect(port, 2000);
+    assert_true(fd >= 0);
+    assert_true(send(fd, req, strlen(req), MSG_NOSIGNAL) == (ssize_t)strlen(req));
+    size_t cap = 1 << 20;
+    r->data = malloc(cap + 1);
+    assert_non_null(r->data);
+    double deadline = mg_test_now_ms() + 10000, t_act = 0;
+    bool acted = false;
+    while (r->len < cap && gw_poll(fd, POLLIN, deadline) == 0) {
+        ssize_t n = recv(fd, r->data + r->len, cap - r->len, MSG_DONTWAIT);
+        if (n > 0) {
+            r->len += (size_t)n;
+            r->data[r->len] = '\0';
+        } else if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+            r->closed = true;
+            break;
+        }
+        char *body = strstr(r->data, "\r\n\r\n");
+        if (!acted && body != NULL && strstr(body, "\"i\":0") != NULL) {
+            acted = true;
+            t_act = mg_test_now_ms();
+            if (act != NULL)
+                act(arg);
+        }
+    }
+    r->data[r->len] = '\0';
+    *after_ms = acted ? mg_test_now_ms() - t_act : -1;
+    close(fd);
+}
+
+static void kill_sshd(void *arg)
+{
+    assert_int_equal(mg_test_sshd_kill(arg), 0);
+}
+
+/* A response cut by a failure closes the client's connection when the failure is seen, on a
+ * gateway with nothing else to do (no unrelated wake-up to help it), and without a final chunk;
+ * the access log says it was cut and why. */
+static void test_closes_after_failures(void **state)
+{
+    world_t *w = *state;
+    gw_t *g = shared(w);
+
+    /* The upstream ends its connection after 3 of 20 lines (100 ms apart). */
+    raw_t r;
+    double ms;
+    raw_stream_then(g->port,
+                    "GET /stream?chunks=20&interval_ms=100&cut_after=3 HTTP/1.1\r\nHost: gw\r\n"
+                    ALICE "\r\n", NULL, NULL, &r, &ms);
+    print_message("upstream cut: %d, closed %.0f ms after the first line, %zu bytes\n",
+                  raw_status(&r), ms, r.len);
+    assert_int_equal(raw_status(&r), 200);
+    assert_true(r.closed);
+    assert_true(ms < 1200); /* the cut comes at 200 ms */
+    assert_non_null(strstr(r.data, "\"i\":2"));
+    assert_null(strstr(r.data, "\r\n0\r\n\r\n"));
+    free(r.data);
+    assert_true(gw_wait_log(g, "cut: the upstream failed mid-response (", 1, 3000));
+
+    /* The SSH connection goes: the sshd and its per-connection children are killed. */
+    static mg_test_sshd_t a;
+    assert_int_equal(mg_test_sshd_start(&a, NULL), 0);
+    gw_t *o = &w->other;
+    gw_start(o, &a, w->up.port, NULL);
+    raw_stream_then(o->port,
+                    "GET /stream?chunks=200&interval_ms=50 HTTP/1.1\r\nHost: gw\r\n" ALICE
+                    "\r\n", kill_sshd, &a, &r, &ms);
+    print_message("SSH connection lost: %d, closed %.0f ms after the kill, %zu bytes\n",
+                  raw_status(&r), ms, r.len);
+    assert_int_equal(raw_status(&r), 200);
+    assert_true(r.closed);
+    assert_true(ms >= 0 && ms < 1000);
+    assert_null(strstr(r.data, "\r\n0\r\n\r\n"));
+    free(r.data);
+    assert_true(gw_wait_log(o, "cut: the upstream failed mid-response (", 1, 3000));
+    gw_stop(o);
+    mg_test_sshd_stop(&a);
+}
+
 /* ---- 5. one user's bytes never reach another user's upstream ---- */
 
 typedef struct isolator {
@@ -896,6 +983,7 @@ int main(void)
         cmocka_unit_test(test_head_then_get),
         cmocka_unit_test(test_expect_continue),
         cmocka_unit_test(test_prompt_closes),
+        cmocka_unit_test(test_closes_after_failures),
         cmocka_unit_test(test_users_isolated_under_concurrency),
         cmocka_unit_test(test_idle_connections_and_the_cap),
         cmocka_unit_test(test_descriptor_limit),

@@ -11,9 +11,11 @@
  * everything and exits 0.
  *
  *   GET  /bytes/N   N bytes of the deterministic stream of http_client.h, with Content-Length
- *   GET  /stream?chunks=N&interval_ms=M&size=S
+ *   GET  /stream?chunks=N&interval_ms=M&size=S&cut_after=K
  *                   chunked; N lines {"i":I,"t_ms":T,"pad":"xx.."}\n, one every M ms (the first at
- *                   once), S bytes of pad; T is this server's send time in ms since it started
+ *                   once), S bytes of pad; T is this server's send time in ms since it started.
+ *                   With K > 0: after K lines the connection ends (FIN, no final chunk), as an
+ *                   upstream that dies mid-response
  *   POST /echo      the request body back with Content-Length and the request's Content-Type
  *                   (else application/octet-stream): a Content-Length body streams straight
  *                   back; a chunked one is gathered first (up to 64 MB, else 413)
@@ -113,6 +115,7 @@ struct conn {
     char *ebuf;               /* R_ECHO with a chunked body: the gathered body */
     size_t elen, ecap, eoff;
     unsigned st_total, st_sent, st_size;  /* R_STREAM */
+    unsigned st_cut;                      /* R_STREAM: end the connection after this many */
     uint64_t st_interval;
     bool st_due;
     char ctype[128];          /* R_ECHO: the request's Content-Type */
@@ -428,11 +431,18 @@ static void pump(conn_t *c)
         return;
     }
     if (c->route == R_STREAM) {
+        if (c->finishing)
+            return;
         while (c->st_sent < c->st_total && (c->st_due || c->st_interval == 0)) {
             if (slot_get(c) == NULL)
                 return;
             c->st_due = false;
             stream_chunk(c);
+            if (c->st_cut > 0 && c->st_sent == c->st_cut) {
+                slot_flush(c);
+                conn_finish(c);
+                return;
+            }
             if (c->st_sent == c->st_total)
                 slot_printf(c, "0\r\n\r\n");
             slot_flush(c);
@@ -607,6 +617,7 @@ static void start_stream(conn_t *c, const char *query)
     c->st_total = query_uint(query, "chunks", 10, 10000000);
     c->st_interval = query_uint(query, "interval_ms", 100, 600000);
     c->st_size = query_uint(query, "size", 16, STREAM_PAD_MAX);
+    c->st_cut = query_uint(query, "cut_after", 0, 10000000);
     c->st_sent = 0;
     c->st_due = true;
     slot_printf(c, "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"

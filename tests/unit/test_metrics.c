@@ -598,19 +598,26 @@ static void test_validator_rejects(void **state)
 
 /* What the front end would read from mg_pool_stats(). */
 typedef struct pool_view {
-    int connections, leases, waiters;
+    int connections, busy, idle, waiters;
 } pool_view_t;
 
 static double view_connections(void *arg) { return ((pool_view_t *)arg)->connections; }
-static double view_leases(void *arg) { return ((pool_view_t *)arg)->leases; }
+static double view_busy(void *arg) { return ((pool_view_t *)arg)->busy; }
+static double view_idle(void *arg) { return ((pool_view_t *)arg)->idle; }
 static double view_waiters(void *arg) { return ((pool_view_t *)arg)->waiters; }
 
 static void test_gateway_metrics(void **state)
 {
     mg_metrics_t *reg = mg_metrics_new();
     mg_gateway_metrics_t m;
-    pool_view_t view = { 4, 9, 2 };
-    mg_gateway_metrics_sources_t src = { view_connections, view_leases, view_waiters, &view };
+    pool_view_t view = { 4, 9, 3, 2 };
+    mg_gateway_metrics_sources_t src = {
+        .connections = view_connections,
+        .channels_busy = view_busy,
+        .channels_idle = view_idle,
+        .queue_depth = view_waiters,
+        .arg = &view,
+    };
     assert_int_equal(mg_gateway_metrics_init(&m, reg, &src), 0);
     for (int c = 0; c < MG_HTTP_CLASS_COUNT; c++)
         assert_non_null(m.requests_total[c]);
@@ -651,8 +658,8 @@ static void test_gateway_metrics(void **state)
     int samples = validate_exposition(text, seen, &nseen);
     /* 5 request classes, 2 histograms of 15 bounds (+Inf, sum, count), 2 byte counters, the
      * handshake histogram of 12 bounds, 3 SSH counters, 2 reload results, 1 error counter, 3
-     * pool gauges, 1 agent gauge. */
-    assert_int_equal(samples, 5 + 2 * (15 + 3) + 2 + (12 + 3) + 3 + 2 + 1 + 3 + 1);
+     * pool gauges (channels in two states), 1 agent gauge. */
+    assert_int_equal(samples, 5 + 2 * (15 + 3) + 2 + (12 + 3) + 3 + 2 + 1 + 4 + 1);
     assert_int_equal(nseen, 15);
     for (int i = 0; i < nseen; i++) {
         assert_true(seen[i].help);
@@ -689,7 +696,8 @@ static void test_gateway_metrics(void **state)
     assert_true(sample_value(text, "moongate_policy_reloads_total{result=\"failed\"} ") == 1);
     assert_true(sample_value(text, "moongate_policy_errors_total ") == 1);
     assert_true(sample_value(text, "moongate_pool_connections ") == 4);
-    assert_true(sample_value(text, "moongate_pool_channels_in_use ") == 9);
+    assert_true(sample_value(text, "moongate_pool_channels{state=\"busy\"} ") == 9);
+    assert_true(sample_value(text, "moongate_pool_channels{state=\"idle\"} ") == 3);
     assert_true(sample_value(text, "moongate_pool_queue_depth ") == 2);
     assert_true(sample_value(text, "moongate_agent_connections ") == 1);
     print_message("gateway set: %d families, %d samples, %zu bytes\n", nseen, samples, sb.len);

@@ -1096,6 +1096,56 @@ static void test_drain(void **state)
     assert_int_equal(idle_calls, 2);
 }
 
+/* Idle leases (kept-alive channels) are counted apart from busy ones, per connection, per user and
+ * in the pool, and still take a channel slot; misuse is refused and changes nothing. */
+static void test_idle_leases(void **state)
+{
+    fixture_t *f = *state;
+    waiter_t a, b, c;
+    mg_pool_stats_t st;
+    mg_pool_user_stats_t us;
+    set_limits(f, 1, 2, 10);
+
+    assert_int_equal(acq(f, &a, USER), MG_EAGAIN);
+    fake_ready(&f->fb, 0);
+    tick(&f->loop);
+    assert_int_equal(acq(f, &b, USER), 0);
+    mg_pool_conn_t *pc = lease_of(&a);
+
+    mg_pool_lease_set_idle(f->pool, pc, true);
+    mg_pool_stats(f->pool, &st);
+    assert_int_equal(st.leases, 2);
+    assert_int_equal(st.idle_leases, 1);
+    assert_int_equal(mg_pool_user_stats(f->pool, USER, &us), 0);
+    assert_int_equal(us.leases, 2);
+    assert_int_equal(us.idle_leases, 1);
+    assert_int_equal(mg_pool_conn_idle_leases(pc), 1);
+
+    /* The idle one still fills its slot: a third request waits. */
+    assert_int_equal(acq(f, &c, USER), MG_EAGAIN);
+    mg_pool_acquire_cancel(&c.req);
+
+    /* Two idle is right; a third would be more idle than held: refused. */
+    mg_pool_lease_set_idle(f->pool, pc, true);
+    mg_pool_lease_set_idle(f->pool, pc, true);
+    mg_pool_stats(f->pool, &st);
+    assert_int_equal(st.idle_leases, 2);
+    /* No busy lease is left to release. */
+    mg_pool_release(f->pool, pc);
+    mg_pool_stats(f->pool, &st);
+    assert_int_equal(st.leases, 2);
+
+    mg_pool_lease_set_idle(f->pool, pc, false);
+    mg_pool_lease_set_idle(f->pool, pc, false);
+    mg_pool_lease_set_idle(f->pool, pc, false); /* none idle: refused */
+    mg_pool_stats(f->pool, &st);
+    assert_int_equal(st.idle_leases, 0);
+    release(f, &a);
+    release(f, &b);
+    mg_pool_stats(f->pool, &st);
+    assert_int_equal(st.leases + st.idle_leases, 0);
+}
+
 static int closed_calls;
 static int closed_seen_total;
 
@@ -1298,6 +1348,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_cleanup_uses_user_idle_timeout, setup, teardown),
         cmocka_unit_test_setup_teardown(test_close_user_and_all, setup, teardown),
         cmocka_unit_test_setup_teardown(test_drain, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_idle_leases, setup, teardown),
         cmocka_unit_test_setup_teardown(test_closed_hook, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stats, setup, teardown),
         cmocka_unit_test_setup_teardown(test_user_entries_freed, setup, teardown),

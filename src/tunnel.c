@@ -71,6 +71,8 @@ struct tun {
     bool closing;               /* our close frame is queued */
     bool transport_closed;      /* the SSH connection closed its transport */
     bool told_closed;           /* on_close was called */
+    bool told_eof;              /* on_eof was called */
+    bool replaced;              /* a newer session of the same agent took its place */
     bool owe_drain;
     tun_t *next, *prev;
 };
@@ -390,10 +392,16 @@ static void tun_free(tun_t *tun)
 static void on_defer(uv_timer_t *h)
 {
     tun_t *tun = h->data;
-    if (tun->transport_closed && tun->c == NULL && !tun->told_closed) {
+    if (tun->transport_closed && (tun->c == NULL || tun->replaced) && !tun->told_closed) {
         tun->told_closed = true;
         tun->base.cbs->on_close(&tun->base);
-        tun_free(tun);
+        if (tun->c == NULL) {
+            tun_free(tun);
+            return;
+        }
+        /* Replaced: its SSH connection is gone; the WebSocket closes on its own, and is freed
+           then as one never attached. */
+        tun->attached = false;
         return;
     }
     /* Bytes that arrived before the SSH connection: hand them over now. */
@@ -426,6 +434,15 @@ static void event(mg_tunnel_t *t, const char *type, const char *user, const char
     mg_policy_event(t->env->policy, &ev);
 }
 
+/* The SSH connection over tun learns, once, that its stream has ended. */
+static void tell_eof(tun_t *tun)
+{
+    if (!tun->attached || tun->transport_closed || tun->told_eof)
+        return;
+    tun->told_eof = true;
+    tun->base.cbs->on_eof(&tun->base, UV_EOF);
+}
+
 static void on_ws_close(void *arg)
 {
     tun_t *tun = arg;
@@ -447,8 +464,7 @@ static void on_ws_close(void *arg)
         return;
     }
     if (!tun->transport_closed) {
-        /* The SSH connection learns that its stream ended; it closes the transport next. */
-        tun->base.cbs->on_eof(&tun->base, UV_EOF);
+        tell_eof(tun); /* the SSH connection closes the transport next */
         return;
     }
     uv_timer_start(&tun->defer, on_defer, 0, 0);
@@ -550,6 +566,10 @@ static void tun_close(mg_transport_t *base, bool graceful)
     mg_tunnel_t *t = tun->t;
     tun_close_ws(tun, WSLAY_CODE_NORMAL_CLOSURE,
                  t->draining ? t->env->drain_message : "SSH connection closed");
+    /* A replaced session's agent may never answer the close: its SSH connection need not wait
+       for that to free its place in the pool. */
+    if (tun->replaced)
+        uv_timer_start(&tun->defer, on_defer, 0, 0);
 }
 
 static const mg_transport_ops_t tun_ops = {
@@ -801,6 +821,7 @@ static void join(mg_tunnel_t *t, tun_t *tun, const char *user)
         return;
     }
     int limit = user_limit(t, user);
+    tun_t *replaced = NULL;
     if (u->ntuns >= limit) {
         tun_t *old = NULL;
         for (tun_t *x = u->tuns; x; x = x->next)
@@ -816,10 +837,13 @@ static void join(mg_tunnel_t *t, tun_t *tun, const char *user)
             tun_close_ws(tun, WSLAY_CODE_POLICY_VIOLATION, why);
             return;
         }
-        /* The same agent again: its older session is one it lost (a network cut). */
+        /* The same agent again: its older session is one it lost (a network cut). It may
+           never answer our close frame, so its SSH connection is told at once that it ended
+           and let go (below, once the new session can take the next connection). */
         mg_log_info(LOG, "user=%s agent=%s reconnected; replacing its oldest session", user,
                     tun->agent_id);
         tun_close_ws(old, WSLAY_CODE_NORMAL_CLOSURE, "replaced by a newer session");
+        replaced = old;
     }
     tun->u = u;
     tun->next = u->tuns;
@@ -829,8 +853,9 @@ static void join(mg_tunnel_t *t, tun_t *tun, const char *user)
     u->ntuns++;
     t->count++;
     mg_gauge_set(t->env->agent_connections, t->count);
-    mg_log_info(LOG, "user=%s agent=%s connected (%d of %d)", u->id, tun->agent_id, u->ntuns,
-                limit);
+    /* (A replaced session counts until its WebSocket is gone, but not here.) */
+    mg_log_info(LOG, "user=%s agent=%s connected (%d of %d)", u->id, tun->agent_id,
+                u->ntuns - (replaced != NULL), limit);
     event(t, "agent_joined", u->id, tun->agent_id);
 
     /* The oldest waiting open takes it. */
@@ -842,6 +867,10 @@ static void join(mg_tunnel_t *t, tun_t *tun, const char *user)
         mg_ssh_conn_opts_t o = p->o;
         attach(t, tun, &o, p->cb, p->pc); /* copies the strings before the pending goes */
         pending_remove(p);
+    }
+    if (replaced != NULL) {
+        replaced->replaced = true;
+        tell_eof(replaced);
     }
 }
 

@@ -7,6 +7,9 @@
 #include "moongate/log.h"
 
 #include <inttypes.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -93,6 +96,12 @@ int mg_cleanup_trigger(mg_cleanup_t *c)
     c->last_run_ms = wall_ms();
     if (n > 0)
         mg_log_info("cleanup", "closed %d stale connections", n);
+#ifdef __GLIBC__
+    /* glibc keeps the pages of freed memory in its heaps, so a burst (many clients at once,
+       streams held back at their buffers' high-water marks) would stay in the RSS for good.
+       Handing the free pages back costs a walk of the free lists, once per sweep. */
+    malloc_trim(0);
+#endif
     return n;
 }
 

@@ -638,6 +638,28 @@ static inline bool gw_json_get_string(const char *text, const char *key, char *o
     return true;
 }
 
+/*
+ * Writes dir/known_hosts naming sshd's host key for host (a route's host, such as the name an
+ * agent's machine goes by), and its path into out. Returns 0, or -1.
+ */
+static inline int gw_write_known_hosts(const mg_test_sshd_t *sshd, const char *host,
+                                       const char *dir, char *out, size_t cap)
+{
+    char *pub = NULL;
+    if (mg_test_read_file(sshd->host_key_pub, &pub, NULL) != 0)
+        return -1;
+    char line[1024];
+    size_t t = strcspn(pub, " ");
+    size_t k = pub[t] ? strcspn(pub + t + 1, " \n") : 0;
+    int n = snprintf(line, sizeof(line), "%s %.*s %.*s\n", host, (int)t, pub, (int)k,
+                     pub + t + 1);
+    free(pub);
+    if (k == 0 || n <= 0 || n >= (int)sizeof(line) ||
+        mg_test_path_join(out, cap, dir, "known_hosts") != 0)
+        return -1;
+    return mg_test_write_file(out, line, (size_t)n, 0600);
+}
+
 /* ---- moongate-agent ---- */
 
 /* Occurrences of needle in the file at path (0 if it cannot be read). */

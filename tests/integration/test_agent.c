@@ -67,24 +67,6 @@ static int fingerprint(const char *dir, const char *pub, char *out, size_t cap)
     return rc;
 }
 
-/* A known_hosts file naming the sshd's host key for "alice-laptop" (the route's host). */
-static int write_known_hosts(world_t *w)
-{
-    char *pub = NULL;
-    if (mg_test_read_file(w->sshd.host_key_pub, &pub, NULL) != 0)
-        return -1;
-    char line[1024];
-    size_t t = strcspn(pub, " ");
-    size_t k = pub[t] ? strcspn(pub + t + 1, " \n") : 0;
-    int n = snprintf(line, sizeof(line), "alice-laptop %.*s %.*s\n", (int)t, pub, (int)k,
-                     pub + t + 1);
-    free(pub);
-    if (k == 0 || n <= 0 || n >= (int)sizeof(line) ||
-        mg_test_path_join(w->known_hosts, sizeof(w->known_hosts), w->dir, "known_hosts") != 0)
-        return -1;
-    return mg_test_write_file(w->known_hosts, line, (size_t)n, 0600);
-}
-
 static int group_setup(void **state)
 {
     world_t *w = calloc(1, sizeof(*w));
@@ -93,7 +75,9 @@ static int group_setup(void **state)
         return -1;
     if (fingerprint(w->dir, w->sshd.host_key_pub, w->fp, sizeof(w->fp)) != 0 ||
         fingerprint(w->dir, w->sshd.other_host_key_pub, w->fp_wrong, sizeof(w->fp_wrong)) != 0 ||
-        strcmp(w->fp, w->fp_wrong) == 0 || write_known_hosts(w) != 0)
+        strcmp(w->fp, w->fp_wrong) == 0 ||
+        gw_write_known_hosts(&w->sshd, "alice-laptop", w->dir, w->known_hosts,
+                             sizeof(w->known_hosts)) != 0)
         return -1;
     const char *argv[6];
     mg_test_sshd_inetd_argv(&w->sshd, argv);

@@ -906,6 +906,21 @@ static inline void soak_upstream_stop(soak_upstream_t *u)
     }
 }
 
+/* ---- the gateway at rest ---- */
+
+/*
+ * Settings for a gateway whose figures at rest are compared: the cleanup sweeps often (each
+ * sweep also hands freed heap pages back, malloc_trim) and kept-alive upstream channels go
+ * soon, so that idle connections can close. An SSH connection that carried a stream held back
+ * at its buffers' high-water marks keeps some of that memory until it closes, so such tests
+ * compare the gateway with no connection open, before and after (the policy's idle timeout
+ * SOAK_IDLE_MS closes them).
+ */
+static const char *const soak_sweep_often[] = { "CLEANUP_INTERVAL=200", "UPSTREAM_KEEPALIVE=300",
+                                                NULL };
+#define SOAK_SWEEP_WAIT_MS 500 /* two sweeps and more */
+#define SOAK_IDLE_MS 1500
+
 /* ---- the parts a soak test runs against ---- */
 
 /* An sshd and an mg-upstream shared by a program's tests, a gateway and a load for each test,

@@ -28,19 +28,11 @@
    to the other; and the client's two write buffers (one being written, one filling), each up
    to its high-water mark (512 KiB) and a read (64 KiB) past it. */
 #define STREAM_BOUND_KB (2 * (2048 + 64) + 2 * (512 + 64))
-/* The policy's idle timeout, after which the pool closes an unused connection. */
-#define IDLE_MS 1500
 /* Besides the streams: the load beside them, and the allocator's own keeping. */
 #define PEAK_SLACK_KB 4096
 /* RSS growth allowed between the rest before and the rest after (outside ASan). */
 #define RSS_BOUND_KB 4096
 
-/* The cleanup's sweep hands freed memory back to the system (malloc_trim): often, so that the
-   figures at rest are taken after one; and kept-alive upstream channels go soon, so that idle
-   connections can close. */
-static const char *const sweep_often[] = { "CLEANUP_INTERVAL=200", "UPSTREAM_KEEPALIVE=300",
-                                           NULL };
-#define SWEEP_WAIT_MS 500 /* two sweeps and more */
 
 typedef soak_world_t world_t;
 
@@ -86,8 +78,8 @@ static void test_slow_readers(void **state)
     /* Connections idle out soon: the figures at rest are taken with none open, before and
        after (an SSH connection that carried a held-back stream keeps some of its memory
        until it closes). */
-    soak_policy_t o = { .idle_timeout_ms = IDLE_MS };
-    soak_gw_start(g, &w->sshd, w->up.port, &o, sweep_often);
+    soak_policy_t o = { .idle_timeout_ms = SOAK_IDLE_MS };
+    soak_gw_start(g, &w->sshd, w->up.port, &o, soak_sweep_often);
 
     /* Each reader is its own user, with its own SSH connection; a warm-up opens them. */
     char headers[READERS][64];
@@ -96,7 +88,7 @@ static void test_slow_readers(void **state)
         soak_req_t q = { .path = "/bytes/1000000", .headers = headers[i], .body_len = 1000000 };
         assert_int_equal(soak_request(g->port, &q, 10000), 200);
     }
-    soak_figures_t before = soak_wait_quiet(g, -1, 0, IDLE_MS + 10000, NULL);
+    soak_figures_t before = soak_wait_quiet(g, -1, 0, SOAK_IDLE_MS + 10000, NULL);
     start_others(w);
 
     static soak_client_t c[READERS];
@@ -158,7 +150,7 @@ static void test_slow_readers(void **state)
     stop_others(w, "beside the slow readers");
 
     soak_figures_t open = soak_wait_quiet(g, before.fds, -1, 15000, NULL);
-    soak_figures_t after = soak_wait_quiet(g, before.fds, 0, IDLE_MS + 10000, NULL);
+    soak_figures_t after = soak_wait_quiet(g, before.fds, 0, SOAK_IDLE_MS + 10000, NULL);
     long bound = (long)READERS * STREAM_BOUND_KB + PEAK_SLACK_KB;
     print_message("%d readers: %.1f MB read in %.1f s (%d bodies complete, sha256 checked); RSS "
                   "at rest %ld KiB, at most %ld KiB in %d samples (+%ld, bound +%ld KiB: %d "
@@ -260,13 +252,13 @@ static void test_half_requests(void **state)
                   "half a request and vanish\n",
                   soak_mode(), waves);
     soak_policy_t o = { .max_channels = 40 };
-    soak_gw_start(g, &w->sshd, w->up.port, &o, sweep_often);
+    soak_gw_start(g, &w->sshd, w->up.port, &o, soak_sweep_often);
 
     /* Warm-up: every user's SSH connections open, the server's buffers at their high-water
        marks of one wave; then the gateway at rest is the baseline. */
     int warm[KINDS] = { 0 };
     half_wave(g, warm);
-    mg_test_sleep_ms(SWEEP_WAIT_MS);
+    mg_test_sleep_ms(SOAK_SWEEP_WAIT_MS);
     soak_figures_t before = soak_wait_quiet(g, -1, -1, 10000, NULL);
     mg_test_upstream_stats_t up0 = upstream_stats(w);
 
@@ -278,7 +270,7 @@ static void test_half_requests(void **state)
     double took = mg_test_now_ms() - t0;
     uint64_t others = stop_others(w, "beside the half requests");
     soak_gw_stats_t st;
-    mg_test_sleep_ms(SWEEP_WAIT_MS);
+    mg_test_sleep_ms(SOAK_SWEEP_WAIT_MS);
     soak_figures_t after = soak_wait_quiet(g, before.fds, -1, 15000, &st);
     mg_test_upstream_stats_t up1 = upstream_stats(w);
     int bodies = sent[HALF_BODY_FIN] + sent[HALF_BODY_RST];

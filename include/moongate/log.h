@@ -22,11 +22,10 @@ typedef enum mg_log_level {
     MG_LOG_TRACE,
 } mg_log_level_t;
 
-extern mg_log_level_t mg__log_level;
-
-#define mg_log_enabled(level) ((level) <= mg__log_level)
-
 void mg_log_set_level(mg_log_level_t level);
+
+/* Whether a line at level would be written (so a caller can skip building one). */
+bool mg_log_enabled(mg_log_level_t level);
 
 /* Parses "error", "warn", "info", "debug" or "trace". Returns 0, or MG_EINVAL. */
 int mg_log_level_parse(const char *name, mg_log_level_t *out);

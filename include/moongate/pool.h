@@ -19,6 +19,7 @@
 #ifndef MOONGATE_POOL_H
 #define MOONGATE_POOL_H
 
+#include "moongate/list.h"
 #include "moongate/settings.h"
 
 #include <stdbool.h>
@@ -29,8 +30,6 @@
 typedef struct mg_pool mg_pool_t;
 typedef struct mg_pool_conn mg_pool_conn_t;
 typedef struct mg_pool_acquire mg_pool_acquire_t;
-
-#define MG_USER_ID_MAX 128
 
 /* A user's limits. The defaults come from the settings; a policy may set them per user. */
 typedef struct mg_pool_limits {
@@ -87,7 +86,7 @@ struct mg_pool_acquire {
     /* private */
     mg_pool_acquire_cb cb;
     void *user_entry;
-    mg_pool_acquire_t *next, *prev;
+    mg_list_t node;
     uint64_t deadline;
     void *open_arg;
 };

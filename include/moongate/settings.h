@@ -28,6 +28,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The longest user id, in bytes, wherever a user is named (the pool, the policy, metrics). */
+#define MG_USER_ID_MAX 128
+
 typedef struct mg_settings {
     int max_connections_per_user;
     uint64_t max_idle_ms;

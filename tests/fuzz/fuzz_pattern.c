@@ -14,7 +14,7 @@
  * long on, and it is not run there.
  */
 #include "moongate/error.h"
-#include "moongate/policy_int.h"
+#include "policy/policy_int.h"
 
 #include <lauxlib.h>
 #include <lualib.h>

@@ -6,7 +6,7 @@
  * pieces, and both runs must find the same usage. Invariants checked: no crash or sanitizer
  * report; counts are -1 or not negative; the model is a NUL-terminated string within bounds.
  */
-#include "usage.h"
+#include "llm/usage.h"
 #include "pieces.h"
 
 #include <stdint.h>

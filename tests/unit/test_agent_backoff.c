@@ -9,7 +9,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
-#include "moongate/agent_util.h"
+#include "agent/agent_util.h"
 #include "moongate/error.h"
 
 #include <stdio.h>
@@ -238,12 +238,26 @@ static void test_control_parse(void **state)
         "", "open", "[\"type\",\"open\"]", "{\"type\":\"open\"", "{\"type\":\"open\"}}",
         "{\"type\" \"open\"}", "{type:\"open\"}", "{\"type\":\"open\",}", "{\"a\":\"\\q\"}",
         "{\"a\":\"\\u12\"}", "{\"a\":tru}", "{\"a\":}",
-        "{\"a\":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]"
-        "]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}",
+        "{\"type\":\"open\",\"type\":\"open\"}",
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
         if (CTL(bad[i]) != MG_EINVAL)
             fail_msg("accepted %s", bad[i]);
+    /* Nesting is bounded (jansson's limit, 2048): a deeper message is refused, not a crash. */
+    enum { DEEP = 5000 };
+    static char deep[2 * DEEP + 16];
+    size_t k = 0;
+    k += (size_t)sprintf(deep, "{\"a\":");
+    for (int i = 0; i < DEEP; i++)
+        deep[k++] = '[';
+    for (int i = 0; i < DEEP; i++)
+        deep[k++] = ']';
+    deep[k++] = '}';
+    assert_int_equal(mg_agent_control_parse(deep, k), MG_EINVAL);
+    assert_int_equal(CTL("{\"a\":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]],"
+                         "\"type\":\"open\"}"),
+                     MG_AGENT_CONTROL_OPEN);
+    assert_int_equal(CTL("{\"type\":\"open\\u0000\"}"), MG_EINVAL); /* no NUL in a string */
     /* Only the bytes given count: no reading past n. */
     assert_int_equal(mg_agent_control_parse("{\"type\":\"open\"}XYZ", 15), MG_AGENT_CONTROL_OPEN);
     assert_int_equal(mg_agent_control_parse("{\"type\":\"open\"}", 10), MG_EINVAL);

@@ -2,7 +2,7 @@
  * llm_metrics: tokens by kind, requests by model family (bounded), and per user only when
  * asked for, with the users past the bound counted together.
  */
-#include "llm_metrics.h"
+#include "llm/llm_metrics.h"
 
 #include "moongate/error.h"
 

@@ -7,7 +7,7 @@
 #include <cmocka.h>
 
 #include "moongate/error.h"
-#include "moongate/policy_int.h"
+#include "policy/policy_int.h"
 
 #include <stdio.h>
 #include <string.h>

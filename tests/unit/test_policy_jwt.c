@@ -136,6 +136,9 @@ static void test_jwt_malformed(void **state)
     assert_string_equal(check(p, tok, NULL), "malformed: claims are not a JSON object");
     make_jwt(HS256, "{\"sub\":\"alice\"} x", "k3y", tok);
     assert_string_equal(check(p, tok, NULL), "malformed: claims are not a JSON object");
+    /* A claim given twice is refused, not read as the first or the last. */
+    make_jwt(HS256, "{\"sub\":\"alice\",\"sub\":\"mallory\"}", "k3y", tok);
+    assert_string_equal(check(p, tok, NULL), "malformed: claims are not a JSON object");
     /* Nesting deeper than the reader allows. */
     char deep[256] = "{\"a\":";
     for (int i = 0; i < 40; i++)

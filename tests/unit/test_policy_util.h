@@ -16,7 +16,7 @@
 #include "moongate/error.h"
 #include "moongate/log.h"
 #include "moongate/policy.h"
-#include "moongate/policy_int.h"
+#include "policy/policy_int.h"
 
 #include <fcntl.h>
 #include <stdio.h>

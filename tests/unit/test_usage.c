@@ -10,7 +10,7 @@
 #include <cmocka.h>
 
 #include "moongate/error.h"
-#include "usage.h"
+#include "llm/usage.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -9,7 +9,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
-#include "watchdog.h"
+#include "gateway/watchdog.h"
 
 #include "moongate/error.h"
 

@@ -1,0 +1,36 @@
+/*
+ * moongate-agent, internal: the pieces of the agent program (src/main_agent*.c). Not part of the
+ * core library.
+ *
+ * main_agent_tunnel.c keeps the WebSockets to the gateway (docs/tunnel.md) and bridges each one
+ * to a fresh local SSH stream; main_agent_setup.c prepares a private sshd for --sshd-inetd.
+ */
+#ifndef MOONGATE_MAIN_AGENT_H
+#define MOONGATE_MAIN_AGENT_H
+
+#include "agent_util.h"
+
+#include <uv.h>
+
+typedef struct mg_agent mg_agent_t;
+
+/*
+ * Creates the agent on loop: a libwebsockets client context on that loop, signal handlers
+ * (SIGTERM, SIGINT: close every WebSocket with 1000 and stop; a second one exits at once), and
+ * the first connection attempt, started at once. args must outlive the agent. Returns 0, or
+ * MG_ENOMEM / MG_ECONFIG (reason in err; nothing is left on the loop).
+ */
+int mg_agent_start(uv_loop_t *loop, const mg_agent_args_t *args, mg_agent_t **out,
+                   char *err, size_t errlen);
+
+/*
+ * After uv_run(loop) has returned (the agent stopped, so every handle it owned is closed):
+ * frees the agent and returns the process exit status (0, or 1 when --once ended without a
+ * WebSocket ever opening).
+ */
+int mg_agent_free(mg_agent_t *a);
+
+/* `moongate-agent setup ...`: argv are the arguments after "setup". Returns the exit status. */
+int mg_agent_setup_main(int argc, char **argv);
+
+#endif

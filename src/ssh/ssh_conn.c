@@ -12,120 +12,30 @@
  * Objects are freed only at defined points: a channel after its on_close, inside drive() while
  * that channel is the one being serviced; the connection after its three handles have closed,
  * which is after MG_SSH_EV_CLOSED.
+ *
+ * This file is the session: its I/O, keepalive, deadlines, teardown and drive loop. The channels
+ * are in ssh_chan.c, the host key check and authentication in ssh_auth.c (ssh_int.h).
  */
-#include "moongate/ssh_conn.h"
+#include "ssh_int.h"
 
-#include "core/buf.h"
-#include "core/fingerprint.h"
-#include "moongate/list.h"
 #include "moongate/error.h"
 #include "moongate/log.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <libssh2.h>
-#include <openssl/evp.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 
-#define CHAN_READ_SIZE (64 * 1024)
-/* Channel writes wait while this much is queued on the transport. */
-#define WRITE_HIGH_WATER (1024 * 1024)
-/* Bytes that arrived but that libssh2 has not taken: more than the windows allow is an error. */
-#define INBUF_MAX (32 * 1024 * 1024)
-#define INBUF_KEEP_CAP (256 * 1024)
-/* How long a closing connection waits for its DISCONNECT to be written. */
-#define FLUSH_ON_CLOSE_MS 2000
-
-typedef enum chan_state {
-    CH_QUEUED,   /* waiting for its turn to open */
-    CH_OPENING,  /* the open libssh2 is working on */
-    CH_OPEN,
-    CH_CLOSING,  /* close sent, waiting for the server's close */
-} chan_state_t;
-
-struct mg_ssh_chan {
-    mg_ssh_conn_t *conn;
-    LIBSSH2_CHANNEL *ch;
-    chan_state_t state;
-    const mg_ssh_chan_cbs_t *cbs;
-    void *data;
-    char *host;
-    int port;
-    bool reading;
-    bool eof_seen;
-    bool eof_wanted;
-    bool eof_sent;
-    bool want_write;
-    bool close_wanted;
-    int close_status;
-    uint64_t bytes_in;
-    uint64_t bytes_out;
-    char error[512];
-    mg_list_t node;       /* on the connection's chans */
-};
-
-struct mg_ssh_conn {
-    uv_loop_t *loop;
-    uint64_t id;
-    char *user, *host, *ssh_user, *key_path, *key_passphrase, *known_hosts, *host_key_sha256;
-    int port;
-    uint64_t connect_timeout_ms;
-    uint64_t keepalive_interval_ms;
-    int keepalive_max_misses;
-    int max_channels;
-
-    mg_transport_t *tr;
-    LIBSSH2_SESSION *session;
-    mg_ssh_state_t state;
-    mg__buf_t in;
-    bool in_eof;          /* the transport will deliver nothing more */
-
-    uv_timer_t timer;     /* connect deadline, then close deadlines */
-    uv_timer_t keepalive;
-    uv_idle_t idle;       /* runs a deferred drive */
-    int handles_closed;
-
-    mg_list_t chans;      /* in the order they were asked for */
-    mg_ssh_chan_t *opening;
-    int nchans;
-
-    mg_ssh_conn_cb cb;
-    void *data;
-    int status;
-    char error[512];
-    char reason[128];
-
-    uint64_t started_at, ready_at, last_used, handshake_ms;
-    bool was_ready;
-    bool healthy;
-    int misses;
-    bool ka_outstanding;
-    uint64_t ka_mark;
-
-    bool driving;
-    bool redrive;
-    bool progress;        /* bytes arrived or the transport drained: writers may retry */
-    bool queue_full;      /* a write was refused for the transport's queue */
-    bool teardown_wanted;
-    bool torn_down;
-    bool closing_handles;
-};
-
 static uv_once_t global_once = UV_ONCE_INIT;
 static int global_fd = -1;
 static int global_rc;
 static uint64_t next_conn_id = 1;
-static _Thread_local char chan_read_buf[CHAN_READ_SIZE];
 
 static void drive(mg_ssh_conn_t *c);
 static void start_keepalive(mg_ssh_conn_t *c);
-static void schedule_drive(mg_ssh_conn_t *c);
-static void conn_fail(mg_ssh_conn_t *c, int status, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
 
 /*
  * libssh2 wants a socket even when our callbacks do all the I/O: it reads the descriptor's
@@ -174,7 +84,7 @@ static char *dup_or_null(const char *s)
     return s ? strdup(s) : NULL;
 }
 
-static const char *ssh_last_error(mg_ssh_conn_t *c)
+const char *mg__ssh_last_error(mg_ssh_conn_t *c)
 {
     char *msg = NULL;
     if (c->session == NULL)
@@ -203,346 +113,6 @@ static void set_healthy(mg_ssh_conn_t *c, bool healthy)
     emit(c, MG_SSH_EV_HEALTH);
 }
 
-/* ---- channels ---- */
-
-static void chan_unlink(mg_ssh_conn_t *c, mg_ssh_chan_t *ch)
-{
-    mg_list_remove(&ch->node);
-    c->nchans--;
-}
-
-/* Reports the channel gone and frees it. */
-static void chan_finish(mg_ssh_chan_t *ch, int status)
-{
-    mg_ssh_conn_t *c = ch->conn;
-    chan_unlink(c, ch);
-    c->last_used = uv_now(c->loop);
-    mg_log_trace("ssh", "user=%s conn=%llu channel to %s:%d closed (%s)", c->user,
-                 (unsigned long long)c->id, ch->host, ch->port,
-                 status ? mg_strerror(status) : "ok");
-    ch->cbs->on_close(ch, status);
-    free(ch->host);
-    free(ch);
-}
-
-static void chan_fail(mg_ssh_chan_t *ch, int status, const char *what)
-{
-    if (ch->close_wanted)
-        return;
-    snprintf(ch->error, sizeof(ch->error), "%s: %s", what, ssh_last_error(ch->conn));
-    ch->close_wanted = true;
-    ch->close_status = status;
-}
-
-/* Opens queued channels one at a time. Returns false when the connection failed. */
-static bool service_opens(mg_ssh_conn_t *c)
-{
-    for (;;) {
-        mg_ssh_chan_t *ch = c->opening;
-        if (ch == NULL) {
-            mg_list_t *n;
-            mg_list_foreach(n, &c->chans) {
-                ch = mg_list_entry(n, mg_ssh_chan_t, node);
-                if (ch->state == CH_QUEUED)
-                    break;
-                ch = NULL;
-            }
-            if (ch == NULL)
-                return true;
-            if (ch->close_wanted) {
-                chan_finish(ch, 0);
-                continue;
-            }
-            ch->state = CH_OPENING;
-            c->opening = ch;
-        }
-        /* On EAGAIN libssh2 must be called again with the same arguments. */
-        LIBSSH2_CHANNEL *lc = libssh2_channel_direct_tcpip_ex(c->session, ch->host, ch->port,
-                                                              "127.0.0.1", 22);
-        if (lc == NULL) {
-            int e = libssh2_session_last_errno(c->session);
-            if (e == LIBSSH2_ERROR_EAGAIN)
-                return true;
-            c->opening = NULL;
-            if (e == LIBSSH2_ERROR_SOCKET_DISCONNECT || e == LIBSSH2_ERROR_SOCKET_SEND ||
-                e == LIBSSH2_ERROR_SOCKET_RECV) {
-                conn_fail(c, MG_ECLOSED, "connection lost while opening a channel");
-                return false;
-            }
-            snprintf(ch->error, sizeof(ch->error),
-                     "the server refused a channel to %s:%d: %s", ch->host, ch->port,
-                     ssh_last_error(c));
-            mg_log_warn("ssh", "user=%s conn=%llu %s", c->user, (unsigned long long)c->id,
-                        ch->error);
-            ch->cbs->on_open(ch, MG_EOPEN);
-            chan_finish(ch, MG_EOPEN);
-            if (c->teardown_wanted)
-                return false;
-            continue;
-        }
-        c->opening = NULL;
-        ch->ch = lc;
-        ch->state = CH_OPEN;
-        ch->reading = true;
-        c->last_used = uv_now(c->loop);
-        if (!ch->close_wanted)
-            ch->cbs->on_open(ch, 0);
-        if (c->teardown_wanted)
-            return false;
-    }
-}
-
-/* Services one open or closing channel; may free it. */
-static void service_chan(mg_ssh_conn_t *c, mg_ssh_chan_t *ch, bool writers_may_retry)
-{
-    if (ch->state == CH_OPEN && !ch->close_wanted) {
-        while (ch->reading && !ch->eof_seen && !ch->close_wanted && !c->teardown_wanted) {
-            ssize_t n = libssh2_channel_read(ch->ch, chan_read_buf, sizeof(chan_read_buf));
-            if (n > 0) {
-                ch->bytes_in += (uint64_t)n;
-                c->last_used = uv_now(c->loop);
-                ch->cbs->on_data(ch, chan_read_buf, (size_t)n);
-                continue;
-            }
-            if (n == LIBSSH2_ERROR_EAGAIN)
-                break;
-            if (n == 0) {
-                if (libssh2_channel_eof(ch->ch)) {
-                    ch->eof_seen = true;
-                    ch->cbs->on_eof(ch);
-                }
-                break;
-            }
-            chan_fail(ch, MG_ECLOSED, "reading the channel failed");
-        }
-        if (c->teardown_wanted)
-            return;
-        if (ch->eof_wanted && !ch->eof_sent && !ch->close_wanted) {
-            int rc = libssh2_channel_send_eof(ch->ch);
-            if (rc == 0)
-                ch->eof_sent = true;
-            else if (rc != LIBSSH2_ERROR_EAGAIN)
-                chan_fail(ch, MG_ECLOSED, "sending EOF failed");
-        }
-        if (ch->want_write && writers_may_retry && !ch->close_wanted) {
-            ch->want_write = false;
-            ch->cbs->on_writable(ch);
-            if (c->teardown_wanted)
-                return;
-        }
-    }
-    if (ch->state == CH_OPEN && ch->close_wanted)
-        ch->state = CH_CLOSING;
-    if (ch->state == CH_CLOSING) {
-        /* Sends EOF and CLOSE, then waits (EAGAIN) for the server's CLOSE. */
-        int rc = libssh2_channel_close(ch->ch);
-        if (rc == LIBSSH2_ERROR_EAGAIN)
-            return;
-        rc = libssh2_channel_free(ch->ch);
-        if (rc == LIBSSH2_ERROR_EAGAIN)
-            return;
-        ch->ch = NULL;
-        chan_finish(ch, ch->close_status);
-    }
-}
-
-static void service_channels(mg_ssh_conn_t *c)
-{
-    bool writers_may_retry = c->progress;
-    c->progress = false;
-    if (!service_opens(c))
-        return;
-    mg_list_t *n, *tmp;
-    mg_list_foreach_safe(n, tmp, &c->chans) {
-        /* Servicing ch frees at most ch itself; channels opened meanwhile join at the tail. */
-        if (c->teardown_wanted)
-            break;
-        mg_ssh_chan_t *ch = mg_list_entry(n, mg_ssh_chan_t, node);
-        if (ch->state == CH_OPEN || ch->state == CH_CLOSING)
-            service_chan(c, ch, writers_may_retry);
-    }
-}
-
-/* ---- setup: host key and authentication ---- */
-
-static const char *key_type_name(int type)
-{
-    switch (type) {
-    case LIBSSH2_HOSTKEY_TYPE_RSA: return "ssh-rsa";
-    case LIBSSH2_HOSTKEY_TYPE_DSS: return "ssh-dss";
-    case LIBSSH2_HOSTKEY_TYPE_ECDSA_256: return "ecdsa-sha2-nistp256";
-    case LIBSSH2_HOSTKEY_TYPE_ECDSA_384: return "ecdsa-sha2-nistp384";
-    case LIBSSH2_HOSTKEY_TYPE_ECDSA_521: return "ecdsa-sha2-nistp521";
-    case LIBSSH2_HOSTKEY_TYPE_ED25519: return "ssh-ed25519";
-    }
-    return "unknown";
-}
-
-static int knownhost_type(int type)
-{
-    switch (type) {
-    case LIBSSH2_HOSTKEY_TYPE_RSA: return LIBSSH2_KNOWNHOST_KEY_SSHRSA;
-    case LIBSSH2_HOSTKEY_TYPE_DSS: return LIBSSH2_KNOWNHOST_KEY_SSHDSS;
-    case LIBSSH2_HOSTKEY_TYPE_ECDSA_256: return LIBSSH2_KNOWNHOST_KEY_ECDSA_256;
-    case LIBSSH2_HOSTKEY_TYPE_ECDSA_384: return LIBSSH2_KNOWNHOST_KEY_ECDSA_384;
-    case LIBSSH2_HOSTKEY_TYPE_ECDSA_521: return LIBSSH2_KNOWNHOST_KEY_ECDSA_521;
-    case LIBSSH2_HOSTKEY_TYPE_ED25519: return LIBSSH2_KNOWNHOST_KEY_ED25519;
-    }
-    return LIBSSH2_KNOWNHOST_KEY_UNKNOWN;
-}
-
-/* The host key's SHA256 fingerprint, or "SHA256:?" when libssh2 has none. */
-static void host_key_fingerprint(LIBSSH2_SESSION *s, char *out, size_t outlen)
-{
-    const unsigned char *hash =
-        (const unsigned char *)libssh2_hostkey_hash(s, LIBSSH2_HOSTKEY_HASH_SHA256);
-    if (hash == NULL || mg_fingerprint_sha256(hash, out, outlen) != 0)
-        snprintf(out, outlen, "SHA256:?");
-}
-
-/*
- * Reads a known_hosts file line by line, so that one line libssh2 does not understand (a key
- * type it lacks, a marker) does not hide the lines after it. Returns 0 or -errno.
- */
-static int load_known_hosts(LIBSSH2_KNOWNHOSTS *kh, const char *path)
-{
-    FILE *f = fopen(path, "re");
-    if (f == NULL)
-        return -errno;
-    char line[8192];
-    while (fgets(line, sizeof(line), f)) {
-        size_t len = strlen(line);
-        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
-            line[--len] = '\0';
-        if (len == 0 || line[0] == '#')
-            continue;
-        libssh2_knownhost_readline(kh, line, len, LIBSSH2_KNOWNHOST_FILE_OPENSSH);
-    }
-    fclose(f);
-    return 0;
-}
-
-static int check_host_key(mg_ssh_conn_t *c)
-{
-    size_t klen = 0;
-    int ktype = 0;
-    const char *key = libssh2_session_hostkey(c->session, &klen, &ktype);
-    if (key == NULL) {
-        conn_fail(c, MG_EHOSTKEY, "%s:%d sent no host key", c->host, c->port);
-        return -1;
-    }
-    char fp[80];
-    host_key_fingerprint(c->session, fp, sizeof(fp));
-    const char *tname = key_type_name(ktype);
-
-    if (c->host_key_sha256 != NULL) {
-        if (strcmp(fp, c->host_key_sha256) == 0)
-            return 0;
-        conn_fail(c, MG_EHOSTKEY,
-                  "host key for %s:%d does not match the pinned key: the server presented %s "
-                  "%s, expected %s; refusing to connect",
-                  c->host, c->port, tname, fp, c->host_key_sha256);
-        return -1;
-    }
-
-    LIBSSH2_KNOWNHOSTS *kh = libssh2_knownhost_init(c->session);
-    if (kh == NULL) {
-        conn_fail(c, MG_ENOMEM, "out of memory checking the host key");
-        return -1;
-    }
-    int rc = load_known_hosts(kh, c->known_hosts);
-    if (rc < 0) {
-        libssh2_knownhost_free(kh);
-        conn_fail(c, MG_EHOSTKEY,
-                  "cannot read known_hosts file %s (%s), so the host key of %s:%d (%s %s) "
-                  "cannot be verified; refusing to connect",
-                  c->known_hosts, strerror(-rc), c->host, c->port, tname, fp);
-        return -1;
-    }
-    struct libssh2_knownhost *found = NULL;
-    int check = libssh2_knownhost_checkp(kh, c->host, c->port, key, klen,
-                                         LIBSSH2_KNOWNHOST_TYPE_PLAIN |
-                                             LIBSSH2_KNOWNHOST_KEYENC_RAW |
-                                             knownhost_type(ktype),
-                                         &found);
-    libssh2_knownhost_free(kh);
-    switch (check) {
-    case LIBSSH2_KNOWNHOST_CHECK_MATCH:
-        mg_log_debug("ssh", "user=%s conn=%llu host key %s %s matches %s", c->user,
-                     (unsigned long long)c->id, tname, fp, c->known_hosts);
-        return 0;
-    case LIBSSH2_KNOWNHOST_CHECK_MISMATCH:
-        conn_fail(c, MG_EHOSTKEY,
-                  "host key for %s:%d has CHANGED: the server presented %s %s, which does not "
-                  "match %s; refusing to connect",
-                  c->host, c->port, tname, fp, c->known_hosts);
-        return -1;
-    case LIBSSH2_KNOWNHOST_CHECK_NOTFOUND:
-        conn_fail(c, MG_EHOSTKEY,
-                  "host key for %s:%d is not in %s: the server presented %s %s; refusing to "
-                  "connect (add the key if it is right)",
-                  c->host, c->port, c->known_hosts, tname, fp);
-        return -1;
-    default:
-        conn_fail(c, MG_EHOSTKEY, "checking the host key of %s:%d (%s %s) failed", c->host,
-                  c->port, tname, fp);
-        return -1;
-    }
-}
-
-static void step_handshake(mg_ssh_conn_t *c)
-{
-    int rc = libssh2_session_handshake(c->session, global_fd);
-    if (rc == LIBSSH2_ERROR_EAGAIN)
-        return;
-    if (rc != 0) {
-        conn_fail(c, c->in_eof ? MG_ECLOSED : MG_ESSH, "SSH handshake with %s:%d failed: %s",
-                  c->host, c->port, ssh_last_error(c));
-        return;
-    }
-    if (check_host_key(c) != 0)
-        return;
-    c->state = MG_SSH_AUTH;
-    c->redrive = true;
-}
-
-static void step_auth(mg_ssh_conn_t *c)
-{
-    int rc = libssh2_userauth_publickey_fromfile_ex(c->session, c->ssh_user,
-                                                    (unsigned)strlen(c->ssh_user), NULL,
-                                                    c->key_path, c->key_passphrase);
-    if (rc == LIBSSH2_ERROR_EAGAIN)
-        return;
-    if (rc == LIBSSH2_ERROR_FILE) {
-        conn_fail(c, MG_EAUTH, "cannot use key file %s: %s", c->key_path, ssh_last_error(c));
-        return;
-    }
-    if (rc == LIBSSH2_ERROR_AUTHENTICATION_FAILED || rc == LIBSSH2_ERROR_PUBLICKEY_UNVERIFIED) {
-        conn_fail(c, MG_EAUTH, "%s:%d refused key %s for user %s", c->host, c->port,
-                  c->key_path, c->ssh_user);
-        return;
-    }
-    if (rc != 0) {
-        conn_fail(c, c->in_eof ? MG_ECLOSED : MG_ESSH, "authentication with %s:%d failed: %s",
-                  c->host, c->port, ssh_last_error(c));
-        return;
-    }
-    uint64_t now = uv_now(c->loop);
-    c->state = MG_SSH_READY;
-    c->was_ready = true;
-    c->ready_at = c->last_used = now;
-    c->handshake_ms = now - c->started_at;
-    c->healthy = true;
-    c->ka_mark = c->tr->bytes_in;
-    uv_timer_stop(&c->timer);
-    start_keepalive(c);
-    mg_log_info("ssh", "user=%s conn=%llu ready: %s@%s:%d in %llu ms", c->user,
-                (unsigned long long)c->id, c->ssh_user, c->host, c->port,
-                (unsigned long long)c->handshake_ms);
-    c->redrive = true;
-    emit(c, MG_SSH_EV_READY);
-}
-
 /* ---- keepalive and deadlines ---- */
 
 /*
@@ -562,8 +132,8 @@ static void on_keepalive(uv_timer_t *t)
         c->misses++;
         set_healthy(c, false);
         if (c->misses >= c->keepalive_max_misses) {
-            conn_fail(c, MG_ETIMEDOUT, "%s:%d answered no keepalive for %llu ms", c->host,
-                      c->port, (unsigned long long)(c->misses * c->keepalive_interval_ms));
+            mg__ssh_conn_fail(c, MG_ETIMEDOUT, "%s:%d answered no keepalive for %llu ms", c->host,
+                              c->port, (unsigned long long)(c->misses * c->keepalive_interval_ms));
             drive(c);
             return;
         }
@@ -595,9 +165,10 @@ static void on_timer(uv_timer_t *t)
         return;
     }
     if (c->state < MG_SSH_READY) {
-        conn_fail(c, MG_ETIMEDOUT, "could not connect to %s:%d within %llu ms (stuck in %s)",
-                  c->host, c->port, (unsigned long long)c->connect_timeout_ms,
-                  mg_ssh_state_name(c->state));
+        mg__ssh_conn_fail(c, MG_ETIMEDOUT,
+                          "could not connect to %s:%d within %llu ms (stuck in %s)", c->host,
+                          c->port, (unsigned long long)c->connect_timeout_ms,
+                          mg_ssh_state_name(c->state));
     } else if (c->state == MG_SSH_CLOSING) {
         mg_log_info("ssh", "user=%s conn=%llu %d channel(s) still open at the close deadline; "
                     "closing them", c->user, (unsigned long long)c->id, c->nchans);
@@ -653,18 +224,7 @@ static void teardown(mg_ssh_conn_t *c)
 {
     if (c->torn_down)
         return;
-    int chan_status = c->status ? c->status : MG_ECLOSED;
-    while (!mg_list_empty(&c->chans)) {
-        mg_ssh_chan_t *ch = mg_list_entry(mg_list_first(&c->chans), mg_ssh_chan_t, node);
-        if (ch->error[0] == '\0')
-            snprintf(ch->error, sizeof(ch->error), "%s",
-                     c->error[0] ? c->error : "the SSH connection closed");
-        if (ch->state == CH_QUEUED || ch->state == CH_OPENING)
-            ch->cbs->on_open(ch, chan_status);
-        /* libssh2_session_free() frees the libssh2 side of the channel. */
-        chan_finish(ch, chan_status);
-    }
-    c->opening = NULL;
+    mg__ssh_end_channels(c, c->status ? c->status : MG_ECLOSED);
     bool was_ready = c->state == MG_SSH_READY || c->state == MG_SSH_CLOSING;
     if (was_ready && c->tr && !c->in_eof) {
         const char *why = c->reason[0] ? c->reason : c->status ? c->error : "closing";
@@ -693,10 +253,10 @@ static void teardown(mg_ssh_conn_t *c)
     }
 }
 
-static void conn_fail(mg_ssh_conn_t *c, int status, const char *fmt, ...)
-{
-    if (c->status == 0) {
-        va_list ap;
+void mg__ssh_conn_fail(mg_ssh_conn_t *c, int status, const char *fmt, ...)
+                       {
+                       if (c->status == 0) {
+                       va_list ap;
         va_start(ap, fmt);
         vsnprintf(c->error, sizeof(c->error), fmt, ap);
         va_end(ap);
@@ -706,10 +266,29 @@ static void conn_fail(mg_ssh_conn_t *c, int status, const char *fmt, ...)
     if (c->driving)
         c->redrive = true;
     else
-        schedule_drive(c);
+        mg__ssh_schedule_drive(c);
 }
 
 /* ---- the drive loop ---- */
+
+/* Authenticated: the connection carries channels from now on. */
+static void become_ready(mg_ssh_conn_t *c)
+{
+    uint64_t now = uv_now(c->loop);
+    c->state = MG_SSH_READY;
+    c->was_ready = true;
+    c->ready_at = c->last_used = now;
+    c->handshake_ms = now - c->started_at;
+    c->healthy = true;
+    c->ka_mark = c->tr->bytes_in;
+    uv_timer_stop(&c->timer);
+    start_keepalive(c);
+    mg_log_info("ssh", "user=%s conn=%llu ready: %s@%s:%d in %llu ms", c->user,
+                (unsigned long long)c->id, c->ssh_user, c->host, c->port,
+                (unsigned long long)c->handshake_ms);
+    c->redrive = true;
+    emit(c, MG_SSH_EV_READY);
+}
 
 static void drive(mg_ssh_conn_t *c)
 {
@@ -726,14 +305,18 @@ static void drive(mg_ssh_conn_t *c)
             break;
         switch (c->state) {
         case MG_SSH_HANDSHAKE:
-            step_handshake(c);
+            if (mg__ssh_step_handshake(c, global_fd)) {
+                c->state = MG_SSH_AUTH;
+                c->redrive = true;
+            }
             break;
         case MG_SSH_AUTH:
-            step_auth(c);
+            if (mg__ssh_step_auth(c))
+                become_ready(c);
             break;
         case MG_SSH_READY:
         case MG_SSH_CLOSING:
-            service_channels(c);
+            mg__ssh_service_channels(c);
             if (c->state == MG_SSH_CLOSING && c->nchans == 0)
                 c->teardown_wanted = true;
             break;
@@ -742,7 +325,7 @@ static void drive(mg_ssh_conn_t *c)
         }
         if (c->in_eof && mg__buf_size(&c->in) == 0 && !c->teardown_wanted &&
             c->state != MG_SSH_CONNECTING)
-            conn_fail(c, MG_ECLOSED, "%s:%d closed the connection", c->host, c->port);
+            mg__ssh_conn_fail(c, MG_ECLOSED, "%s:%d closed the connection", c->host, c->port);
     } while (c->redrive && !c->teardown_wanted);
     c->driving = false;
     if (c->teardown_wanted) {
@@ -756,7 +339,7 @@ static void drive(mg_ssh_conn_t *c)
     if (c->queue_full && c->tr->write_queued < WRITE_HIGH_WATER) {
         c->queue_full = false;
         c->progress = true;
-        schedule_drive(c);
+        mg__ssh_schedule_drive(c);
     }
 }
 
@@ -766,7 +349,7 @@ static void on_idle(uv_idle_t *h)
     drive(h->data);
 }
 
-static void schedule_drive(mg_ssh_conn_t *c)
+void mg__ssh_schedule_drive(mg_ssh_conn_t *c)
 {
     if (c->driving) {
         c->redrive = true;
@@ -782,8 +365,8 @@ static void on_tr_connect(mg_transport_t *t, int status)
 {
     mg_ssh_conn_t *c = t->data;
     if (status != 0) {
-        conn_fail(c, MG_ECONNECT, "cannot connect to %s:%d: %s", c->host, c->port,
-                  uv_strerror(status));
+        mg__ssh_conn_fail(c, MG_ECONNECT, "cannot connect to %s:%d: %s", c->host, c->port,
+                          uv_strerror(status));
         drive(c);
         return;
     }
@@ -797,8 +380,8 @@ static void on_tr_read(mg_transport_t *t, const char *buf, size_t len)
     if (c->torn_down)
         return;
     if (mg__buf_size(&c->in) + len > INBUF_MAX || mg__buf_append(&c->in, buf, len) != 0) {
-        conn_fail(c, MG_ESSH, "%s:%d sent more than %d bytes that could not be processed",
-                  c->host, c->port, INBUF_MAX);
+        mg__ssh_conn_fail(c, MG_ESSH, "%s:%d sent more than %d bytes that could not be processed",
+                          c->host, c->port, INBUF_MAX);
         drive(c);
         return;
     }
@@ -817,8 +400,8 @@ static void on_tr_eof(mg_transport_t *t, int status)
     mg_ssh_conn_t *c = t->data;
     c->in_eof = true;
     if (status != UV_EOF && c->status == 0)
-        conn_fail(c, MG_ECLOSED, "connection to %s:%d failed: %s", c->host, c->port,
-                  uv_strerror(status));
+        mg__ssh_conn_fail(c, MG_ECLOSED, "connection to %s:%d failed: %s", c->host, c->port,
+                          uv_strerror(status));
     drive(c);
 }
 
@@ -930,7 +513,7 @@ int mg_ssh_conn_start(uv_loop_t *loop, const mg_ssh_conn_opts_t *o, mg_transport
     c->timer.data = c->keepalive.data = c->idle.data = c;
     uv_timer_start(&c->timer, on_timer, c->connect_timeout_ms, 0);
     if (c->state == MG_SSH_HANDSHAKE)
-        schedule_drive(c);
+        mg__ssh_schedule_drive(c);
     mg_log_debug("ssh", "user=%s conn=%llu connecting to %s@%s:%d over %s", c->user,
                  (unsigned long long)c->id, c->ssh_user, c->host, c->port,
                  c->tr->ops->name);
@@ -945,13 +528,13 @@ void mg_ssh_conn_close(mg_ssh_conn_t *c, const char *reason, uint64_t wait_ms)
     if (reason && c->reason[0] == '\0')
         snprintf(c->reason, sizeof(c->reason), "%s", reason);
     if (c->state < MG_SSH_READY) {
-        conn_fail(c, MG_ECANCELED, "closed before it was ready%s%s", reason ? ": " : "",
-                  reason ? reason : "");
+        mg__ssh_conn_fail(c, MG_ECANCELED, "closed before it was ready%s%s", reason ? ": " : "",
+                          reason ? reason : "");
         return;
     }
     if (wait_ms == 0 || c->nchans == 0) {
         c->teardown_wanted = true;
-        schedule_drive(c);
+        mg__ssh_schedule_drive(c);
         return;
     }
     if (c->state == MG_SSH_CLOSING) {
@@ -1030,117 +613,3 @@ const char *mg_ssh_state_name(mg_ssh_state_t s)
     return "?";
 }
 
-int mg_ssh_chan_open(mg_ssh_conn_t *c, const char *host, int port, const mg_ssh_chan_cbs_t *cbs,
-                     void *data, mg_ssh_chan_t **out)
-{
-    if (host == NULL || port <= 0 || port > 65535 || cbs == NULL)
-        return MG_EINVAL;
-    if (c->state != MG_SSH_READY || c->teardown_wanted)
-        return MG_ESTATE;
-    if (c->nchans >= c->max_channels)
-        return MG_ECHANLIMIT;
-    mg_ssh_chan_t *ch = calloc(1, sizeof(*ch));
-    if (ch == NULL || (ch->host = strdup(host)) == NULL) {
-        free(ch);
-        return MG_ENOMEM;
-    }
-    ch->conn = c;
-    ch->port = port;
-    ch->cbs = cbs;
-    ch->data = data;
-    ch->state = CH_QUEUED;
-    mg_list_insert_tail(&c->chans, &ch->node);
-    c->nchans++;
-    schedule_drive(c);
-    *out = ch;
-    return 0;
-}
-
-ssize_t mg_ssh_chan_write(mg_ssh_chan_t *ch, const char *buf, size_t len)
-{
-    mg_ssh_conn_t *c = ch->conn;
-    if (ch->state != CH_OPEN || ch->eof_wanted || ch->close_wanted || c->teardown_wanted)
-        return MG_ESTATE;
-    if (len == 0)
-        return 0;
-    if (c->tr == NULL || c->tr->write_queued >= WRITE_HIGH_WATER) {
-        ch->want_write = true;
-        c->queue_full = true;
-        schedule_drive(c);
-        return MG_EAGAIN;
-    }
-    ssize_t n = libssh2_channel_write(ch->ch, buf, len);
-    /* The write may have consumed packets for other channels, and queued bytes to flush. */
-    schedule_drive(c);
-    if (n > 0) {
-        ch->bytes_out += (uint64_t)n;
-        c->last_used = uv_now(c->loop);
-        return n;
-    }
-    if (n == 0 || n == LIBSSH2_ERROR_EAGAIN) {
-        ch->want_write = true;
-        return MG_EAGAIN;
-    }
-    chan_fail(ch, MG_ECLOSED, "writing the channel failed");
-    return MG_ECLOSED;
-}
-
-int mg_ssh_chan_send_eof(mg_ssh_chan_t *ch)
-{
-    if (ch->close_wanted)
-        return MG_ESTATE;
-    ch->eof_wanted = true;
-    schedule_drive(ch->conn);
-    return 0;
-}
-
-void mg_ssh_chan_read_stop(mg_ssh_chan_t *ch)
-{
-    ch->reading = false;
-}
-
-void mg_ssh_chan_read_start(mg_ssh_chan_t *ch)
-{
-    if (ch->reading)
-        return;
-    ch->reading = true;
-    schedule_drive(ch->conn);
-}
-
-void mg_ssh_chan_close(mg_ssh_chan_t *ch)
-{
-    if (ch->close_wanted)
-        return;
-    ch->close_wanted = true;
-    schedule_drive(ch->conn);
-}
-
-void *mg_ssh_chan_data(const mg_ssh_chan_t *ch)
-{
-    return ch->data;
-}
-
-void mg_ssh_chan_set_data(mg_ssh_chan_t *ch, void *data)
-{
-    ch->data = data;
-}
-
-mg_ssh_conn_t *mg_ssh_chan_conn(const mg_ssh_chan_t *ch)
-{
-    return ch->conn;
-}
-
-const char *mg_ssh_chan_error(const mg_ssh_chan_t *ch)
-{
-    return ch->error;
-}
-
-uint64_t mg_ssh_chan_bytes_in(const mg_ssh_chan_t *ch)
-{
-    return ch->bytes_in;
-}
-
-uint64_t mg_ssh_chan_bytes_out(const mg_ssh_chan_t *ch)
-{
-    return ch->bytes_out;
-}

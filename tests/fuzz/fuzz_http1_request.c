@@ -1,5 +1,5 @@
 /*
- * libFuzzer target for the client request parser (src/http1_request.c). See README.md beside
+ * libFuzzer target for the client request parser (src/http/http1_request.c). See README.md beside
  * it.
  *
  * The first two input bytes choose the options (small limits, pausing in on_body) and seed the

@@ -1,5 +1,5 @@
 /*
- * libFuzzer target for the response parser (src/http1.c). See README.md beside it.
+ * libFuzzer target for the response parser (src/http/http1.c). See README.md beside it.
  *
  * The first two input bytes choose the options (HEAD request, a small head cap) and seed the
  * split pattern; the rest is what the upstream sends. Each input runs twice, fed whole and fed in

@@ -1,5 +1,5 @@
 /*
- * libFuzzer target for moongate's pattern functions (src/policy_pattern.c): they must answer
+ * libFuzzer target for moongate's pattern functions (src/policy/policy_pattern.c): they must answer
  * exactly as LuaJIT's own string.find, match, gmatch and gsub do.
  *
  * The first input byte picks the function and its extra arguments (init, plain, the replacement

@@ -1,5 +1,5 @@
 /*
- * libFuzzer target for the usage scanner (src/usage.c). See README.md beside it.
+ * libFuzzer target for the usage scanner (src/llm/usage.c). See README.md beside it.
  *
  * The first input byte chooses the format (JSON, NDJSON, SSE) and seeds the split pattern; the
  * rest is a response body from an upstream. Each input runs fed whole and in pseudo-random

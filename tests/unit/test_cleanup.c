@@ -1,5 +1,5 @@
 /*
- * Unit tests for src/cleanup.c: the periodic stale-connection pass, on a real uv loop with a
+ * Unit tests for src/pool/cleanup.c: the periodic stale-connection pass, on a real uv loop with a
  * fake backend.
  */
 #include <setjmp.h>

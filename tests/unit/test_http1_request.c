@@ -1,5 +1,5 @@
 /*
- * Unit tests for src/http1_request.c, the client's request parser, as a table of cases: each
+ * Unit tests for src/http/http1_request.c, the client's request parser, as a table of cases: each
  * strictness rule of RFC 9112 that a proxy must hold, each limit with its status, and each
  * fidelity rule (the target as received, fields in order with their case and duplicates). Every
  * case is fed whole, one byte at a time and split in two at every offset, and must give the same

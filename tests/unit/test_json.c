@@ -1,5 +1,5 @@
 /*
- * Tests for src/json.c: the bounded buffer, number formatting, string escaping (every control
+ * Tests for src/core/json.c: the bounded buffer, number formatting, string escaping (every control
  * character, UTF-8 valid and not), nesting and commas, misuse, and the size limit.
  */
 #include <setjmp.h>

@@ -1,5 +1,5 @@
 /*
- * Tests for src/metrics.c: the exact exposition text of a small registry, escaping, histogram
+ * Tests for src/core/metrics.c: the exact exposition text of a small registry, escaping, histogram
  * buckets, render-time gauges, registration rules, many series, the render's size limit, the
  * gateway's standard set checked line by line with a small parser, and the hot path's cost.
  */

@@ -1,5 +1,5 @@
 /*
- * Tests of src/policy.c and src/policy_hooks.c: every hook and its default, results of the wrong
+ * Tests of src/policy/policy.c and src/policy/policy_hooks.c: every hook and its default, results of the wrong
  * type, the time and memory bounds, errors failing closed, and reload.
  */
 #include "test_policy_util.h"

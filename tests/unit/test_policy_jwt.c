@@ -1,5 +1,5 @@
 /*
- * Tests of src/policy_jwt.c through moongate.jwt_verify(): valid, expired, not yet valid,
+ * Tests of src/policy/policy_jwt.c through moongate.jwt_verify(): valid, expired, not yet valid,
  * tampered and malformed tokens.
  */
 #include "test_policy_util.h"

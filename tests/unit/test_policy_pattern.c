@@ -1,5 +1,5 @@
 /*
- * Tests of src/policy_pattern.c: moongate's string.find, match, gmatch and gsub.
+ * Tests of src/policy/policy_pattern.c: moongate's string.find, match, gmatch and gsub.
  *
  * The differential tests run the same Lua expression in two plain states, one with LuaJIT's own
  * pattern functions and one with ours (no check function), and require the same results and the

@@ -1,5 +1,5 @@
 /*
- * Unit tests for src/pool.c: a real uv loop, short timeouts, and the fake backend of
+ * Unit tests for src/pool/pool.c: a real uv loop, short timeouts, and the fake backend of
  * fake_backend.h in place of SSH.
  */
 #include <setjmp.h>

@@ -1,5 +1,5 @@
 /*
- * Unit tests for src/shutdown.c: the drain sequence against a pool with a fake backend, on a
+ * Unit tests for src/pool/shutdown.c: the drain sequence against a pool with a fake backend, on a
  * real uv loop with short grace periods.
  */
 #include <setjmp.h>

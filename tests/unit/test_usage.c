@@ -1,5 +1,5 @@
 /*
- * Unit tests for src/usage.c: the usage an Ollama or OpenAI-compatible response reports, read
+ * Unit tests for src/llm/usage.c: the usage an Ollama or OpenAI-compatible response reports, read
  * from JSON bodies, NDJSON streams and SSE streams, each fed whole and split at every offset
  * (with the same result), bodies too long to keep whole, and text that only looks like usage.
  */

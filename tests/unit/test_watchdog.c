@@ -1,5 +1,5 @@
 /*
- * Unit tests for src/watchdog.c on a real uv loop: a loop that keeps beating (busy or idle) is
+ * Unit tests for src/gateway/watchdog.c on a real uv loop: a loop that keeps beating (busy or idle) is
  * left alone; a loop stuck in a callback is reported and aborted, in a child process, with what
  * the describe callback says and a backtrace on stderr.
  */

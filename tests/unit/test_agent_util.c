@@ -1,5 +1,5 @@
 /*
- * Tests for src/agent_util.c: moongate-agent's reconnect schedule (with an injected random
+ * Tests for src/agent/agent_util.c: moongate-agent's reconnect schedule (with an injected random
  * source), the gateway URL and HOST:PORT parsing, the --sshd-inetd split, control messages,
  * the command lines of the agent and of `setup`, and the key helpers.
  */

@@ -1,8 +1,8 @@
 /*
- * The HTTP server (src/gateway/server.c) end to end, the way a hostile client tries it: raw bytes on
- * plain sockets to the real moongate program, a real sshd, and an mg-upstream that captures
- * every byte it receives, so that each case checks what actually reached the upstream, not only
- * the status the client got.
+ * The HTTP server (src/gateway/server.c) end to end, the way a hostile client tries it: raw
+ * bytes on plain sockets to the real moongate program, a real sshd, and an mg-upstream that
+ * captures every byte it receives, so that each case checks what actually reached the
+ * upstream, not only the status the client got.
  *
  *   - strictness: each malformed head is answered at once with its status, the connection is
  *     closed, and nothing reaches the upstream;

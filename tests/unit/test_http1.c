@@ -1,7 +1,7 @@
 /*
- * Unit tests for src/http/http1.c: the response parser (every case fed whole, one byte at a time, and
- * split in two at every offset, with the same result), the client request checks, the upstream
- * request head, chunk framing and request ids.
+ * Unit tests for src/http/http1.c: the response parser (every case fed whole, one byte at a
+ * time, and split in two at every offset, with the same result), the client request checks,
+ * the upstream request head, chunk framing and request ids.
  */
 #include <setjmp.h>
 #include <stdarg.h>

@@ -1,6 +1,6 @@
 /*
- * Tests of src/policy/policy.c and src/policy/policy_hooks.c: every hook and its default, results of the wrong
- * type, the time and memory bounds, errors failing closed, and reload.
+ * Tests of src/policy/policy.c and src/policy/policy_hooks.c: every hook and its default,
+ * results of the wrong type, the time and memory bounds, errors failing closed, and reload.
  */
 #include "test_policy_util.h"
 

@@ -1,5 +1,6 @@
 /*
- * Tests of src/policy/policy_dict.c, the shared dictionary: values, expiry, counters and its bounds.
+ * Tests of src/policy/policy_dict.c, the shared dictionary: values, expiry, counters and its
+ * bounds.
  */
 #include <setjmp.h>
 #include <stdarg.h>

@@ -1,7 +1,7 @@
 /*
- * Unit tests for src/gateway/watchdog.c on a real uv loop: a loop that keeps beating (busy or idle) is
- * left alone; a loop stuck in a callback is reported and aborted, in a child process, with what
- * the describe callback says and a backtrace on stderr.
+ * Unit tests for src/gateway/watchdog.c on a real uv loop: a loop that keeps beating (busy or
+ * idle) is left alone; a loop stuck in a callback is reported and aborted, in a child process,
+ * with what the describe callback says and a backtrace on stderr.
  */
 #include <setjmp.h>
 #include <stdarg.h>

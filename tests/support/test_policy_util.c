@@ -1,34 +1,11 @@
 /*
- * Helpers shared by the policy tests: policy files in a temporary directory, a captured stderr
- * (to check what was logged), requests, and running the loop for a while.
+ * test_policy_util: see test_policy_util.h.
  */
-#ifndef MG_TEST_POLICY_UTIL_H
-#define MG_TEST_POLICY_UTIL_H
+#include "test_policy_util.h"
 
-/* Each test program uses some of these helpers, not all. */
-#pragma GCC diagnostic ignored "-Wunused-function"
+char tp_dir[256];
 
-#include <setjmp.h>
-#include <stdarg.h>
-#include <stddef.h>
-#include <cmocka.h>
-
-#include "moongate/error.h"
-#include "moongate/log.h"
-#include "moongate/policy.h"
-#include "policy/policy_int.h"
-
-#include <fcntl.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
-#include <uv.h>
-
-static char tp_dir[256];
-
-static void tp_mkdir(void)
+void tp_mkdir(void)
 {
     if (tp_dir[0] != '\0')
         return;
@@ -36,8 +13,7 @@ static void tp_mkdir(void)
     assert_non_null(mkdtemp(tp_dir));
 }
 
-/* Writes content to name in the test directory; returns the path (static, one per name slot). */
-static const char *tp_write(const char *name, const char *content)
+const char *tp_write(const char *name, const char *content)
 {
     static char paths[8][512];
     static int next;
@@ -51,7 +27,7 @@ static const char *tp_write(const char *name, const char *content)
     return path;
 }
 
-static void tp_cleanup_dir(void)
+void tp_cleanup_dir(void)
 {
     if (tp_dir[0] == '\0')
         return;
@@ -61,12 +37,11 @@ static void tp_cleanup_dir(void)
     tp_dir[0] = '\0';
 }
 
-/* ---- stderr capture ---- */
-
 static int tp_saved_stderr = -1;
+
 static char tp_capture_path[300];
 
-static void tp_capture_begin(void)
+void tp_capture_begin(void)
 {
     tp_mkdir();
     fflush(stderr);
@@ -78,8 +53,7 @@ static void tp_capture_begin(void)
     close(fd);
 }
 
-/* Returns what was written to stderr since tp_capture_begin() (free it), and echoes it. */
-static char *tp_capture_end(void)
+char *tp_capture_end(void)
 {
     fflush(stderr);
     dup2(tp_saved_stderr, 2);
@@ -94,7 +68,7 @@ static char *tp_capture_end(void)
     return buf;
 }
 
-static int tp_count(const char *hay, const char *needle)
+int tp_count(const char *hay, const char *needle)
 {
     int n = 0;
     for (const char *p = strstr(hay, needle); p != NULL; p = strstr(p + 1, needle))
@@ -102,11 +76,9 @@ static int tp_count(const char *hay, const char *needle)
     return n;
 }
 
-/* ---- policies ---- */
+uv_loop_t tp_loop;
 
-static uv_loop_t tp_loop;
-
-static mg_policy_t *tp_policy_opts(const char *path, void (*tweak)(mg_policy_options_t *))
+mg_policy_t *tp_policy_opts(const char *path, void (*tweak)(mg_policy_options_t *))
 {
     mg_policy_options_t o;
     mg_policy_options_init(&o, NULL);
@@ -122,32 +94,29 @@ static mg_policy_t *tp_policy_opts(const char *path, void (*tweak)(mg_policy_opt
     return p;
 }
 
-static mg_policy_t *tp_policy(const char *path)
+mg_policy_t *tp_policy(const char *path)
 {
     return tp_policy_opts(path, NULL);
 }
 
-/* Loads source as a policy file named name. */
-static mg_policy_t *tp_policy_src(const char *name, const char *src)
+mg_policy_t *tp_policy_src(const char *name, const char *src)
 {
     return tp_policy(tp_write(name, src));
 }
 
-/* Frees the policy and runs the loop until its timer handles are closed. */
-static void tp_free(mg_policy_t *p)
+void tp_free(mg_policy_t *p)
 {
     mg_policy_free(p);
     uv_run(&tp_loop, UV_RUN_NOWAIT);
     uv_run(&tp_loop, UV_RUN_NOWAIT);
 }
 
-static void tp_stop_cb(uv_timer_t *t)
+void tp_stop_cb(uv_timer_t *t)
 {
     uv_stop(t->loop);
 }
 
-/* Runs the loop for ms milliseconds. */
-static void tp_run_for(uint64_t ms)
+void tp_run_for(uint64_t ms)
 {
     uv_timer_t t;
     uv_timer_init(&tp_loop, &t);
@@ -157,13 +126,13 @@ static void tp_run_for(uint64_t ms)
     uv_run(&tp_loop, UV_RUN_NOWAIT);
 }
 
-static int tp_setup(void **state)
+int tp_setup(void **state)
 {
     assert_int_equal(uv_loop_init(&tp_loop), 0);
     return 0;
 }
 
-static int tp_teardown(void **state)
+int tp_teardown(void **state)
 {
     uv_run(&tp_loop, UV_RUN_NOWAIT);
     assert_int_equal(mg__policy_live_states(), 0);
@@ -171,14 +140,7 @@ static int tp_teardown(void **state)
     return 0;
 }
 
-/* A request with an optional bearer token. */
-typedef struct tp_req {
-    mg_policy_header_t headers[4];
-    char auth[600];
-    mg_policy_request_t req;
-} tp_req_t;
-
-static const mg_policy_request_t *tp_request(tp_req_t *r, const char *token)
+const mg_policy_request_t *tp_request(tp_req_t *r, const char *token)
 {
     memset(r, 0, sizeof(*r));
     size_t n = 0;
@@ -196,8 +158,7 @@ static const mg_policy_request_t *tp_request(tp_req_t *r, const char *token)
     return &r->req;
 }
 
-/* Runs authenticate on the current state. */
-static int tp_auth(mg_policy_t *p, const char *token, mg_policy_decision_t *d)
+int tp_auth(mg_policy_t *p, const char *token, mg_policy_decision_t *d)
 {
     tp_req_t r;
     mg_policy_state_t *st = mg_policy_acquire(p);
@@ -206,7 +167,7 @@ static int tp_auth(mg_policy_t *p, const char *token, mg_policy_decision_t *d)
     return rc;
 }
 
-static int tp_admit(mg_policy_t *p, const char *user, mg_policy_decision_t *d)
+int tp_admit(mg_policy_t *p, const char *user, mg_policy_decision_t *d)
 {
     tp_req_t r;
     mg_policy_state_t *st = mg_policy_acquire(p);
@@ -215,7 +176,7 @@ static int tp_admit(mg_policy_t *p, const char *user, mg_policy_decision_t *d)
     return rc;
 }
 
-static const char *tp_header(const mg_policy_decision_t *d, const char *name)
+const char *tp_header(const mg_policy_decision_t *d, const char *name)
 {
     for (int i = 0; i < d->nheaders; i++) {
         if (strcmp(d->headers[i].name, name) == 0)
@@ -224,20 +185,14 @@ static const char *tp_header(const mg_policy_decision_t *d, const char *name)
     return NULL;
 }
 
-/* A controllable clock. */
-static uint64_t tp_clock_ms = 1700000000000ull;
+uint64_t tp_clock_ms = 1700000000000ull;
 
-static uint64_t tp_clock(void *ctx)
+uint64_t tp_clock(void *ctx)
 {
     return tp_clock_ms;
 }
 
-/* ---- JWTs ---- */
-
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
-
-static void b64url(const unsigned char *in, size_t n, char *out)
+void b64url(const unsigned char *in, size_t n, char *out)
 {
     static const char a[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     size_t j = 0;
@@ -257,8 +212,7 @@ static void b64url(const unsigned char *in, size_t n, char *out)
     out[j] = '\0';
 }
 
-/* Signs header.payload with secret into out. */
-static void make_jwt(const char *header, const char *payload, const char *secret, char *out)
+void make_jwt(const char *header, const char *payload, const char *secret, char *out)
 {
     char h[1024], p[2048], sig[128];
     b64url((const unsigned char *)header, strlen(header), h);
@@ -272,5 +226,3 @@ static void make_jwt(const char *header, const char *payload, const char *secret
     b64url(mac, maclen, sig);
     snprintf(out, 4096, "%s.%s", signing, sig); /* out holds 4096 bytes */
 }
-
-#endif

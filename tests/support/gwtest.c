@@ -1,58 +1,10 @@
 /*
- * Shared pieces of the end-to-end tests of the moongate program: start it as a child process
- * with a test policy (pointed at a real sshd and mg-upstream), learn its port from its log, talk
- * to it over plain blocking sockets with deadlines, and stop it, failing the test if it did not
- * exit 0 or if its log holds a sanitizer report.
- *
- * The gateway listens on 127.0.0.1:0 and says where in its log ("listening on
- * http://127.0.0.1:PORT"), so no other process can take the port in between.
+ * gwtest: see gwtest.h.
  */
-#ifndef MG_GWTEST_H
-#define MG_GWTEST_H
+#include "gwtest.h"
 
-#include "http_client.h"
-#include "proc.h"
-#include "sshd.h"
-#include "upstream.h"
-
-#include "moongate/error.h"
-
-#include <arpa/inet.h>
-#include <errno.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <poll.h>
-#include <signal.h>
-#include <stdarg.h>
-#include <stddef.h>
-#include <setjmp.h>
-#include <cmocka.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
-extern char **environ;
-
-/* One moongate process. Fields are read-only for tests. */
-typedef struct gw {
-    mg_test_proc_t proc;
-    uint16_t port;
-    char dir[MG_TEST_PATH_MAX];
-    char policy[MG_TEST_PATH_MAX];
-    char log[MG_TEST_PATH_MAX];     /* its stderr: the log, and any sanitizer report */
-    char out[MG_TEST_PATH_MAX];     /* its stdout */
-    uint64_t ok_responses;      /* 2xx responses seen by gw_request() */
-    bool running;
-    unsigned nofile;            /* set before gw_launch(): its `ulimit -n` (0: the test's) */
-} gw_t;
-
-/* ---- files ---- */
-
-/* The fields of a route to upstream_port on the test's sshd, as a Lua table's body. */
-static inline void gw_route_fields(char *out, size_t cap, const mg_test_sshd_t *sshd,
-                                   uint16_t upstream_port)
+void gw_route_fields(char *out, size_t cap, const mg_test_sshd_t *sshd,
+                     uint16_t upstream_port)
 {
     int n = snprintf(out, cap,
                      "host = \"127.0.0.1\", port = %u, ssh_user = \"%s\", key = \"%s\", "
@@ -62,9 +14,8 @@ static inline void gw_route_fields(char *out, size_t cap, const mg_test_sshd_t *
     assert_true(n > 0 && (size_t)n < cap);
 }
 
-/* Writes the test policy: alice is served, limited gets 429 with retry-after: 7. */
-static inline void gw_write_policy(const char *path, const mg_test_sshd_t *sshd,
-                                   uint16_t upstream_port)
+void gw_write_policy(const char *path, const mg_test_sshd_t *sshd,
+                     uint16_t upstream_port)
 {
     char route[2048];
     gw_route_fields(route, sizeof(route), sshd, upstream_port);
@@ -94,8 +45,7 @@ static inline void gw_write_policy(const char *path, const mg_test_sshd_t *sshd,
     assert_int_equal(mg_test_write_file(path, text, (size_t)n, 0600), 0);
 }
 
-/* Occurrences of needle in the gateway's log. */
-static inline int gw_log_count(const gw_t *g, const char *needle)
+int gw_log_count(const gw_t *g, const char *needle)
 {
     char *data = NULL;
     if (mg_test_read_file(g->log, &data, NULL) != 0)
@@ -107,8 +57,7 @@ static inline int gw_log_count(const gw_t *g, const char *needle)
     return n;
 }
 
-/* Waits up to timeout_ms until needle occurs at least count times in the log. */
-static inline bool gw_wait_log(const gw_t *g, const char *needle, int count, int timeout_ms)
+bool gw_wait_log(const gw_t *g, const char *needle, int count, int timeout_ms)
 {
     double end = mg_test_now_ms() + timeout_ms;
     while (gw_log_count(g, needle) < count) {
@@ -119,8 +68,7 @@ static inline bool gw_wait_log(const gw_t *g, const char *needle, int count, int
     return true;
 }
 
-/* Prints the last lines of the gateway's log (for a failure's context). */
-static inline void gw_print_log_tail(const gw_t *g, int lines)
+void gw_print_log_tail(const gw_t *g, int lines)
 {
     char *data = NULL;
     size_t len = 0;
@@ -135,23 +83,14 @@ static inline void gw_print_log_tail(const gw_t *g, int lines)
     free(data);
 }
 
-/* ---- the process ---- */
-
-static inline int gw_connect(uint16_t port, int timeout_ms);
-
-
-static inline const char *gw_binary(char *out, size_t cap)
+const char *gw_binary(char *out, size_t cap)
 {
     const char *bin = getenv("MG_BINARY_DIR");
     snprintf(out, cap, "%s/moongate", bin && *bin ? bin : MG_BINARY_DIR);
     return out;
 }
 
-/*
- * Fills envp (cap entries) with the inherited environment, minus the names extra_env sets, plus
- * extra_env (NULL or a NULL-terminated list of "NAME=value"), NULL-terminated.
- */
-static inline void gw_env_merge(char **envp, size_t cap, const char *const *extra_env)
+void gw_env_merge(char **envp, size_t cap, const char *const *extra_env)
 {
     size_t n = 0;
     for (char **e = environ; *e && n < cap - cap / 8; e++) {
@@ -169,12 +108,7 @@ static inline void gw_env_merge(char **envp, size_t cap, const char *const *extr
     envp[n] = NULL;
 }
 
-/*
- * Starts moongate on g->policy (already written, in g->dir) listening on listen ("127.0.0.1:0"
- * or a fixed "127.0.0.1:PORT"), and returns once it accepts connections; g->port is the port its
- * log names.
- */
-static inline void gw_launch(gw_t *g, const char *listen, const char *const *extra_env)
+void gw_launch(gw_t *g, const char *listen, const char *const *extra_env)
 {
     static char *envp[1024];
     gw_env_merge(envp, sizeof(envp) / sizeof(envp[0]), extra_env);
@@ -223,8 +157,7 @@ static inline void gw_launch(gw_t *g, const char *listen, const char *const *ext
     }
 }
 
-/* Makes g's private dir and names its files. */
-static inline void gw_prepare(gw_t *g)
+void gw_prepare(gw_t *g)
 {
     memset(g, 0, sizeof(*g));
     assert_int_equal(mg_test_mkdtemp(g->dir, sizeof(g->dir), "mg-gw"), 0);
@@ -233,24 +166,16 @@ static inline void gw_prepare(gw_t *g)
     assert_int_equal(mg_test_path_join(g->out, sizeof(g->out), g->dir, "stdout.log"), 0);
 }
 
-/*
- * Starts moongate with the test policy for sshd and upstream_port. extra_env: NULL or a
- * NULL-terminated list of "NAME=value" that override the inherited environment.
- */
-static inline void gw_start(gw_t *g, const mg_test_sshd_t *sshd, uint16_t upstream_port,
-                            const char *const *extra_env)
+void gw_start(gw_t *g, const mg_test_sshd_t *sshd, uint16_t upstream_port,
+              const char *const *extra_env)
 {
     gw_prepare(g);
     gw_write_policy(g->policy, sshd, upstream_port);
     gw_launch(g, "127.0.0.1:0", extra_env);
 }
 
-/*
- * Starts moongate with policy_text as its policy, on 127.0.0.1:port (0: a port it picks and
- * logs). extra_env as for gw_start().
- */
-static inline void gw_start_policy(gw_t *g, const char *policy_text, uint16_t port,
-                                   const char *const *extra_env)
+void gw_start_policy(gw_t *g, const char *policy_text, uint16_t port,
+                     const char *const *extra_env)
 {
     gw_prepare(g);
     assert_int_equal(mg_test_write_file(g->policy, policy_text, strlen(policy_text), 0600), 0);
@@ -259,8 +184,7 @@ static inline void gw_start_policy(gw_t *g, const char *policy_text, uint16_t po
     gw_launch(g, listen, extra_env);
 }
 
-/* Fails the test if the log holds a sanitizer report. */
-static inline void gw_assert_log_clean(const gw_t *g)
+void gw_assert_log_clean(const gw_t *g)
 {
     static const char *const bad[] = {
         "ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
@@ -273,7 +197,7 @@ static inline void gw_assert_log_clean(const gw_t *g)
         }
 }
 
-static inline void gw_assert_alive(gw_t *g)
+void gw_assert_alive(gw_t *g)
 {
     if (mg_test_proc_wait(&g->proc, 0) == 0) {
         g->running = false;
@@ -282,11 +206,7 @@ static inline void gw_assert_alive(gw_t *g)
     }
 }
 
-/*
- * Waits up to timeout_ms for the process to exit after a signal the caller sent; fails unless
- * it exited 0 with a clean log.
- */
-static inline void gw_assert_exits_cleanly(gw_t *g, int timeout_ms)
+void gw_assert_exits_cleanly(gw_t *g, int timeout_ms)
 {
     int rc = mg_test_proc_wait(&g->proc, timeout_ms);
     if (rc != 0) {
@@ -304,8 +224,7 @@ static inline void gw_assert_exits_cleanly(gw_t *g, int timeout_ms)
     gw_assert_log_clean(g);
 }
 
-/* SIGTERM, then the same checks as gw_assert_exits_cleanly(). */
-static inline void gw_stop(gw_t *g)
+void gw_stop(gw_t *g)
 {
     if (!g->running)
         return;
@@ -313,18 +232,14 @@ static inline void gw_stop(gw_t *g)
     gw_assert_exits_cleanly(g, 15000);
 }
 
-/* Without checks, for teardown after a failure. */
-static inline void gw_kill(gw_t *g)
+void gw_kill(gw_t *g)
 {
     if (g->running)
         mg_test_proc_stop(&g->proc, 2000);
     g->running = false;
 }
 
-/* ---- sockets ---- */
-
-/* Waits until fd is ready for ev or deadline (mg_test_now_ms) passes. 0 or MG_ETIMEDOUT. */
-static inline int gw_poll(int fd, short ev, double deadline)
+int gw_poll(int fd, short ev, double deadline)
 {
     for (;;) {
         int left = (int)(deadline - mg_test_now_ms());
@@ -339,8 +254,7 @@ static inline int gw_poll(int fd, short ev, double deadline)
     }
 }
 
-/* A non-blocking socket connected to 127.0.0.1:port, or a negative code. */
-static inline int gw_connect(uint16_t port, int timeout_ms)
+int gw_connect(uint16_t port, int timeout_ms)
 {
     double deadline = mg_test_now_ms() + timeout_ms;
     struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(port),
@@ -361,23 +275,8 @@ static inline int gw_connect(uint16_t port, int timeout_ms)
     return fd;
 }
 
-/* Moments (mg_test_now_ms) at which reads delivered body bytes. */
-typedef struct gw_arrivals {
-    double t[1024];
-    int n;
-} gw_arrivals_t;
-
-/*
- * Full duplex on one connection: sends request (all of it, while reading) and feeds what comes
- * back into r until the response is complete, the peer closes, or timeout_ms passes. arr (may
- * be NULL) records when body bytes arrived. Thread-safe. Returns 0, MG_ECONNECT, MG_ETIMEDOUT,
- * MG_ECLOSED (cut short) or MG_EINVAL (a malformed response).
- */
-static inline int gw_exchange_fd(int fd, const char *request, size_t len,
-                                 mg_test_http_response_t *r, int timeout_ms, gw_arrivals_t *arr);
-
-static inline int gw_exchange(uint16_t port, const char *request, size_t len,
-                              mg_test_http_response_t *r, int timeout_ms, gw_arrivals_t *arr)
+int gw_exchange(uint16_t port, const char *request, size_t len,
+                mg_test_http_response_t *r, int timeout_ms, gw_arrivals_t *arr)
 {
     double t0 = mg_test_now_ms();
     int fd = gw_connect(port, timeout_ms);
@@ -387,12 +286,8 @@ static inline int gw_exchange(uint16_t port, const char *request, size_t len,
     return gw_exchange_fd(fd, request, len, r, left > 0 ? left : 1, arr);
 }
 
-/*
- * gw_exchange() on a socket the caller connected with gw_connect() (for instance to send many
- * requests at one moment); closes fd.
- */
-static inline int gw_exchange_fd(int fd, const char *request, size_t len,
-                                 mg_test_http_response_t *r, int timeout_ms, gw_arrivals_t *arr)
+int gw_exchange_fd(int fd, const char *request, size_t len,
+                   mg_test_http_response_t *r, int timeout_ms, gw_arrivals_t *arr)
 {
     double deadline = mg_test_now_ms() + timeout_ms;
     int err = 0;
@@ -431,17 +326,9 @@ static inline int gw_exchange_fd(int fd, const char *request, size_t len,
     return err;
 }
 
-/* ---- requests to a gateway ---- */
-
-#define GW_AUTH_ALICE "Authorization: Bearer alice-token\r\n"
-
-/*
- * One request to g with a kept body (r is initialized here; the caller frees it). Counts 2xx
- * responses in g->ok_responses. Returns what gw_exchange() returns.
- */
-static inline int gw_request(gw_t *g, const char *method, const char *path, const char *headers,
-                             const void *body, size_t body_len, mg_test_http_response_t *r,
-                             int timeout_ms)
+int gw_request(gw_t *g, const char *method, const char *path, const char *headers,
+               const void *body, size_t body_len, mg_test_http_response_t *r,
+               int timeout_ms)
 {
     char *req = NULL;
     size_t len = 0;
@@ -455,9 +342,8 @@ static inline int gw_request(gw_t *g, const char *method, const char *path, cons
     return rc;
 }
 
-/* Fails, with the response and the log's tail, unless the exchange gave status. */
-static inline void gw_expect_status(const gw_t *g, int rc, const mg_test_http_response_t *r,
-                                    int status, const char *what)
+void gw_expect_status(const gw_t *g, int rc, const mg_test_http_response_t *r,
+                      int status, const char *what)
 {
     if (rc == 0 && r->complete && r->status == status)
         return;
@@ -468,8 +354,7 @@ static inline void gw_expect_status(const gw_t *g, int rc, const mg_test_http_re
     fail_msg("%s: expected %d, got %d (rc %d)", what, status, r->status, rc);
 }
 
-/* GET /healthz; returns the status, or a negative code. */
-static inline int gw_healthz(const gw_t *g, int timeout_ms)
+int gw_healthz(const gw_t *g, int timeout_ms)
 {
     char *req = NULL;
     size_t len = 0;
@@ -483,8 +368,7 @@ static inline int gw_healthz(const gw_t *g, int timeout_ms)
     return status;
 }
 
-/* The value of a sample in g's /metrics ("name" or "name{label=\"value\"}"), or -1. */
-static inline double gw_metric(gw_t *g, const char *sample)
+double gw_metric(gw_t *g, const char *sample)
 {
     mg_test_http_response_t r;
     int rc = gw_request(g, "GET", "/metrics", NULL, NULL, 0, &r, 5000);
@@ -499,20 +383,13 @@ static inline double gw_metric(gw_t *g, const char *sample)
     return v;
 }
 
-/* ---- a minimal JSON checker ---- */
-
-typedef struct gw_json {
-    const char *p, *end;
-    int depth;
-} gw_json_t;
-
-static inline void gw_json_ws(gw_json_t *j)
+void gw_json_ws(gw_json_t *j)
 {
     while (j->p < j->end && *j->p != 0 && strchr(" \t\r\n", *j->p))
         j->p++;
 }
 
-static inline bool gw_json_lit(gw_json_t *j, const char *lit)
+bool gw_json_lit(gw_json_t *j, const char *lit)
 {
     size_t n = strlen(lit);
     if ((size_t)(j->end - j->p) < n || memcmp(j->p, lit, n) != 0)
@@ -521,7 +398,7 @@ static inline bool gw_json_lit(gw_json_t *j, const char *lit)
     return true;
 }
 
-static inline bool gw_json_string(gw_json_t *j)
+bool gw_json_string(gw_json_t *j)
 {
     if (j->p >= j->end || *j->p != '"')
         return false;
@@ -546,9 +423,7 @@ static inline bool gw_json_string(gw_json_t *j)
     return false;
 }
 
-static inline bool gw_json_value(gw_json_t *j);
-
-static inline bool gw_json_number(gw_json_t *j)
+bool gw_json_number(gw_json_t *j)
 {
     const char *s = j->p;
     if (j->p < j->end && *j->p == '-')
@@ -559,7 +434,7 @@ static inline bool gw_json_number(gw_json_t *j)
     return digits > 0 && j->p > s;
 }
 
-static inline bool gw_json_value(gw_json_t *j)
+bool gw_json_value(gw_json_t *j)
 {
     if (++j->depth > 64)
         return false;
@@ -611,8 +486,7 @@ static inline bool gw_json_value(gw_json_t *j)
     return ok;
 }
 
-/* True if text is one JSON value (and nothing else but blanks). */
-static inline bool gw_json_valid(const char *text, size_t len)
+bool gw_json_valid(const char *text, size_t len)
 {
     gw_json_t j = { text, text + len, 0 };
     if (!gw_json_value(&j))
@@ -621,8 +495,7 @@ static inline bool gw_json_valid(const char *text, size_t len)
     return j.p == j.end;
 }
 
-/* The string value of "key":"..." (no escapes) into out; false if absent. */
-static inline bool gw_json_get_string(const char *text, const char *key, char *out, size_t cap)
+bool gw_json_get_string(const char *text, const char *key, char *out, size_t cap)
 {
     char pat[128];
     snprintf(pat, sizeof(pat), "\"%s\":\"", key);
@@ -638,12 +511,8 @@ static inline bool gw_json_get_string(const char *text, const char *key, char *o
     return true;
 }
 
-/*
- * Writes dir/known_hosts naming sshd's host key for host (a route's host, such as the name an
- * agent's machine goes by), and its path into out. Returns 0, or -1.
- */
-static inline int gw_write_known_hosts(const mg_test_sshd_t *sshd, const char *host,
-                                       const char *dir, char *out, size_t cap)
+int gw_write_known_hosts(const mg_test_sshd_t *sshd, const char *host,
+                         const char *dir, char *out, size_t cap)
 {
     char *pub = NULL;
     if (mg_test_read_file(sshd->host_key_pub, &pub, NULL) != 0)
@@ -660,10 +529,7 @@ static inline int gw_write_known_hosts(const mg_test_sshd_t *sshd, const char *h
     return mg_test_write_file(out, line, (size_t)n, 0600);
 }
 
-/* ---- moongate-agent ---- */
-
-/* Occurrences of needle in the file at path (0 if it cannot be read). */
-static inline int gw_file_count(const char *path, const char *needle)
+int gw_file_count(const char *path, const char *needle)
 {
     char *data = NULL;
     if (mg_test_read_file(path, &data, NULL) != 0)
@@ -675,8 +541,7 @@ static inline int gw_file_count(const char *path, const char *needle)
     return n;
 }
 
-/* Prints the last lines of the file at path, titled with it. */
-static inline void gw_print_file_tail(const char *path, int lines)
+void gw_print_file_tail(const char *path, int lines)
 {
     char *data = NULL;
     size_t len = 0;
@@ -691,35 +556,16 @@ static inline void gw_print_file_tail(const char *path, int lines)
     free(data);
 }
 
-/* One moongate-agent process. Fields are read-only for tests. */
-typedef struct gw_agent {
-    mg_test_proc_t proc;
-    char dir[MG_TEST_PATH_MAX];
-    char log[MG_TEST_PATH_MAX];     /* its stderr: the log, and any sanitizer report */
-    char out[MG_TEST_PATH_MAX];     /* its stdout */
-    bool running;
-} gw_agent_t;
-
-/*
- * Starts `moongate-agent --gateway ws://127.0.0.1:GW_PORT/tunnel ARGS...` with MOONGATE_TOKEN
- * set to token. args: a NULL-terminated list, e.g. {"--ssh", "127.0.0.1:2222", NULL} or
- * {"--sshd-inetd", "/usr/sbin/sshd -i -e -f CONFIG", NULL}. Returns at once: the agent connects
- * in the background (gw_agent_wait_log() on "connected: websocket" to wait for it).
- */
-/* Starts moongate-agent against url (ws:// or wss://) with the token in MOONGATE_TOKEN. */
-static inline void gw_agent_start_url(gw_agent_t *a, const char *url, const char *token,
-                                      const char *const *args);
-
-static inline void gw_agent_start(gw_agent_t *a, uint16_t gw_port, const char *token,
-                                  const char *const *args)
+void gw_agent_start(gw_agent_t *a, uint16_t gw_port, const char *token,
+                    const char *const *args)
 {
     char url[64];
     snprintf(url, sizeof(url), "ws://127.0.0.1:%u/tunnel", (unsigned)gw_port);
     gw_agent_start_url(a, url, token, args);
 }
 
-static inline void gw_agent_start_url(gw_agent_t *a, const char *url, const char *token,
-                                      const char *const *args)
+void gw_agent_start_url(gw_agent_t *a, const char *url, const char *token,
+                        const char *const *args)
 {
     memset(a, 0, sizeof(*a));
     assert_int_equal(mg_test_mkdtemp(a->dir, sizeof(a->dir), "mg-agent"), 0);
@@ -742,14 +588,13 @@ static inline void gw_agent_start_url(gw_agent_t *a, const char *url, const char
     a->running = true;
 }
 
-static inline int gw_agent_log_count(const gw_agent_t *a, const char *needle)
+int gw_agent_log_count(const gw_agent_t *a, const char *needle)
 {
     return gw_file_count(a->log, needle);
 }
 
-/* Waits up to timeout_ms until needle occurs at least count times in the agent's log. */
-static inline bool gw_agent_wait_log(const gw_agent_t *a, const char *needle, int count,
-                                     int timeout_ms)
+bool gw_agent_wait_log(const gw_agent_t *a, const char *needle, int count,
+                       int timeout_ms)
 {
     double end = mg_test_now_ms() + timeout_ms;
     while (gw_agent_log_count(a, needle) < count) {
@@ -760,8 +605,7 @@ static inline bool gw_agent_wait_log(const gw_agent_t *a, const char *needle, in
     return true;
 }
 
-/* Fails the test if the agent's log holds a sanitizer report. */
-static inline void gw_agent_assert_log_clean(const gw_agent_t *a)
+void gw_agent_assert_log_clean(const gw_agent_t *a)
 {
     static const char *const bad[] = {
         "ERROR: AddressSanitizer", "LeakSanitizer", "runtime error:",
@@ -774,8 +618,7 @@ static inline void gw_agent_assert_log_clean(const gw_agent_t *a)
         }
 }
 
-/* SIGTERM; fails unless the agent exits 0 within 5 s with a clean log. */
-static inline void gw_agent_stop(gw_agent_t *a)
+void gw_agent_stop(gw_agent_t *a)
 {
     if (!a->running)
         return;
@@ -795,8 +638,7 @@ static inline void gw_agent_stop(gw_agent_t *a)
     gw_agent_assert_log_clean(a);
 }
 
-/* SIGKILL and reap, without checks: an agent that died, or teardown after a failure. */
-static inline void gw_agent_kill(gw_agent_t *a)
+void gw_agent_kill(gw_agent_t *a)
 {
     if (!a->running)
         return;
@@ -804,5 +646,3 @@ static inline void gw_agent_kill(gw_agent_t *a)
     mg_test_proc_wait(&a->proc, 5000);
     a->running = false;
 }
-
-#endif

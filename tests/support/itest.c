@@ -1,38 +1,14 @@
 /*
- * Shared pieces of the integration tests: running the loop until something happens (always
- * with a deadline), an SSH connection whose events are recorded, and an HTTP exchange over one
- * channel that writes with backpressure and parses (and hashes) the response as it streams.
+ * itest: see itest.h.
  */
-#ifndef MG_ITEST_H
-#define MG_ITEST_H
+#include "itest.h"
 
-#include "http_client.h"
-#include "proc.h"
-#include "sshd.h"
-#include "upstream.h"
-
-#include "moongate/error.h"
-#include "moongate/ssh_conn.h"
-
-#include <stdarg.h>
-#include <stddef.h>
-#include <setjmp.h>
-#include <cmocka.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-/* ---- the loop ---- */
-
-typedef bool (*itest_cond_fn)(void *arg);
-
-static inline void itest_wake(uv_timer_t *t)
+void itest_wake(uv_timer_t *t)
 {
     (void)t;
 }
 
-/* Runs the loop until cond(arg) holds or timeout_ms pass. Returns whether cond held. */
-static inline bool itest_run_until(uv_loop_t *loop, itest_cond_fn cond, void *arg, int timeout_ms)
+bool itest_run_until(uv_loop_t *loop, itest_cond_fn cond, void *arg, int timeout_ms)
 {
     uv_timer_t t;
     uv_timer_init(loop, &t);
@@ -47,28 +23,25 @@ static inline bool itest_run_until(uv_loop_t *loop, itest_cond_fn cond, void *ar
     return ok;
 }
 
-static inline bool itest_flag(void *arg)
+bool itest_flag(void *arg)
 {
     return *(bool *)arg;
 }
 
-/* Runs the loop for ms, whatever happens. */
-static inline void itest_run_for(uv_loop_t *loop, int ms)
+void itest_run_for(uv_loop_t *loop, int ms)
 {
     bool never = false;
     itest_run_until(loop, itest_flag, &never, ms);
 }
 
-/* Closes every handle left and runs the loop dry; fails the test if anything stays open. */
-static inline void itest_loop_close(uv_loop_t *loop)
+void itest_loop_close(uv_loop_t *loop)
 {
     for (int i = 0; i < 100 && uv_run(loop, UV_RUN_NOWAIT) != 0; i++)
         mg_test_sleep_ms(10);
     assert_int_equal(uv_loop_close(loop), 0);
 }
 
-/* Waits (1 s at most) until the file at path contains needle, e.g. a line in sshd's log. */
-static inline bool itest_file_contains(const char *path, const char *needle)
+bool itest_file_contains(const char *path, const char *needle)
 {
     for (int i = 0; i < 50; i++) {
         char *text = NULL;
@@ -84,19 +57,7 @@ static inline bool itest_file_contains(const char *path, const char *needle)
     return false;
 }
 
-/* ---- one SSH connection ---- */
-
-typedef struct itest_conn {
-    mg_ssh_conn_t *c;
-    bool ready;
-    bool closed;
-    bool healthy;
-    int health_changes;
-    int status;
-    char error[512];
-} itest_conn_t;
-
-static inline void itest_conn_event(mg_ssh_conn_t *c, mg_ssh_event_t ev, void *data)
+void itest_conn_event(mg_ssh_conn_t *c, mg_ssh_event_t ev, void *data)
 {
     itest_conn_t *ic = data;
     switch (ev) {
@@ -117,19 +78,18 @@ static inline void itest_conn_event(mg_ssh_conn_t *c, mg_ssh_event_t ev, void *d
     }
 }
 
-static inline bool itest_conn_settled(void *arg)
+bool itest_conn_settled(void *arg)
 {
     itest_conn_t *ic = arg;
     return ic->ready || ic->closed;
 }
 
-static inline bool itest_conn_closed(void *arg)
+bool itest_conn_closed(void *arg)
 {
     return ((itest_conn_t *)arg)->closed;
 }
 
-/* Route options for the test sshd with quick, test-sized timers. */
-static inline void itest_opts(mg_ssh_conn_opts_t *o, const mg_test_sshd_t *sshd)
+void itest_opts(mg_ssh_conn_opts_t *o, const mg_test_sshd_t *sshd)
 {
     mg_settings_t s;
     mg_settings_init(&s);
@@ -145,44 +105,21 @@ static inline void itest_opts(mg_ssh_conn_opts_t *o, const mg_test_sshd_t *sshd)
     o->known_hosts = sshd->known_hosts;
 }
 
-/* Starts a connection and runs the loop until it is ready or has failed. */
-static inline void itest_connect(uv_loop_t *loop, const mg_ssh_conn_opts_t *o, itest_conn_t *ic)
+void itest_connect(uv_loop_t *loop, const mg_ssh_conn_opts_t *o, itest_conn_t *ic)
 {
     memset(ic, 0, sizeof(*ic));
     assert_int_equal(mg_ssh_conn_start(loop, o, NULL, itest_conn_event, ic, &ic->c), 0);
     assert_true(itest_run_until(loop, itest_conn_settled, ic, 10000));
 }
 
-static inline void itest_disconnect(uv_loop_t *loop, itest_conn_t *ic)
+void itest_disconnect(uv_loop_t *loop, itest_conn_t *ic)
 {
     if (ic->c)
         mg_ssh_conn_close(ic->c, "test done", 0);
     assert_true(itest_run_until(loop, itest_conn_closed, ic, 5000));
 }
 
-/* ---- one HTTP exchange over a channel ---- */
-
-typedef struct itest_fetch {
-    mg_ssh_chan_t *ch;
-    /* the request: head, then body_len bytes of the deterministic stream */
-    char *head;
-    size_t head_len, head_off;
-    uint64_t body_len, body_off;
-    mg_test_stream_t body_gen;
-    mg_test_sha256_t body_sha;
-    char body_sha_hex[65];
-    bool stop_reading;         /* leave reading off once the head has arrived (flow tests) */
-    mg_test_http_response_t resp;
-    bool opened, eof, closed;
-    int open_status, close_status;
-    int write_eagains;
-    double chunk_times[512];   /* arrival time of each on_data, for timing checks */
-    int n_chunk_times;
-} itest_fetch_t;
-
-static inline void itest_fetch_pump(itest_fetch_t *f);
-
-static inline void itest_on_open(mg_ssh_chan_t *ch, int status)
+void itest_on_open(mg_ssh_chan_t *ch, int status)
 {
     itest_fetch_t *f = mg_ssh_chan_data(ch);
     f->opened = true;
@@ -191,7 +128,7 @@ static inline void itest_on_open(mg_ssh_chan_t *ch, int status)
         itest_fetch_pump(f);
 }
 
-static inline void itest_on_data(mg_ssh_chan_t *ch, const char *buf, size_t len)
+void itest_on_data(mg_ssh_chan_t *ch, const char *buf, size_t len)
 {
     itest_fetch_t *f = mg_ssh_chan_data(ch);
     if (f->n_chunk_times < (int)(sizeof(f->chunk_times) / sizeof(f->chunk_times[0])))
@@ -203,7 +140,7 @@ static inline void itest_on_data(mg_ssh_chan_t *ch, const char *buf, size_t len)
         mg_ssh_chan_read_stop(ch);
 }
 
-static inline void itest_on_eof(mg_ssh_chan_t *ch)
+void itest_on_eof(mg_ssh_chan_t *ch)
 {
     itest_fetch_t *f = mg_ssh_chan_data(ch);
     f->eof = true;
@@ -211,12 +148,12 @@ static inline void itest_on_eof(mg_ssh_chan_t *ch)
     mg_ssh_chan_close(ch);
 }
 
-static inline void itest_on_writable(mg_ssh_chan_t *ch)
+void itest_on_writable(mg_ssh_chan_t *ch)
 {
     itest_fetch_pump(mg_ssh_chan_data(ch));
 }
 
-static inline void itest_on_close(mg_ssh_chan_t *ch, int status)
+void itest_on_close(mg_ssh_chan_t *ch, int status)
 {
     itest_fetch_t *f = mg_ssh_chan_data(ch);
     f->closed = true;
@@ -232,8 +169,7 @@ static const mg_ssh_chan_cbs_t itest_chan_cbs = {
     .on_close = itest_on_close,
 };
 
-/* Writes as much of the request as the channel takes; on_writable resumes it. */
-static inline void itest_fetch_pump(itest_fetch_t *f)
+void itest_fetch_pump(itest_fetch_t *f)
 {
     static char chunk[64 * 1024];
     while (f->ch && f->head_off < f->head_len) {
@@ -265,14 +201,9 @@ static inline void itest_fetch_pump(itest_fetch_t *f)
     }
 }
 
-/*
- * Starts method path on a new channel of c to 127.0.0.1:target_port; with body_len > 0 the body
- * is that many bytes of the deterministic stream. The response is hashed, not kept, unless
- * keep_body.
- */
-static inline int itest_fetch_start(itest_fetch_t *f, mg_ssh_conn_t *c, uint16_t target_port,
-                             const char *method, const char *path, uint64_t body_len,
-                             bool keep_body)
+int itest_fetch_start(itest_fetch_t *f, mg_ssh_conn_t *c, uint16_t target_port,
+               const char *method, const char *path, uint64_t body_len,
+               bool keep_body)
 {
     memset(f, 0, sizeof(*f));
     char extra[64];
@@ -289,17 +220,15 @@ static inline int itest_fetch_start(itest_fetch_t *f, mg_ssh_conn_t *c, uint16_t
     return mg_ssh_chan_open(c, "127.0.0.1", target_port, &itest_chan_cbs, f, &f->ch);
 }
 
-static inline bool itest_fetch_closed(void *arg)
+bool itest_fetch_closed(void *arg)
 {
     return ((itest_fetch_t *)arg)->closed;
 }
 
-static inline void itest_fetch_free(itest_fetch_t *f)
+void itest_fetch_free(itest_fetch_t *f)
 {
     mg_test_sha256_final_hex(&f->body_sha, f->body_sha_hex);
     mg_test_http_response_free(&f->resp);
     free(f->head);
     f->head = NULL;
 }
-
-#endif

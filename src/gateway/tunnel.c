@@ -201,7 +201,7 @@ static ssize_t send_cb(wslay_event_context_ptr ctx, const uint8_t *data, size_t 
 /* SSH bytes from the agent: to the session, or kept until it starts. */
 static void deliver(tun_t *tun, const char *data, size_t len)
 {
-    if (len == 0 || tun->transport_closed)
+    if (len == 0 || tun->transport_closed || tun->told_eof)
         return;
     if (!tun->attached || mg__buf_size(&tun->in) > 0) {
         if (mg__buf_size(&tun->in) + len > SPARE_INBUF_MAX ||
@@ -810,6 +810,19 @@ static tun_t *tun_new(mg_tunnel_t *t, mg_client_t *c)
     return tun;
 }
 
+/* The user's sessions that count against the limit: not those closing (a replaced one waits
+   up to CLOSE_WAIT_MS for its agent's close frame, and must not take a newer one's place). */
+static int live_tuns(tun_user_t *u)
+{
+    int n = 0;
+    mg_list_t *node;
+    mg_list_foreach(node, &u->tuns) {
+        if (!mg_list_entry(node, tun_t, node)->closing)
+            n++;
+    }
+    return n;
+}
+
 /* The upgraded WebSocket joins its user, or is closed with 1008 over the limit. */
 static void join(mg_tunnel_t *t, tun_t *tun, const char *user)
 {
@@ -820,7 +833,7 @@ static void join(mg_tunnel_t *t, tun_t *tun, const char *user)
     }
     int limit = user_limit(t, user);
     tun_t *replaced = NULL;
-    if (u->ntuns >= limit) {
+    if (live_tuns(u) >= limit) {
         tun_t *old = NULL;
         mg_list_t *n;
         mg_list_foreach(n, &u->tuns) {
@@ -851,9 +864,8 @@ static void join(mg_tunnel_t *t, tun_t *tun, const char *user)
     u->ntuns++;
     t->count++;
     mg_gauge_set(t->env->agent_connections, t->count);
-    /* (A replaced session counts until its WebSocket is gone, but not here.) */
     mg_log_info(LOG, "user=%s agent=%s connected (%d of %d)", u->id, tun->agent_id,
-                u->ntuns - (replaced != NULL), limit);
+                live_tuns(u), limit);
     event(t, "agent_joined", u->id, tun->agent_id);
 
     /* The oldest waiting open takes it. */

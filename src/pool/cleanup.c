@@ -25,6 +25,8 @@ struct mg_cleanup {
     uint64_t last_run_ms;
 };
 
+#define TRIM_SLOW_MS 10
+
 static uint64_t wall_ms(void)
 {
     uv_timeval64_t tv;
@@ -99,8 +101,14 @@ int mg_cleanup_trigger(mg_cleanup_t *c)
 #ifdef __GLIBC__
     /* glibc keeps the pages of freed memory in its heaps, so a burst (many clients at once,
        streams held back at their buffers' high-water marks) would stay in the RSS for good.
-       Handing the free pages back costs a walk of the free lists, once per sweep. */
+       Handing the free pages back costs a walk of the free lists, once per sweep: well under a
+       millisecond on a heap of tens of MB, more after a burst of GBs, which is said. */
+    uint64_t t0 = uv_hrtime();
     malloc_trim(0);
+    uint64_t took_ms = (uv_hrtime() - t0) / 1000000;
+    if (took_ms >= TRIM_SLOW_MS)
+        mg_log_warn("cleanup", "returning freed memory to the system took %" PRIu64 " ms",
+                    took_ms);
 #endif
     return n;
 }

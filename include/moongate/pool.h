@@ -118,6 +118,15 @@ int mg_pool_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_pool_ba
                 void *backend_ctx, mg_pool_t **out);
 
 /*
+ * The pool's clock, in ms: deadlines, backoff and idle times are read from it. By default the
+ * loop's (uv_now); a test sets its own, moves it, and calls mg_pool_clock_moved() so that the
+ * deadlines passed meanwhile fire on the loop's next turn, without waiting for real time.
+ */
+typedef uint64_t (*mg_pool_clock_fn)(void *ctx);
+void mg_pool_set_clock(mg_pool_t *pool, mg_pool_clock_fn fn, void *ctx);
+void mg_pool_clock_moved(mg_pool_t *pool);
+
+/*
  * Frees the pool. It must hold no connections and no waiters (close them first and let the
  * backend report them closed). Handles close asynchronously: run the loop afterwards.
  */

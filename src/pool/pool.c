@@ -95,6 +95,9 @@ struct mg_pool {
     size_t nusers;
     mg_list_t users;
     uint64_t next_id;
+    mg_pool_clock_fn clock; /* NULL: the loop's */
+    void *clock_ctx;
+    bool clock_moved;       /* inside mg_pool_clock_moved(): every timer is armed again */
     int nconns, nready, leases, idle_leases, waiters;
     bool draining;
     void (*on_idle)(mg_pool_t *pool, void *arg);
@@ -120,7 +123,7 @@ static void user_update(mg_pool_user_t *u);
 
 static uint64_t pool_now(const mg_pool_t *pool)
 {
-    return uv_now(pool->loop);
+    return pool->clock != NULL ? pool->clock(pool->clock_ctx) : uv_now(pool->loop);
 }
 
 static int req_fail(mg_pool_acquire_t *req, int status, const char *fmt, ...)
@@ -557,7 +560,7 @@ static void user_timer_cb(uv_timer_t *t);
 
 static void user_arm(mg_pool_user_t *u, uint64_t due, uint64_t now)
 {
-    if (uv_is_active((uv_handle_t *)&u->timer) && u->timer_due == due)
+    if (uv_is_active((uv_handle_t *)&u->timer) && u->timer_due == due && !u->pool->clock_moved)
         return;
     u->timer_due = due;
     uv_timer_start(&u->timer, user_timer_cb, due > now ? due - now : 0, 0);
@@ -672,6 +675,26 @@ void mg_pool_free(mg_pool_t *pool)
     }
     free(pool->buckets);
     free(pool);
+}
+
+void mg_pool_set_clock(mg_pool_t *pool, mg_pool_clock_fn fn, void *ctx)
+{
+    pool->clock = fn;
+    pool->clock_ctx = ctx;
+}
+
+void mg_pool_clock_moved(mg_pool_t *pool)
+{
+    /* Each deadline is armed again from the new time (at once when it has passed). */
+    pool->clock_moved = true;
+    mg_list_t *n, *next;
+    for (n = pool->users.next; n != &pool->users; n = next) {
+        mg_pool_user_t *u = USER_OF(n);
+        user_hold(u);
+        next = n->next;
+        user_unhold(u);
+    }
+    pool->clock_moved = false;
 }
 
 void mg_pool_set_limits_fn(mg_pool_t *pool, mg_pool_limits_fn fn, void *ctx)

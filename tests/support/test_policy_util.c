@@ -224,5 +224,6 @@ void make_jwt(const char *header, const char *payload, const char *secret, char 
     HMAC(EVP_sha256(), secret, (int)strlen(secret), (unsigned char *)signing, strlen(signing),
          mac, &maclen);
     b64url(mac, maclen, sig);
-    snprintf(out, 4096, "%s.%s", signing, sig); /* out holds 4096 bytes */
+    int n = snprintf(out, 4096, "%s.%s", signing, sig); /* out holds 4096 bytes */
+    assert_true(n > 0 && n < 4096);
 }

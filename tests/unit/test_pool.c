@@ -26,6 +26,7 @@ typedef struct fixture {
     mg_settings_t settings;
     fake_backend_t fb;
     mg_pool_t *pool;
+    uint64_t now; /* the pool's clock, ms: moved by advance(), never by waiting */
 } fixture_t;
 
 /* One acquire and what its callback saw. */
@@ -86,12 +87,28 @@ static fixture_t *fixture_new(void)
     assert_int_equal(uv_loop_init(&f->loop), 0);
     mg_settings_init(&f->settings);
     f->settings.queue_timeout_ms = 200;
+    f->now = 1000000;
     return f;
+}
+
+static uint64_t fixture_clock(void *ctx)
+{
+    return ((fixture_t *)ctx)->now;
 }
 
 static void fixture_pool(fixture_t *f)
 {
     assert_int_equal(mg_pool_new(&f->loop, &f->settings, &fake_backend_ops, &f->fb, &f->pool), 0);
+    mg_pool_set_clock(f->pool, fixture_clock, f);
+}
+
+/* Moves the pool's clock by ms and lets what fell due run: deadlines, backoff, timeouts. */
+static void advance(fixture_t *f, uint64_t ms)
+{
+    f->now += ms;
+    mg_pool_clock_moved(f->pool);
+    for (int i = 0; i < 3; i++)
+        tick(&f->loop);
 }
 
 static int setup(void **state)
@@ -364,9 +381,9 @@ static void test_deadline_at_limit_message(void **state)
     fake_ready_all(&f->fb);
     tick(&f->loop);
     assert_int_equal(acq(f, &w[2], USER), MG_EAGAIN);
-    run_ms(&f->loop, 30);
+    advance(f, 30);
     assert_int_equal(w[2].calls, 0);
-    run_ms(&f->loop, 150);
+    advance(f, 150);
     assert_int_equal(w[2].calls, 1);
     assert_int_equal(w[2].status, MG_ETIMEDOUT);
     assert_string_equal(w[2].error,
@@ -386,7 +403,7 @@ static void test_deadline_below_limit_message(void **state)
     set_limits(f, 3, 10, 10);
 
     assert_int_equal(acq(f, &w, USER), MG_EAGAIN);
-    run_ms(&f->loop, 70); /* the connect is slow */
+    advance(f, 70); /* the connect is slow */
     assert_int_equal(w.calls, 1);
     assert_int_equal(w.status, MG_ETIMEDOUT);
     assert_string_equal(w.error, "Timed out after 40 ms waiting for a connection");
@@ -479,7 +496,7 @@ static void test_burst_after_backoff_opens_what_it_needs(void **state)
     for (int i = 11; i < 35; i++)
         assert_int_equal(acq(f, &w[i], USER), MG_EAGAIN);
     assert_int_equal(f->fb.opens, 2);
-    run_ms(&f->loop, 550);
+    advance(f, 550);
     assert_int_equal(f->fb.opens, 5); /* ceil(25 / 10), not one per request */
     fake_ready_all(&f->fb);
     tick(&f->loop);
@@ -542,7 +559,7 @@ static void test_cancel_inside_callback(void **state)
     a.cancel_other = &b; /* a's callback withdraws b, which is still queued then */
     fake_ready(&f->fb, 0);
     tick(&f->loop);
-    run_ms(&f->loop, 5);
+    advance(f, 5);
     assert_int_equal(a.calls, 1);
     assert_int_equal(a.status, 0);
     assert_int_equal(b.calls, 0);
@@ -621,7 +638,7 @@ static void test_failed_connect_fails_waiters_and_backs_off(void **state)
     assert_int_equal(f->fb.opens, 1);
 
     /* After 500 ms a new open is tried. */
-    run_ms(&f->loop, 520);
+    advance(f, 520);
     assert_int_equal(acq(f, &x, USER), MG_EAGAIN);
     assert_int_equal(f->fb.opens, 2);
 
@@ -630,11 +647,11 @@ static void test_failed_connect_fails_waiters_and_backs_off(void **state)
     tick(&f->loop);
     assert_int_equal(x.status, MG_ECONNECT);
     assert_string_equal(x.error, "connection refused");
-    run_ms(&f->loop, 600);
+    advance(f, 600);
     assert_int_equal(acq(f, &x, USER), MG_EBACKOFF);
     assert_string_equal(x.req.error, "connection refused");
     assert_int_equal(f->fb.opens, 2);
-    run_ms(&f->loop, 450);
+    advance(f, 450);
     assert_int_equal(acq(f, &x, USER), MG_EAGAIN);
     assert_int_equal(f->fb.opens, 3);
 
@@ -649,7 +666,7 @@ static void test_failed_connect_fails_waiters_and_backs_off(void **state)
     assert_int_equal(f->fb.opens, 4);
     fake_fail(&f->fb, 3, MG_ECONNECT, "refused again");
     tick(&f->loop);
-    run_ms(&f->loop, 520);
+    advance(f, 520);
     assert_int_equal(acq(f, &x, USER), MG_EAGAIN);
     assert_int_equal(f->fb.opens, 5);
     fake_ready(&f->fb, 4);
@@ -672,11 +689,11 @@ static void test_failed_connect_keeps_waiters_while_another_opens(void **state)
     for (int i = 0; i < 11; i++)
         assert_int_equal(w[i].calls, 0); /* the other connection may serve them */
     /* One more connection is wanted, but not during the backoff. */
-    run_ms(&f->loop, 300);
+    advance(f, 300);
     assert_int_equal(f->fb.opens, 2);
 
     /* When the backoff ends, the pool opens again for the requests still waiting. */
-    run_ms(&f->loop, 250);
+    advance(f, 250);
     assert_int_equal(f->fb.opens, 3);
     fake_ready_all(&f->fb);
     tick(&f->loop);
@@ -771,7 +788,7 @@ static void test_unhealthy_waiter_waits_until_healthy(void **state)
     release(f, &a);
     mg_pool_conn_set_healthy(c, false);
     assert_int_equal(acq(f, &b, USER), MG_EAGAIN);
-    run_ms(&f->loop, 20);
+    advance(f, 20);
     assert_int_equal(b.calls, 0);
     assert_int_equal(f->fb.opens, 1); /* at the limit */
     mg_pool_conn_set_healthy(c, true);
@@ -981,7 +998,7 @@ static void test_cleanup_stale(void **state)
     assert_string_equal(f->fb.conns[i_sick].close_reason, "unhealthy");
     assert_false(f->fb.conns[i_idle].close_called);
 
-    run_ms(&f->loop, 50);
+    advance(f, 50);
     assert_int_equal(mg_pool_cleanup_stale(f->pool, 30), 1);
     assert_true(f->fb.conns[i_idle].close_called);
     assert_false(f->fb.conns[i_idle].close_force);
@@ -1016,7 +1033,7 @@ static void test_cleanup_uses_user_idle_timeout(void **state)
     tick(&f->loop);
     release(f, &a);
     release(f, &b);
-    run_ms(&f->loop, 30);
+    advance(f, 30);
     /* 10 s overall, but brief's own limit is 10 ms. */
     assert_int_equal(mg_pool_cleanup_stale(f->pool, 10000), 1);
     assert_true(f->fb.conns[0].close_called);
@@ -1246,7 +1263,7 @@ static void test_stats(void **state)
         assert_int_equal(w[i].status, 0);
         release(f, &w[i]);
     }
-    assert_true(mg_pool_conn_last_used(f->fb.conns[0].pc) >= uv_now(&f->loop) - 1);
+    assert_int_equal(mg_pool_conn_last_used(f->fb.conns[0].pc), f->now);
 }
 
 static void test_user_entries_freed(void **state)
@@ -1275,7 +1292,7 @@ static void test_user_entries_freed(void **state)
 
     /* A timed-out waiter's entry goes with its connection. */
     assert_int_equal(acq(f, &a, "late"), MG_EAGAIN);
-    run_ms(&f->loop, 250);
+    advance(f, 250);
     assert_int_equal(a.status, MG_ETIMEDOUT);
     assert_int_equal(mg_pool_user_stats(f->pool, "late", &us), 0);
     assert_int_equal(mg_pool_close_user(f->pool, "late", true, "x"), 1);

@@ -80,8 +80,8 @@ struct tun_user {
     char id[MG_USER_ID_MAX + 1];
     mg_list_t tuns;             /* newest first */
     int ntuns;
-    pending_t *pending;
-    tun_user_t *next;
+    mg_list_t pending;          /* pending_t, the newest first */
+    mg_list_t node;             /* on t->users */
 };
 
 struct pending {
@@ -92,12 +92,12 @@ struct pending {
     char *strings[7];
     mg_ssh_conn_cb cb;
     uv_timer_t timer;
-    pending_t *next;
+    mg_list_t node;             /* on u->pending */
 };
 
 struct mg_tunnel {
     mg_tunnel_env_t *env;
-    tun_user_t *users;
+    mg_list_t users;
     int count;
     bool draining;
 };
@@ -109,9 +109,12 @@ static void tun_close_ws(tun_t *tun, int code, const char *reason);
 
 static tun_user_t *user_get(mg_tunnel_t *t, const char *id, bool create)
 {
-    for (tun_user_t *u = t->users; u; u = u->next)
+    mg_list_t *n;
+    mg_list_foreach(n, &t->users) {
+        tun_user_t *u = mg_list_entry(n, tun_user_t, node);
         if (strcmp(u->id, id) == 0)
             return u;
+    }
     if (!create)
         return NULL;
     tun_user_t *u = calloc(1, sizeof(*u));
@@ -119,21 +122,17 @@ static tun_user_t *user_get(mg_tunnel_t *t, const char *id, bool create)
         return NULL;
     snprintf(u->id, sizeof(u->id), "%s", id);
     mg_list_init(&u->tuns);
-    u->next = t->users;
-    t->users = u;
+    mg_list_init(&u->pending);
+    mg_list_insert_head(&t->users, &u->node);
     return u;
 }
 
 static void user_maybe_free(mg_tunnel_t *t, tun_user_t *u)
 {
-    if (!mg_list_empty(&u->tuns) || u->pending)
+    if (!mg_list_empty(&u->tuns) || !mg_list_empty(&u->pending))
         return;
-    for (tun_user_t **pp = &t->users; *pp; pp = &(*pp)->next)
-        if (*pp == u) {
-            *pp = u->next;
-            free(u);
-            return;
-        }
+    mg_list_remove(&u->node);
+    free(u);
 }
 
 static int user_limit(mg_tunnel_t *t, const char *user)
@@ -585,11 +584,7 @@ static void on_pending_closed(uv_handle_t *h)
 
 static void pending_remove(pending_t *p)
 {
-    for (pending_t **pp = &p->u->pending; *pp; pp = &(*pp)->next)
-        if (*pp == p) {
-            *pp = p->next;
-            break;
-        }
+    mg_list_remove(&p->node);
     tun_user_t *u = p->u;
     uv_close((uv_handle_t *)&p->timer, on_pending_closed);
     user_maybe_free(p->t, u);
@@ -676,8 +671,7 @@ int mg_tunnel_agent_open(void *arg, mg_pool_conn_t *pc, const mg_ssh_conn_opts_t
     uv_timer_init(t->env->loop, &p->timer);
     p->timer.data = p;
     uv_timer_start(&p->timer, on_pending_timeout, o->connect_timeout_ms, 0);
-    p->next = u->pending;
-    u->pending = p;
+    mg_list_insert_head(&u->pending, &p->node);
     /* The newest of the user's agents is asked. */
     if (!mg_list_empty(&u->tuns))
         ask_open(mg_list_entry(mg_list_first(&u->tuns), tun_t, node));
@@ -688,13 +682,18 @@ int mg_tunnel_agent_open(void *arg, mg_pool_conn_t *pc, const mg_ssh_conn_opts_t
 void mg_tunnel_agent_cancel(void *arg, mg_pool_conn_t *pc)
 {
     mg_tunnel_t *t = arg;
-    for (tun_user_t *u = t->users; u; u = u->next)
-        for (pending_t *p = u->pending; p; p = p->next)
+    mg_list_t *un, *pn;
+    mg_list_foreach(un, &t->users) {
+        tun_user_t *u = mg_list_entry(un, tun_user_t, node);
+        mg_list_foreach(pn, &u->pending) {
+            pending_t *p = mg_list_entry(pn, pending_t, node);
             if (p->pc == pc) {
-                pending_remove(p);
+                pending_remove(p); /* may free u: return at once */
                 mg_pool_conn_failed(pc, MG_ECANCELED, "closed before the agent connected");
                 return;
             }
+        }
+    }
 }
 
 /* ---- the upgrade ---- */
@@ -869,11 +868,8 @@ static void join(mg_tunnel_t *t, tun_t *tun, const char *user)
     event(t, "agent_joined", u->id, tun->agent_id);
 
     /* The oldest waiting open takes it. */
-    pending_t **last = &u->pending;
-    if (*last != NULL) {
-        while ((*last)->next)
-            last = &(*last)->next;
-        pending_t *p = *last;
+    if (!mg_list_empty(&u->pending)) {
+        pending_t *p = mg_list_entry(u->pending.prev, pending_t, node);
         mg_ssh_conn_opts_t o = p->o;
         attach(t, tun, &o, p->cb, p->pc); /* copies the strings before the pending goes */
         pending_remove(p);
@@ -957,6 +953,7 @@ int mg_tunnel_new(mg_tunnel_env_t *env, mg_tunnel_t **out)
     mg_tunnel_t *t = calloc(1, sizeof(*t));
     if (t == NULL)
         return MG_ENOMEM;
+    mg_list_init(&t->users);
     t->env = env;
     *out = t;
     return 0;
@@ -965,7 +962,9 @@ int mg_tunnel_new(mg_tunnel_env_t *env, mg_tunnel_t **out)
 void mg_tunnel_drain(mg_tunnel_t *t)
 {
     t->draining = true;
-    for (tun_user_t *u = t->users; u; u = u->next) {
+    mg_list_t *un;
+    mg_list_foreach(un, &t->users) {
+        tun_user_t *u = mg_list_entry(un, tun_user_t, node);
         mg_list_t *n, *tmp;
         mg_list_foreach_safe(n, tmp, &u->tuns) {
             tun_t *tun = mg_list_entry(n, tun_t, node);
@@ -983,11 +982,12 @@ int mg_tunnel_count(const mg_tunnel_t *t)
 void mg_tunnel_free(mg_tunnel_t *t)
 {
     /* The server has closed every WebSocket by now; what remains are pending opens. */
-    for (tun_user_t *u = t->users, *next; u; u = next) {
-        next = u->next;
-        while (u->pending) {
-            pending_t *p = u->pending;
-            u->pending = p->next;
+    mg_list_t *un, *next;
+    mg_list_foreach_safe(un, next, &t->users) {
+        tun_user_t *u = mg_list_entry(un, tun_user_t, node);
+        while (!mg_list_empty(&u->pending)) {
+            pending_t *p = mg_list_entry(mg_list_first(&u->pending), pending_t, node);
+            mg_list_remove(&p->node);
             uv_close((uv_handle_t *)&p->timer, on_pending_closed);
         }
         free(u);

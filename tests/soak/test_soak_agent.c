@@ -537,12 +537,11 @@ static void cut_off_silently(world_t *w, int max_connections)
 {
     gw_t *g = &w->gw;
     bool at_limit = max_connections == 1;
-    /* Under the limit nothing replaces the stopped session: its SSH keepalive (every 2 s, one
-       miss allowed) finds it silent and the pool opens the next connection over the bridge. */
-    static const char *const keepalive[] = { "SSH_KEEPALIVE_INTERVAL=2000",
-                                             "SSH_KEEPALIVE_MAX_MISSES=1", NULL };
-    const int takeover_bound_ms = (SOAK_SANITIZED ? 8000 : 5000) + (at_limit ? 0 : 6000);
-    start_gateway(w, max_connections, at_limit ? NULL : keepalive);
+    /* Under the limit the bridge is one more WebSocket of the same agent (an agent opens several
+       with one id), so nothing replaces the stopped session: the pool uses it until the ping
+       timeout hangs it up (45 s of silence), then opens the next connection over the bridge. */
+    const int takeover_bound_ms = (SOAK_SANITIZED ? 8000 : 5000) + (at_limit ? 0 : 55000);
+    start_gateway(w, max_connections, NULL);
     start_agent(w);
     static const soak_req_t reqs[] = {
         { .path = "/hello", .headers = ALICE, .body_equals = "hello\n" },

@@ -180,10 +180,19 @@ typedef void (*mg_policy_pool_stats_fn)(void *ctx, mg_pool_stats_t *out);
 /* Wall-clock time in milliseconds since the epoch; replaceable for tests. */
 typedef uint64_t (*mg_policy_clock_fn)(void *ctx);
 
+/*
+ * Where the Lua library (lua/: the default policy and the moongate.* modules) is when neither
+ * the options nor $MOONGATE_LUA_DIR name it: beside the running program
+ * (<prefix>/bin/../share/moongate/lua, as `cmake --install` lays it out), else the compiled-in
+ * install path, else the source tree of a program run where it was built. Writes into buf when
+ * it needs to; returns the directory.
+ */
+const char *mg_policy_default_lua_dir(char *buf, size_t cap);
+
 typedef struct mg_policy_options {
     const char *path;          /* the policy file; NULL runs lua/moongate/default.lua */
-    const char *lua_dir;       /* where lua/ lives; NULL: the build's MG_LUA_DIR or
-                                  $MOONGATE_LUA_DIR */
+    const char *lua_dir;       /* where lua/ lives; NULL: $MOONGATE_LUA_DIR, else
+                                  mg_policy_default_lua_dir() */
     size_t memory_limit;       /* bytes per state; 64 MiB */
     uint32_t hook_timeout_ms;  /* per hook call and timer callback; 50 */
     uint32_t load_timeout_ms;  /* running the file's main chunk; 1000 */
@@ -231,6 +240,9 @@ int mg_policy_new(uv_loop_t *loop, const mg_policy_options_t *o, mg_policy_t **o
  * Timer handles close asynchronously: run the loop afterwards.
  */
 void mg_policy_free(mg_policy_t *p);
+
+/* The Lua library this policy loads the default policy and moongate.* modules from. */
+const char *mg_policy_lua_dir(const mg_policy_t *p);
 
 void mg_policy_set_stats_fn(mg_policy_t *p, mg_policy_user_stats_fn user_fn,
                             mg_policy_pool_stats_fn pool_fn, void *ctx);

@@ -84,8 +84,9 @@ function M.route(req, user)
 end
 
 -- The default route with fields added or replaced: for a policy that keeps the MOONGATE_SSH_*
--- connection and says what its LLM server needs (examples/policies/ollama.lua).
-function M.route_with(fields)
+-- connection and says what its LLM server needs (examples/policies/ollama.lua). A helper, not a
+-- hook: it is reached through the module's metatable, so the table of hooks holds hooks alone.
+local function route_with(fields)
   local r = {}
   for k, v in pairs(route) do
     r[k] = v
@@ -112,4 +113,4 @@ function M.shutdown(info)
   return nil
 end
 
-return M
+return setmetatable(M, { __index = { route_with = route_with } })

@@ -117,7 +117,8 @@ static int check_policy(const char *path, const mg_settings_t *settings)
     char err[1024];
     int rc = mg_policy_new(&loop, &po, &p, err, sizeof(err));
     if (rc == 0) {
-        printf("moongate: policy %s is valid\n", path ? path : "(built-in)");
+        printf("moongate: policy %s is valid (Lua library: %s)\n",
+               path ? path : "(built-in)", mg_policy_lua_dir(p));
         mg_policy_free(p);
     } else {
         fprintf(stderr, "moongate: %s\n", err);

@@ -18,6 +18,7 @@
 #include "moongate/log.h"
 
 #include <lauxlib.h>
+#include <limits.h>
 #include <luajit.h>
 #include <lualib.h>
 #include <stdarg.h>
@@ -25,9 +26,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
+/* The installed Lua library (CMake: <prefix>/share/moongate/lua) and, for a program run where
+   it was built, the source tree's. */
 #ifndef MG_LUA_DIR
-#define MG_LUA_DIR "lua"
+#define MG_LUA_DIR "/usr/local/share/moongate/lua"
+#endif
+#ifndef MG_LUA_SOURCE_DIR
+#define MG_LUA_SOURCE_DIR "lua"
 #endif
 
 #define LOG "policy"
@@ -607,6 +614,34 @@ static void state_retire(mg_policy_state_t *st, const char *reason)
     mg__policy_state_unref(st);
 }
 
+static bool has_default_policy(const char *dir)
+{
+    char f[PATH_MAX + 32];
+    int n = snprintf(f, sizeof(f), "%s/moongate/default.lua", dir);
+    return n > 0 && (size_t)n < sizeof(f) && access(f, R_OK) == 0;
+}
+
+const char *mg_policy_default_lua_dir(char *buf, size_t cap)
+{
+    /* Beside the running program: <prefix>/bin/moongate finds <prefix>/share/moongate/lua,
+       wherever the tree was installed (or unpacked). */
+    char exe[PATH_MAX];
+    size_t n = sizeof(exe);
+    if (uv_exepath(exe, &n) == 0) {
+        char *slash = strrchr(exe, '/');
+        if (slash != NULL) {
+            *slash = '\0';
+            int w = snprintf(buf, cap, "%s/../share/moongate/lua", exe);
+            if (w > 0 && (size_t)w < cap && has_default_policy(buf))
+                return buf;
+        }
+    }
+    /* The compiled-in install path, then the tree the program was built from. */
+    if (has_default_policy(MG_LUA_DIR) || !has_default_policy(MG_LUA_SOURCE_DIR))
+        return MG_LUA_DIR;
+    return MG_LUA_SOURCE_DIR;
+}
+
 int mg_policy_new(uv_loop_t *loop, const mg_policy_options_t *o, mg_policy_t **out, char *err,
                   size_t errlen)
 {
@@ -624,11 +659,12 @@ int mg_policy_new(uv_loop_t *loop, const mg_policy_options_t *o, mg_policy_t **o
     p->loop = loop;
     p->opts = *o;
     p->refs = 1;
+    char found[PATH_MAX];
     const char *dir = o->lua_dir;
     if (dir == NULL)
         dir = getenv("MOONGATE_LUA_DIR");
     if (dir == NULL || dir[0] == '\0')
-        dir = MG_LUA_DIR;
+        dir = mg_policy_default_lua_dir(found, sizeof(found));
     p->lua_dir = strdup(dir);
     p->path = o->path != NULL ? strdup(o->path) : NULL;
     int rc = mg__dict_new(o->dict_max_entries, o->dict_max_bytes, &p->dict);
@@ -658,6 +694,11 @@ fail:
         free(p);
     }
     return rc;
+}
+
+const char *mg_policy_lua_dir(const mg_policy_t *p)
+{
+    return p->lua_dir;
 }
 
 void mg_policy_free(mg_policy_t *p)

@@ -1,0 +1,153 @@
+/*
+ * `cmake --install` into a temporary prefix, and the installed programs run from there: every
+ * file in its place, `moongate -t` finding the installed Lua library (beside the binary, not
+ * the source tree it was built from), and a real request through the installed moongate to a
+ * real sshd and mg-upstream.
+ */
+#include "gwtest.h"
+
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+typedef struct world {
+    mg_test_sshd_t sshd;
+    mg_test_upstream_t up;
+    char prefix[MG_TEST_PATH_MAX];
+} world_t;
+
+static int group_setup(void **state)
+{
+    world_t *w = calloc(1, sizeof(*w));
+    if (w == NULL || mg_test_sshd_start(&w->sshd, NULL) != 0 ||
+        mg_test_upstream_start(&w->up) != 0 ||
+        mg_test_mkdtemp(w->prefix, sizeof(w->prefix), "mg-install") != 0)
+        return -1;
+    *state = w;
+    return 0;
+}
+
+static int group_teardown(void **state)
+{
+    world_t *w = *state;
+    mg_test_upstream_stop(&w->up);
+    mg_test_sshd_stop(&w->sshd);
+    free(w);
+    mg_test_cleanup_all();
+    return 0;
+}
+
+/* Runs argv to its end (30 s at most) with its output in out_path; returns its exit status. */
+static int run(char *const argv[], const char *cwd, const char *out_path)
+{
+    mg_test_proc_t p;
+    mg_test_spawn_opts_t so = { .stdout_path = out_path, .stderr_path = out_path, .cwd = cwd };
+    assert_int_equal(mg_test_proc_spawn(&p, argv, &so), 0);
+    assert_int_equal(mg_test_proc_wait(&p, 30000), 0);
+    return WIFEXITED(p.status) ? WEXITSTATUS(p.status) : 128 + WTERMSIG(p.status);
+}
+
+static void install(world_t *w)
+{
+    static bool done;
+    if (done)
+        return;
+    const char *bin = getenv("MG_BINARY_DIR");
+    char build[MG_TEST_PATH_MAX], log[MG_TEST_PATH_MAX + 16];
+    snprintf(build, sizeof(build), "%s", bin && *bin ? bin : MG_BINARY_DIR);
+    snprintf(log, sizeof(log), "%s/install.log", w->prefix);
+    char *argv[] = { "cmake", "--install", build, "--prefix", w->prefix, NULL };
+    if (run(argv, NULL, log) != 0) {
+        gw_print_file_tail(log, 20);
+        fail_msg("cmake --install failed");
+    }
+    done = true;
+}
+
+static void test_files_in_place(void **state)
+{
+    world_t *w = *state;
+    install(w);
+    static const char *const files[] = {
+        "bin/moongate", "bin/moongate-agent", "share/moongate/lua/moongate/default.lua",
+        "share/moongate/lua/moongate/token_bucket.lua", "share/moongate/policies/ollama.lua",
+        "share/moongate/moongate.env", "lib/systemd/system/moongate.service",
+    };
+    for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
+        char path[MG_TEST_PATH_MAX * 2];
+        snprintf(path, sizeof(path), "%s/%s", w->prefix, files[i]);
+        struct stat st;
+        if (stat(path, &st) != 0)
+            fail_msg("not installed: %s", path);
+        if (strncmp(files[i], "bin/", 4) == 0)
+            assert_true(st.st_mode & S_IXUSR);
+    }
+}
+
+static void test_check_finds_the_installed_lua(void **state)
+{
+    world_t *w = *state;
+    install(w);
+    char exe[MG_TEST_PATH_MAX * 2], out[MG_TEST_PATH_MAX * 2], want[MG_TEST_PATH_MAX * 2];
+    snprintf(exe, sizeof(exe), "%s/bin/moongate", w->prefix);
+    snprintf(out, sizeof(out), "%s/check.out", w->prefix);
+    snprintf(want, sizeof(want), "Lua library: %s/bin/../share/moongate/lua)", w->prefix);
+    unsetenv("MOONGATE_LUA_DIR");
+    char *argv[] = { exe, "-t", NULL };
+    int rc = run(argv, "/", out);
+    char *text = NULL;
+    assert_int_equal(mg_test_read_file(out, &text, NULL), 0);
+    if (rc != 0 || strstr(text, want) == NULL)
+        fail_msg("moongate -t exited %d, wanted \"%s\" in:\n%s", rc, want, text);
+    free(text);
+}
+
+static void test_request_through_the_installed_program(void **state)
+{
+    world_t *w = *state;
+    install(w);
+    /* gw_binary() takes the program from $MG_BINARY_DIR: point it at the installed one. */
+    char bindir[MG_TEST_PATH_MAX * 2];
+    snprintf(bindir, sizeof(bindir), "%s/bin", w->prefix);
+    char *saved = getenv("MG_BINARY_DIR") ? strdup(getenv("MG_BINARY_DIR")) : NULL;
+    setenv("MG_BINARY_DIR", bindir, 1);
+    char route[2048], text[4096];
+    gw_route_fields(route, sizeof(route), &w->sshd, w->up.port);
+    snprintf(text, sizeof(text),
+             "local mg = require \"moongate\"\n"
+             "return {\n"
+             "  authenticate = function(req) return \"alice\" end,\n"
+             "  route = function(req, user) return { %s } end,\n"
+             "}\n",
+             route);
+    gw_t g = { 0 };
+    gw_start_policy(&g, text, 0, NULL);
+    if (saved != NULL) {
+        setenv("MG_BINARY_DIR", saved, 1);
+        free(saved);
+    } else {
+        unsetenv("MG_BINARY_DIR");
+    }
+    /* It is the installed program that runs. */
+    char link[64], exe[MG_TEST_PATH_MAX * 2] = "", want[MG_TEST_PATH_MAX * 2 + 16];
+    snprintf(link, sizeof(link), "/proc/%d/exe", (int)g.proc.pid);
+    ssize_t n = readlink(link, exe, sizeof(exe) - 1);
+    exe[n > 0 ? n : 0] = '\0';
+    snprintf(want, sizeof(want), "%s/moongate", bindir);
+    assert_string_equal(exe, want);
+    mg_test_http_response_t r;
+    int rc = gw_request(&g, "GET", "/hello", NULL, NULL, 0, &r, 10000);
+    gw_expect_status(&g, rc, &r, 200, "through the installed moongate");
+    assert_string_equal(r.body, "hello\n");
+    mg_test_http_response_free(&r);
+    gw_stop(&g);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_files_in_place),
+        cmocka_unit_test(test_check_finds_the_installed_lua),
+        cmocka_unit_test(test_request_through_the_installed_program),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}

@@ -71,6 +71,7 @@ static void test_files_in_place(void **state)
         "bin/moongate", "bin/moongate-agent", "share/moongate/lua/moongate/default.lua",
         "share/moongate/lua/moongate/token_bucket.lua", "share/moongate/policies/ollama.lua",
         "share/moongate/moongate.env", "lib/systemd/system/moongate.service",
+        "share/man/man8/moongate.8", "share/man/man1/moongate-agent.1",
     };
     for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
         char path[MG_TEST_PATH_MAX * 2];

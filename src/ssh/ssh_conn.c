@@ -179,6 +179,19 @@ static void on_timer(uv_timer_t *t)
 
 /* ---- teardown ---- */
 
+/* Frees c's copies of its options and c itself. */
+static void conn_free(mg_ssh_conn_t *c)
+{
+    free(c->user);
+    free(c->host);
+    free(c->ssh_user);
+    free(c->key_path);
+    free(c->key_passphrase);
+    free(c->known_hosts);
+    free(c->host_key_sha256);
+    free(c);
+}
+
 static void on_handle_closed(uv_handle_t *h)
 {
     mg_ssh_conn_t *c = h->data;
@@ -189,14 +202,7 @@ static void on_handle_closed(uv_handle_t *h)
     c->state = MG_SSH_CLOSED;
     emit(c, MG_SSH_EV_CLOSED);
     mg__buf_free(&c->in);
-    free(c->user);
-    free(c->host);
-    free(c->ssh_user);
-    free(c->key_path);
-    free(c->key_passphrase);
-    free(c->known_hosts);
-    free(c->host_key_sha256);
-    free(c);
+    conn_free(c);
 }
 
 static void close_handles(mg_ssh_conn_t *c)
@@ -438,14 +444,7 @@ static void free_unstarted(mg_ssh_conn_t *c)
 {
     if (c->session)
         libssh2_session_free(c->session);
-    free(c->user);
-    free(c->host);
-    free(c->ssh_user);
-    free(c->key_path);
-    free(c->key_passphrase);
-    free(c->known_hosts);
-    free(c->host_key_sha256);
-    free(c);
+    conn_free(c);
 }
 
 int mg_ssh_conn_start(uv_loop_t *loop, const mg_ssh_conn_opts_t *o, mg_transport_t *transport,

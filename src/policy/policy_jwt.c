@@ -231,7 +231,7 @@ int mg__jwt_verify_hs256(lua_State *L, const char *token, size_t tlen, const cha
 
     if (!push_claims(L, payload, (size_t)pn))
         return fail(reason, reasonlen, "malformed: claims are not a JSON object");
-    double exp, nbf;
+    double exp = 0, nbf = 0; /* (set when claim_time says the claim is there) */
     int has_exp = claim_time(L, "exp", &exp);
     int has_nbf = claim_time(L, "nbf", &nbf);
     const char *why = NULL;

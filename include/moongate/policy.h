@@ -182,10 +182,10 @@ typedef uint64_t (*mg_policy_clock_fn)(void *ctx);
 
 /*
  * Where the Lua library (lua/: the default policy and the moongate.* modules) is when neither
- * the options nor $MOONGATE_LUA_DIR name it: beside the running program
- * (<prefix>/bin/../share/moongate/lua, as `cmake --install` lays it out), else the compiled-in
- * install path, else the source tree of a program run where it was built. Writes into buf when
- * it needs to; returns the directory.
+ * the options nor $MOONGATE_LUA_DIR name it: the source tree's for a program run inside the tree
+ * it was built in; else beside the running program (<prefix>/bin/../share/moongate/lua, as
+ * `cmake --install` lays it out); else the compiled-in install path. Writes into buf when it
+ * needs to; returns the directory.
  */
 const char *mg_policy_default_lua_dir(char *buf, size_t cap);
 

@@ -17,6 +17,7 @@
 #include "moongate/error.h"
 #include "moongate/log.h"
 
+#include <errno.h>
 #include <lauxlib.h>
 #include <limits.h>
 #include <luajit.h>
@@ -574,6 +575,13 @@ static int state_new(mg_policy_t *p, mg_policy_state_t **out, char *err, size_t 
     mg__policy_lib_open(st);
 
     /* ... defaults */
+    if (access(default_file, R_OK) != 0) {
+        rc = load_fail(err, errlen,
+                       "%s:0: the Lua library is not there (%s): install it with `cmake --install`, "
+                       "or set MOONGATE_LUA_DIR to the directory holding moongate/default.lua",
+                       default_file, strerror(errno));
+        goto out;
+    }
     rc = run_file(st, default_file, err, errlen);
     if (rc != 0)
         goto out;
@@ -623,23 +631,26 @@ static bool has_default_policy(const char *dir)
 
 const char *mg_policy_default_lua_dir(char *buf, size_t cap)
 {
-    /* Beside the running program: <prefix>/bin/moongate finds <prefix>/share/moongate/lua,
-       wherever the tree was installed (or unpacked). */
     char exe[PATH_MAX];
     size_t n = sizeof(exe);
-    if (uv_exepath(exe, &n) == 0) {
-        char *slash = strrchr(exe, '/');
-        if (slash != NULL) {
-            *slash = '\0';
-            int w = snprintf(buf, cap, "%s/../share/moongate/lua", exe);
-            if (w > 0 && (size_t)w < cap && has_default_policy(buf))
-                return buf;
-        }
-    }
-    /* The compiled-in install path, then the tree the program was built from. */
-    if (has_default_policy(MG_LUA_DIR) || !has_default_policy(MG_LUA_SOURCE_DIR))
+    if (uv_exepath(exe, &n) != 0)
         return MG_LUA_DIR;
-    return MG_LUA_SOURCE_DIR;
+    char *slash = strrchr(exe, '/');
+    if (slash == NULL)
+        return MG_LUA_DIR;
+    *slash = '\0';
+    /* A program run where it was built uses the tree it was built from, so an installed copy of
+       an older library never shadows the one being worked on. */
+    size_t bl = strlen(MG_BUILD_DIR);
+    if (strncmp(exe, MG_BUILD_DIR, bl) == 0 && (exe[bl] == '\0' || exe[bl] == '/') &&
+        has_default_policy(MG_LUA_SOURCE_DIR))
+        return MG_LUA_SOURCE_DIR;
+    /* Beside the running program: <prefix>/bin/moongate finds <prefix>/share/moongate/lua,
+       wherever the tree was installed (or unpacked); else the compiled-in install path. */
+    int w = snprintf(buf, cap, "%s/../share/moongate/lua", exe);
+    if (w > 0 && (size_t)w < cap && has_default_policy(buf))
+        return buf;
+    return MG_LUA_DIR;
 }
 
 int mg_policy_new(uv_loop_t *loop, const mg_policy_options_t *o, mg_policy_t **out, char *err,

@@ -474,6 +474,22 @@ static void test_hook_not_a_function(void **state)
     o.path = "/nonexistent/policy.lua";
     assert_int_equal(mg_policy_new(&tp_loop, &o, &p, err, sizeof(err)), MG_ECONFIG);
     assert_non_null(strstr(err, "/nonexistent/policy.lua:0: cannot open"));
+
+    /* A Lua directory without the library says so, and how to fix it. */
+    o.path = NULL;
+    o.lua_dir = "/nonexistent";
+    assert_int_equal(mg_policy_new(&tp_loop, &o, &p, err, sizeof(err)), MG_ECONFIG);
+    assert_non_null(strstr(err, "/nonexistent/moongate/default.lua:0: the Lua library is not there"));
+    assert_non_null(strstr(err, "MOONGATE_LUA_DIR"));
+}
+
+/* This test runs from the build tree, so it uses the source tree's library, whatever is installed
+   under the prefix. */
+static void test_default_lua_dir_in_the_build_tree(void **state)
+{
+    (void)state;
+    char buf[4096];
+    assert_string_equal(mg_policy_default_lua_dir(buf, sizeof(buf)), MG_SOURCE_DIR "/lua");
 }
 
 /* ---- failures fail closed ---- */
@@ -828,6 +844,7 @@ int main(void)
 {
     mg_log_set_level(MG_LOG_INFO);
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_default_lua_dir_in_the_build_tree),
         cmocka_unit_test_setup_teardown(test_default_authenticate_refuses_without_tokens, tp_setup, tp_teardown),
         cmocka_unit_test_setup_teardown(test_default_authenticate_with_tokens, tp_setup, tp_teardown),
         cmocka_unit_test_setup_teardown(test_default_bad_token_spec_fails_load, tp_setup, tp_teardown),

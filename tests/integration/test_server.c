@@ -483,15 +483,19 @@ static void test_expect_continue(void **state)
     assert_true(fd >= 0);
     double t0 = mg_test_now_ms();
     assert_int_equal(send(fd, head, (size_t)hl, MSG_NOSIGNAL), hl);
+    /* Exactly the interim response: the echo upstream may answer its head before it has the
+       body, so the final head can follow at once and must stay in the socket for the reader
+       below. */
+    static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
     char buf[256];
     assert_int_equal(gw_poll(fd, POLLIN, t0 + 3000), 0);
-    ssize_t n = recv(fd, buf, sizeof(buf) - 1, 0);
+    ssize_t n = recv(fd, buf, sizeof(cont) - 1, MSG_WAITALL);
     double ms = mg_test_now_ms() - t0;
     assert_true(n > 0);
     buf[n] = '\0';
     print_message("Expect: 100-continue answered in %.1f ms: %.*s\n", ms,
                   (int)strcspn(buf, "\r"), buf);
-    assert_string_equal(buf, "HTTP/1.1 100 Continue\r\n\r\n");
+    assert_string_equal(buf, cont);
     assert_true(ms < 100);
     char *body = malloc(LEN);
     memset(body, 'e', LEN);

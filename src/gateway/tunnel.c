@@ -671,7 +671,7 @@ int mg_tunnel_agent_open(void *arg, mg_pool_conn_t *pc, const mg_ssh_conn_opts_t
     uv_timer_init(t->env->loop, &p->timer);
     p->timer.data = p;
     uv_timer_start(&p->timer, on_pending_timeout, o->connect_timeout_ms, 0);
-    mg_list_insert_head(&u->pending, &p->node);
+    mg_list_insert_tail(&u->pending, &p->node);
     /* The newest of the user's agents is asked. */
     if (!mg_list_empty(&u->tuns))
         ask_open(mg_list_entry(mg_list_first(&u->tuns), tun_t, node));
@@ -869,7 +869,7 @@ static void join(mg_tunnel_t *t, tun_t *tun, const char *user)
 
     /* The oldest waiting open takes it. */
     if (!mg_list_empty(&u->pending)) {
-        pending_t *p = mg_list_entry(u->pending.prev, pending_t, node);
+        pending_t *p = mg_list_entry(mg_list_first(&u->pending), pending_t, node);
         mg_ssh_conn_opts_t o = p->o;
         attach(t, tun, &o, p->cb, p->pc); /* copies the strings before the pending goes */
         pending_remove(p);

@@ -97,7 +97,6 @@ struct mg_pool {
     uint64_t next_id;
     mg_pool_clock_fn clock; /* NULL: the loop's */
     void *clock_ctx;
-    bool clock_moved;       /* inside mg_pool_clock_moved(): every timer is armed again */
     int nconns, nready, leases, idle_leases, waiters;
     bool draining;
     void (*on_idle)(mg_pool_t *pool, void *arg);
@@ -560,7 +559,7 @@ static void user_timer_cb(uv_timer_t *t);
 
 static void user_arm(mg_pool_user_t *u, uint64_t due, uint64_t now)
 {
-    if (uv_is_active((uv_handle_t *)&u->timer) && u->timer_due == due && !u->pool->clock_moved)
+    if (uv_is_active((uv_handle_t *)&u->timer) && u->timer_due == due)
         return;
     u->timer_due = due;
     uv_timer_start(&u->timer, user_timer_cb, due > now ? due - now : 0, 0);
@@ -686,15 +685,14 @@ void mg_pool_set_clock(mg_pool_t *pool, mg_pool_clock_fn fn, void *ctx)
 void mg_pool_clock_moved(mg_pool_t *pool)
 {
     /* Each deadline is armed again from the new time (at once when it has passed). */
-    pool->clock_moved = true;
     mg_list_t *n, *next;
     for (n = pool->users.next; n != &pool->users; n = next) {
         mg_pool_user_t *u = USER_OF(n);
         user_hold(u);
         next = n->next;
+        uv_timer_stop(&u->timer);
         user_unhold(u);
     }
-    pool->clock_moved = false;
 }
 
 void mg_pool_set_limits_fn(mg_pool_t *pool, mg_pool_limits_fn fn, void *ctx)

@@ -217,6 +217,41 @@ int mg_agent_split_command(const char *cmd, char ***argv_out, int *argc_out)
     return 0;
 }
 
+int mg_agent_expand_home(const char *cmd, const char *home, char *out, size_t cap, char *err,
+                         size_t errlen)
+{
+    static const char sep[] = " \t";
+    size_t o = 0;
+    for (const char *p = cmd; *p;) {
+        size_t gap = strspn(p, sep), word = strcspn(p + gap, sep);
+        const char *w = p + gap, *rest = w;
+        size_t hl = 0;
+        if (word > 0 && w[0] == '~') {
+            if (word > 1 && w[1] != '/')
+                return fail(err, errlen, "\"%.*s\": ~NAME (another user's home) is not expanded; "
+                            "write the whole path", (int)word, w);
+            if (home == NULL || home[0] != '/')
+                return fail(err, errlen, "\"%.*s\": ~ needs $HOME, which is not an absolute "
+                            "path here; write the whole path", (int)word, w);
+            hl = strlen(home);
+            rest = w + 1;
+        }
+        size_t tail = word - (size_t)(rest - w);
+        if (o + gap + hl + tail >= cap)
+            return MG_ENOMEM;
+        memcpy(out + o, p, gap);
+        if (hl > 0)
+            memcpy(out + o + gap, home, hl);
+        memcpy(out + o + gap + hl, rest, tail);
+        o += gap + hl + tail;
+        p = w + word;
+    }
+    if (o >= cap)
+        return MG_ENOMEM;
+    out[o] = '\0';
+    return 0;
+}
+
 int mg_agent_token_check(const char *token)
 {
     size_t n = strlen(token);

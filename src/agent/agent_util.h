@@ -77,6 +77,12 @@ int mg_agent_hostport_parse(const char *s, char *host, size_t hostlen, int *port
    (empty), or MG_ENOMEM. */
 int mg_agent_split_command(const char *cmd, char ***argv_out, int *argc_out);
 
+/* Writes cmd into out with a leading "~" of each word ("~" alone or "~/...") replaced by home,
+   as a shell would: the command runs without one. Returns 0; MG_EINVAL for "~name" (another
+   user's home) or a "~" without a home (err says which); MG_ENOMEM when out is too small. */
+int mg_agent_expand_home(const char *cmd, const char *home, char *out, size_t cap, char *err,
+                         size_t errlen);
+
 /* A bearer token: 1 to MG_AGENT_TOKEN_MAX visible ASCII characters (no spaces or controls: it
    goes into a header line). Returns 0 or MG_EINVAL. */
 int mg_agent_token_check(const char *token);

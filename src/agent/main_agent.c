@@ -12,6 +12,7 @@
 #include "moongate/error.h"
 #include "moongate/log.h"
 
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -96,6 +97,13 @@ int main(int argc, char **argv)
     if (args.ca_file != NULL && access(args.ca_file, R_OK) != 0) {
         fprintf(stderr, "moongate-agent: --ca-file %s is not readable\n", args.ca_file);
         return 2;
+    }
+    char inetd[PATH_MAX * 2];
+    if (args.sshd_inetd != NULL) {
+        int rc = mg_agent_check_inetd(args.sshd_inetd, inetd, sizeof(inetd));
+        if (rc != 0)
+            return rc;
+        args.sshd_inetd = inetd;
     }
     if (args.verbose > 0)
         mg_log_set_level(args.verbose > 1 ? MG_LOG_TRACE : MG_LOG_DEBUG);

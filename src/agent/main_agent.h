@@ -3,13 +3,15 @@
  * core library.
  *
  * main_agent_tunnel.c keeps the WebSockets to the gateway (docs/tunnel.md) and bridges each one
- * to a fresh local SSH stream; main_agent_setup.c prepares a private sshd for --sshd-inetd.
+ * to a fresh local SSH stream; main_agent_setup.c prepares a private sshd for --sshd-inetd;
+ * main_agent_check.c checks --sshd-inetd at start.
  */
 #ifndef MOONGATE_MAIN_AGENT_H
 #define MOONGATE_MAIN_AGENT_H
 
 #include "agent_util.h"
 
+#include <stdbool.h>
 #include <uv.h>
 
 typedef struct mg_agent mg_agent_t;
@@ -32,5 +34,20 @@ int mg_agent_free(mg_agent_t *a);
 
 /* `moongate-agent setup ...`: argv are the arguments after "setup". Returns the exit status. */
 int mg_agent_setup_main(int argc, char **argv);
+
+/* Runs argv (a $PATH search for argv[0]) to its end, its output on stderr or, quiet, nowhere.
+   Returns 0 when it exited 0, else MG_ECONFIG. Blocks: for start-up and setup only. */
+int mg_agent_run(char *const argv[], bool quiet);
+
+/* The first of the usual places that holds an executable sshd, or NULL. */
+const char *mg_agent_find_sshd(void);
+
+/*
+ * Checks --sshd-inetd CMD before the first connection: "~/" expanded into expanded (what the
+ * agent then runs), the program there, the -f config file readable, and for sshd a first
+ * `sshd -t -f CONFIG`. Each problem is printed on stderr with what to do. Returns 0, or 2 (the
+ * exit status for a bad argument).
+ */
+int mg_agent_check_inetd(const char *cmd, char *expanded, size_t cap);
 
 #endif

@@ -21,7 +21,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 static void setup_usage(FILE *out)
@@ -39,30 +38,6 @@ static void setup_usage(FILE *out)
 }
 
 /* Runs argv (no shell) and waits. Returns 0 when it exited 0, else MG_ECONFIG. */
-static int run(char *const argv[], bool quiet)
-{
-    pid_t pid = fork();
-    if (pid < 0)
-        return MG_ECONFIG;
-    if (pid == 0) {
-        if (quiet) {
-            int fd = open("/dev/null", O_WRONLY);
-            if (fd >= 0) {
-                dup2(fd, 1);
-                dup2(fd, 2);
-            }
-        }
-        execvp(argv[0], argv);
-        fprintf(stderr, "moongate-agent: cannot run %s: %s\n", argv[0], strerror(errno));
-        _exit(127);
-    }
-    int status = 0;
-    while (waitpid(pid, &status, 0) < 0)
-        if (errno != EINTR)
-            return MG_ECONFIG;
-    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : MG_ECONFIG;
-}
-
 /* mkdir -p with mode 0700 for what it creates. */
 static int make_dirs(const char *path)
 {
@@ -131,15 +106,6 @@ static int read_line(const char *path, char *out, size_t outlen)
     return rc;
 }
 
-static const char *find_sshd(void)
-{
-    static const char *const paths[] = { "/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd" };
-    for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++)
-        if (access(paths[i], X_OK) == 0)
-            return paths[i];
-    return NULL;
-}
-
 int mg_agent_setup_main(int argc, char **argv)
 {
     mg_agent_setup_args_t args;
@@ -187,7 +153,7 @@ int mg_agent_setup_main(int argc, char **argv)
     if (!have_key) {
         char *kg[] = { "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
                        "moongate-agent host key", "-f", key, NULL };
-        if (run(kg, false) != 0) {
+        if (mg_agent_run(kg, false) != 0) {
             fprintf(stderr, "moongate-agent: ssh-keygen failed (is openssh-client installed?)\n");
             return 1;
         }
@@ -245,18 +211,37 @@ int mg_agent_setup_main(int argc, char **argv)
         return 1;
     akline[akn] = '\0';
 
-    const char *sshd = find_sshd();
+    const char *sshd = mg_agent_find_sshd();
     if (sshd == NULL) {
         fprintf(stderr, "moongate-agent: no sshd found (install openssh-server; the agent "
                         "runs it, no service needs to be enabled)\n");
         sshd = "/usr/sbin/sshd";
     } else {
         char *check[] = { (char *)sshd, "-t", "-f", cfg, NULL };
-        if (run(check, false) != 0) {
+        if (mg_agent_run(check, false) != 0) {
             fprintf(stderr, "moongate-agent: `%s -t -f %s` refused the config (above)\n",
                     sshd, cfg);
             return 1;
         }
+    }
+
+    /* The user unit's settings (moongate-agent.service): written once, then the user's. */
+    char envf[PATH_MAX], envtext[PATH_MAX * 2 + 512];
+    if (snprintf(envf, sizeof(envf), "%s/agent.env", dir) >= (int)sizeof(envf))
+        goto too_long;
+    bool have_env = access(envf, F_OK) == 0;
+    if (!have_env) {
+        n = snprintf(envtext, sizeof(envtext),
+                     "# moongate-agent's settings for `systemctl --user start moongate-agent`.\n"
+                     "# Kept by `moongate-agent setup` once written.\n"
+                     "MOONGATE_GATEWAY=wss://HOST/tunnel\n"
+                     "MOONGATE_TOKEN=\n"
+                     "MOONGATE_SSHD_INETD=%s -i -e -f %s\n",
+                     sshd, cfg);
+        if (n < 0 || (size_t)n >= sizeof(envtext))
+            goto too_long;
+        if (write_file(envf, envtext, 0600) != 0)
+            return 1;
     }
 
     const struct passwd *pw = getpwuid(getuid());
@@ -267,10 +252,15 @@ int mg_agent_setup_main(int argc, char **argv)
            "(%s):\n\n   %s\n\n", args.llm_port, ak, akline);
     printf("2. Pin this machine's host key in the gateway's policy route for this user;\n"
            "   the gateway logs in as %s (the user sshd runs as):\n\n"
-           "   transport = \"agent\", ssh_user = \"%s\", host_key = \"%s\"\n\n", user, user, fp);
+           "   transport = \"agent\", ssh_user = \"%s\", host_key = \"%s\",\n"
+           "   target_host = \"127.0.0.1\", target_port = %d\n\n",
+           user, user, fp, args.llm_port);
     printf("3. Run the agent (the token from the gateway's operator):\n\n"
            "   MOONGATE_TOKEN=... moongate-agent --gateway wss://HOST/tunnel "
-           "--sshd-inetd '%s -i -e -f %s'\n", sshd, cfg);
+           "--sshd-inetd '%s -i -e -f %s'\n\n"
+           "   or as a user service: put the gateway's URL and the token in %s (%s),\n"
+           "   then systemctl --user enable --now moongate-agent\n",
+           sshd, cfg, envf, have_env ? "kept as it was" : "written");
     return 0;
 
 too_long:

@@ -36,30 +36,18 @@ static int group_teardown(void **state)
     return 0;
 }
 
-/* Runs argv to its end (30 s at most) with its output in out_path; returns its exit status. */
-static int run(char *const argv[], const char *cwd, const char *out_path)
-{
-    mg_test_proc_t p;
-    mg_test_spawn_opts_t so = { .stdout_path = out_path, .stderr_path = out_path, .cwd = cwd };
-    assert_int_equal(mg_test_proc_spawn(&p, argv, &so), 0);
-    assert_int_equal(mg_test_proc_wait(&p, 30000), 0);
-    return WIFEXITED(p.status) ? WEXITSTATUS(p.status) : 128 + WTERMSIG(p.status);
-}
-
 static void install(world_t *w)
 {
     static bool done;
     if (done)
         return;
     const char *bin = getenv("MG_BINARY_DIR");
-    char build[MG_TEST_PATH_MAX], log[MG_TEST_PATH_MAX + 16];
+    char build[MG_TEST_PATH_MAX], *out = NULL;
     snprintf(build, sizeof(build), "%s", bin && *bin ? bin : MG_BINARY_DIR);
-    snprintf(log, sizeof(log), "%s/install.log", w->prefix);
     char *argv[] = { "cmake", "--install", build, "--prefix", w->prefix, NULL };
-    if (run(argv, NULL, log) != 0) {
-        gw_print_file_tail(log, 20);
-        fail_msg("cmake --install failed");
-    }
+    if (gw_run(argv, w->prefix, NULL, NULL, 30000, &out) != 0)
+        fail_msg("cmake --install failed:\n%s", out);
+    free(out);
     done = true;
 }
 
@@ -71,7 +59,8 @@ static void test_files_in_place(void **state)
         "bin/moongate", "bin/moongate-agent", "share/moongate/lua/moongate/default.lua",
         "share/moongate/lua/moongate/token_bucket.lua", "share/moongate/policies/ollama.lua",
         "share/moongate/moongate.env", "lib/systemd/system/moongate.service",
-        "share/man/man8/moongate.8", "share/man/man1/moongate-agent.1",
+        "lib/systemd/user/moongate-agent.service", "share/man/man8/moongate.8",
+        "share/man/man1/moongate-agent.1",
     };
     for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
         char path[MG_TEST_PATH_MAX * 2];
@@ -82,21 +71,33 @@ static void test_files_in_place(void **state)
         if (strncmp(files[i], "bin/", 4) == 0)
             assert_true(st.st_mode & S_IXUSR);
     }
+    /* The units name the programs where they are installed, not /usr/local. */
+    char unit[MG_TEST_PATH_MAX * 2], want[MG_TEST_PATH_MAX * 2], *text = NULL;
+    snprintf(unit, sizeof(unit), "%s/lib/systemd/system/moongate.service", w->prefix);
+    assert_int_equal(mg_test_read_file(unit, &text, NULL), 0);
+    snprintf(want, sizeof(want), "\nExecStart=%s/bin/moongate -c /etc/moongate/policy.lua\n",
+             w->prefix);
+    if (strstr(text, want) == NULL)
+        fail_msg("wanted \"%s\" in %s", want + 1, unit);
+    free(text);
+    snprintf(unit, sizeof(unit), "%s/lib/systemd/user/moongate-agent.service", w->prefix);
+    assert_int_equal(mg_test_read_file(unit, &text, NULL), 0);
+    snprintf(want, sizeof(want), "\nExecStart=%s/bin/moongate-agent --gateway", w->prefix);
+    if (strstr(text, want) == NULL)
+        fail_msg("wanted \"%s\" in %s", want + 1, unit);
+    free(text);
 }
 
 static void test_check_finds_the_installed_lua(void **state)
 {
     world_t *w = *state;
     install(w);
-    char exe[MG_TEST_PATH_MAX * 2], out[MG_TEST_PATH_MAX * 2], want[MG_TEST_PATH_MAX * 2];
+    char exe[MG_TEST_PATH_MAX * 2], want[MG_TEST_PATH_MAX * 2], *text = NULL;
     snprintf(exe, sizeof(exe), "%s/bin/moongate", w->prefix);
-    snprintf(out, sizeof(out), "%s/check.out", w->prefix);
     snprintf(want, sizeof(want), "Lua library: %s/bin/../share/moongate/lua)", w->prefix);
     unsetenv("MOONGATE_LUA_DIR");
     char *argv[] = { exe, "-t", NULL };
-    int rc = run(argv, "/", out);
-    char *text = NULL;
-    assert_int_equal(mg_test_read_file(out, &text, NULL), 0);
+    int rc = gw_run(argv, w->prefix, "/", NULL, 30000, &text);
     if (rc != 0 || strstr(text, want) == NULL)
         fail_msg("moongate -t exited %d, wanted \"%s\" in:\n%s", rc, want, text);
     free(text);

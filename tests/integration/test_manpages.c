@@ -69,7 +69,6 @@ typedef struct check {
 static void must_be_in(const char *opt, void *arg)
 {
     check_t *c = arg;
-    char bounded[80];
     /* "--once" must not pass because "--once-more" is there: look for it followed by a
        non-option character. */
     const char *p = c->other;
@@ -80,8 +79,7 @@ static void must_be_in(const char *opt, void *arg)
             return;
         p += n;
     }
-    snprintf(bounded, sizeof(bounded), "%s", opt);
-    print_message("%s is not in %s\n", bounded, c->where);
+    print_message("%s is not in %s\n", opt, c->where);
     c->missing++;
 }
 
@@ -127,9 +125,8 @@ static void test_moongate_page(void **state)
 
 static void test_agent_page(void **state)
 {
-    const char *bd = getenv("MG_BINARY_DIR");
     char bin[MG_TEST_PATH_MAX];
-    snprintf(bin, sizeof(bin), "%s/moongate-agent", bd && *bd ? bd : MG_BINARY_DIR);
+    gw_program(bin, sizeof(bin), "moongate-agent");
     char *argv1[] = { bin, "--help", NULL };
     char *argv2[] = { bin, "setup", "--help", NULL };
     char *help1 = NULL, *help2 = NULL;

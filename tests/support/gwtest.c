@@ -83,11 +83,16 @@ void gw_print_log_tail(const gw_t *g, int lines)
     free(data);
 }
 
-const char *gw_binary(char *out, size_t cap)
+const char *gw_program(char *out, size_t cap, const char *name)
 {
     const char *bin = getenv("MG_BINARY_DIR");
-    snprintf(out, cap, "%s/moongate", bin && *bin ? bin : MG_BINARY_DIR);
+    snprintf(out, cap, "%s/%s", bin && *bin ? bin : MG_BINARY_DIR, name);
     return out;
+}
+
+const char *gw_binary(char *out, size_t cap)
+{
+    return gw_program(out, cap, "moongate");
 }
 
 void gw_env_merge(char **envp, size_t cap, const char *const *extra_env)
@@ -114,8 +119,14 @@ void gw_launch(gw_t *g, const char *listen, const char *const *extra_env)
     gw_env_merge(envp, sizeof(envp) / sizeof(envp[0]), extra_env);
 
     char bin[MG_TEST_PATH_MAX];
-    char *argv[] = { (char *)gw_binary(bin, sizeof(bin)), "-c", g->policy, "-l", (char *)listen,
-                     NULL };
+    char *argv[32];
+    size_t n = 0;
+    for (const char *const *w = g->exec_prefix; w != NULL && *w != NULL && n < 24; w++)
+        argv[n++] = (char *)*w;
+    argv[n++] = g->program != NULL ? (char *)g->program : (char *)gw_binary(bin, sizeof(bin));
+    const char *rest[] = { "-c", g->policy, "-l", listen, NULL };
+    for (size_t i = 0; i < sizeof(rest) / sizeof(rest[0]); i++)
+        argv[n++] = (char *)rest[i];
     mg_test_spawn_opts_t so = { .stdout_path = g->out, .stderr_path = g->log, .envp = envp,
                                 .nofile = g->nofile };
     assert_int_equal(mg_test_proc_spawn(&g->proc, argv, &so), 0);
@@ -572,8 +583,7 @@ void gw_agent_start_url(gw_agent_t *a, const char *url, const char *token,
     assert_int_equal(mg_test_path_join(a->log, sizeof(a->log), a->dir, "agent.log"), 0);
     assert_int_equal(mg_test_path_join(a->out, sizeof(a->out), a->dir, "stdout.log"), 0);
     char bin[MG_TEST_PATH_MAX], tok[512];
-    const char *bd = getenv("MG_BINARY_DIR");
-    snprintf(bin, sizeof(bin), "%s/moongate-agent", bd && *bd ? bd : MG_BINARY_DIR);
+    gw_program(bin, sizeof(bin), "moongate-agent");
     snprintf(tok, sizeof(tok), "MOONGATE_TOKEN=%s", token);
     const char *env[] = { tok, NULL };
     static char *envp[1024];
@@ -645,4 +655,25 @@ void gw_agent_kill(gw_agent_t *a)
     mg_test_proc_kill(&a->proc, SIGKILL);
     mg_test_proc_wait(&a->proc, 5000);
     a->running = false;
+}
+
+int gw_run(char *const argv[], const char *dir, const char *cwd, char *const *envp,
+           int timeout_ms, char **out)
+{
+    char log[MG_TEST_PATH_MAX + 16];
+    snprintf(log, sizeof(log), "%s/run.out", dir);
+    mg_test_spawn_opts_t so = { .stdout_path = log, .stderr_path = log, .cwd = cwd,
+                                .envp = envp };
+    int code = -1;
+    if (mg_test_proc_run(argv, &so, timeout_ms, &code) != 0)
+        code = -1;
+    if (out != NULL && mg_test_read_file(log, out, NULL) != 0)
+        *out = strdup("");
+    return code;
+}
+
+int gw_sh(const char *dir, const char *script, int timeout_ms, char **out)
+{
+    char *argv[] = { "sh", "-c", (char *)script, NULL };
+    return gw_run(argv, dir, "/", NULL, timeout_ms, out);
 }

@@ -46,6 +46,9 @@ typedef struct gw {
     uint64_t ok_responses;      /* 2xx responses seen by gw_request() */
     bool running;
     unsigned nofile;            /* set before gw_launch(): its `ulimit -n` (0: the test's) */
+    const char *program;        /* set before gw_launch(): the moongate to run (NULL: gw_binary) */
+    const char *const *exec_prefix; /* set before gw_launch(): words run before the program
+                                       (ending in one that execs "$@"), or NULL */
 } gw_t;
 
 /* ---- files ---- */
@@ -71,6 +74,9 @@ void gw_print_log_tail(const gw_t *g, int lines);
 
 
 
+/* The program name (moongate, moongate-agent) in $MG_BINARY_DIR, else in the build tree, into
+   out; returns out. gw_binary() is gw_program(out, cap, "moongate"). */
+const char *gw_program(char *out, size_t cap, const char *name);
 const char *gw_binary(char *out, size_t cap);
 
 /*
@@ -205,6 +211,17 @@ int gw_write_known_hosts(const mg_test_sshd_t *sshd, const char *host,
                          const char *dir, char *out, size_t cap);
 
 /* ---- moongate-agent ---- */
+
+/*
+ * Runs argv to its end (timeout_ms at most, then killed) with its stdout and stderr together in
+ * dir/run.out, from cwd (NULL: the test's) with envp (NULL: the test's). *out, when out is not
+ * NULL, gets that output (free it). Returns the exit status, or -1 if it did not finish.
+ */
+int gw_run(char *const argv[], const char *dir, const char *cwd, char *const *envp,
+           int timeout_ms, char **out);
+
+/* gw_run() of `sh -c script`, from /. */
+int gw_sh(const char *dir, const char *script, int timeout_ms, char **out);
 
 /* Occurrences of needle in the file at path (0 if it cannot be read). */
 int gw_file_count(const char *path, const char *needle);

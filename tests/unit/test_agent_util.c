@@ -200,6 +200,35 @@ static void test_split_command(void **state)
     assert_int_equal(mg_agent_split_command("", &argv, &argc), MG_EINVAL);
 }
 
+static void test_expand_home(void **state)
+{
+    char out[64], err[256];
+    assert_int_equal(mg_agent_expand_home("/usr/sbin/sshd -i -f ~/.config/a/sshd_config", "/home/u",
+                                          out, sizeof(out), err, sizeof(err)), 0);
+    assert_string_equal(out, "/usr/sbin/sshd -i -f /home/u/.config/a/sshd_config");
+    /* Only a word's first character; the spacing is kept. */
+    assert_int_equal(mg_agent_expand_home(" ~ a~b\t~/x ", "/h", out, sizeof(out), err,
+                                          sizeof(err)), 0);
+    assert_string_equal(out, " /h a~b\t/h/x ");
+    assert_int_equal(mg_agent_expand_home("sshd -f ~bob/x", "/h", out, sizeof(out), err,
+                                          sizeof(err)), MG_EINVAL);
+    assert_non_null(strstr(err, "\"~bob/x\": ~NAME"));
+    assert_int_equal(mg_agent_expand_home("sshd -f ~/x", NULL, out, sizeof(out), err,
+                                          sizeof(err)), MG_EINVAL);
+    assert_non_null(strstr(err, "$HOME"));
+    assert_int_equal(mg_agent_expand_home("sshd -f ~/x", "relative", out, sizeof(out), err,
+                                          sizeof(err)), MG_EINVAL);
+    /* Without a ~ no home is needed. */
+    assert_int_equal(mg_agent_expand_home("sshd -i", NULL, out, sizeof(out), err, sizeof(err)), 0);
+    assert_string_equal(out, "sshd -i");
+    /* Exactly full, and one byte over. */
+    assert_int_equal(mg_agent_expand_home("~/abc", "/h", out, 7, err, sizeof(err)), 0);
+    assert_string_equal(out, "/h/abc");
+    assert_int_equal(mg_agent_expand_home("~/abc", "/h", out, 6, err, sizeof(err)), MG_ENOMEM);
+    assert_int_equal(mg_agent_expand_home("", "/h", out, 1, err, sizeof(err)), 0);
+    assert_string_equal(out, "");
+}
+
 static void test_token_and_hex(void **state)
 {
     assert_int_equal(mg_agent_token_check("abc.DEF-123_~"), 0);
@@ -412,6 +441,7 @@ int main(void)
         cmocka_unit_test(test_url_parse),
         cmocka_unit_test(test_hostport),
         cmocka_unit_test(test_split_command),
+        cmocka_unit_test(test_expand_home),
         cmocka_unit_test(test_token_and_hex),
         cmocka_unit_test(test_control_parse),
         cmocka_unit_test(test_args),

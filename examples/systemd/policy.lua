@@ -1,0 +1,23 @@
+-- /etc/moongate/policy.lua: moongate's policy, run by moongate.service and reloaded with
+-- `systemctl reload moongate` (checked first; a policy that does not load leaves the running
+-- one in place). The hooks and what each returns: docs/policy.md, and moongate(8).
+--
+-- As installed it is the default policy: a request needs "Authorization: Bearer TOKEN" with a
+-- token from MOONGATE_TOKENS, and goes over SSH to the one machine the MOONGATE_SSH_* settings
+-- name (all in /etc/moongate/moongate.env). With no tokens set, every request gets a 401 that
+-- says so.
+--
+-- To route each user to their own machine, their agent, a tier or a quota, start from one of
+-- /usr/share/moongate/policies/ (ollama.lua, llamacpp.lua, vllm.lua, jwt.lua, tiers.lua,
+-- rate_limit.lua, token_quota.lua, maintenance.lua, static_tokens.lua), or write hooks here.
+-- A hook left out comes from the default policy. For example:
+--
+--   local default = require "moongate.default"
+--   local route = default.route_with{ target_port = 8080, error_format = "openai" }
+--   return {
+--     authenticate = default.authenticate,
+--     route = function(req, user) return route end,
+--   }
+--
+-- `moongate -t -c /etc/moongate/policy.lua` checks a change before the reload.
+return require "moongate.default"

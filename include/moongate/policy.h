@@ -244,6 +244,16 @@ void mg_policy_free(mg_policy_t *p);
 /* The Lua library this policy loads the default policy and moongate.* modules from. */
 const char *mg_policy_lua_dir(const mg_policy_t *p);
 
+/*
+ * For `moongate -t`: when the policy routes with the default policy's route (it has no route
+ * hook of its own, or it builds on require "moongate.default"), the SSH key and known_hosts
+ * files that route names (MOONGATE_SSH_KEY, MOONGATE_KNOWN_HOSTS or their defaults) into key
+ * and known_hosts, and returns 1. Returns 0 when the policy routes its own way, or a negative
+ * code when the route cannot be read.
+ */
+int mg_policy_default_route_files(mg_policy_t *p, char *key, size_t keycap, char *known_hosts,
+                                  size_t khcap);
+
 void mg_policy_set_stats_fn(mg_policy_t *p, mg_policy_user_stats_fn user_fn,
                             mg_policy_pool_stats_fn pool_fn, void *ctx);
 void mg_policy_set_clock(mg_policy_t *p, mg_policy_clock_fn fn, void *ctx);

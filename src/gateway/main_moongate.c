@@ -5,6 +5,8 @@
  *   SIGHUP           reload the policy (a failed reload keeps the old one and says why)
  *   SIGTERM, SIGINT  drain, then exit 0; a second one exits at once
  */
+#include "check.h"
+
 #include "moongate/error.h"
 #include "moongate/gateway.h"
 #include "moongate/log.h"
@@ -28,14 +30,15 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "usage: moongate [-c POLICY.lua] [-l ADDR:PORT]\n"
-            "       moongate -t [-c POLICY.lua]\n"
+            "       moongate -t [-c POLICY.lua] [-l ADDR:PORT]\n"
             "\n"
             "Serves HTTP on ADDR:PORT and forwards each request, as the policy decides, over\n"
             "pooled SSH connections to the user's machine.\n"
             "\n"
             "  -c, --config FILE   the policy (Lua); default: the built-in policy\n"
             "  -l, --listen ADDR   where to listen; default: $MOONGATE_LISTEN or 127.0.0.1:8080\n"
-            "  -t, --test          load and check the policy, then exit (0: ok, 1: error)\n"
+            "  -t, --test          check the settings, listen address, TLS files, policy and\n"
+            "                      the default route's SSH files, then exit (0: ok, 1: error)\n"
             "  -V, --version       print the version\n"
             "  -h, --help          this text\n"
             "\n"
@@ -106,28 +109,6 @@ static void raise_nofile(uint32_t max_clients)
                     max_clients, (unsigned long long)rl.rlim_cur);
 }
 
-static int check_policy(const char *path, const mg_settings_t *settings)
-{
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    mg_policy_options_t po;
-    mg_policy_options_init(&po, settings);
-    po.path = path;
-    mg_policy_t *p = NULL;
-    char err[1024];
-    int rc = mg_policy_new(&loop, &po, &p, err, sizeof(err));
-    if (rc == 0) {
-        printf("moongate: policy %s is valid (Lua library: %s)\n",
-               path ? path : "(built-in)", mg_policy_lua_dir(p));
-        mg_policy_free(p);
-    } else {
-        fprintf(stderr, "moongate: %s\n", err);
-    }
-    uv_run(&loop, UV_RUN_DEFAULT);
-    uv_loop_close(&loop);
-    return rc == 0 ? 0 : 1;
-}
-
 int main(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -157,6 +138,9 @@ int main(int argc, char **argv)
         return 2;
     }
 
+    if (test)
+        return mg_check_run(policy, listen, stdout, stderr);
+
     char err[1024];
     mg_settings_t settings;
     mg_settings_init(&settings);
@@ -165,8 +149,6 @@ int main(int argc, char **argv)
         return 2;
     }
     mg_log_set_level(settings.log_level);
-    if (test)
-        return check_policy(policy, &settings);
 
     mg_gateway_opts_t go;
     if (mg_gateway_opts_from_env(&go, err, sizeof(err)) != 0) {

@@ -91,6 +91,11 @@ int mg_tls_ctx_load(const char *cert, const char *key, mg_tls_ctx_t **out, char 
         goto fail;
     }
     if (SSL_CTX_use_PrivateKey_file(c->ssl, key, SSL_FILETYPE_PEM) != 1) {
+        if (ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH) {
+            ERR_clear_error();
+            snprintf(err, errlen, "TLS key %s does not match the certificate %s", key, cert);
+            goto fail;
+        }
         openssl_reason(why, sizeof(why));
         snprintf(err, errlen, "TLS key %s: cannot be loaded (%s)", key, why);
         goto fail;
@@ -136,6 +141,15 @@ void mg_tls_ctx_unref(mg_tls_ctx_t *c)
 void mg_tls_ctx_describe(const mg_tls_ctx_t *c, char *out, size_t cap)
 {
     snprintf(out, cap, "%s, valid until %s", c->subject, c->not_after);
+}
+
+int mg_tls_ctx_days_left(const mg_tls_ctx_t *c)
+{
+    X509 *x = SSL_CTX_get0_certificate(c->ssl);
+    int days = 0, secs = 0;
+    if (x == NULL || ASN1_TIME_diff(&days, &secs, NULL, X509_get0_notAfter(x)) != 1)
+        return 0;
+    return days;
 }
 
 int mg_tls_new(mg_tls_ctx_t *ctx, mg_tls_t **out)

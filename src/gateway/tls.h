@@ -30,6 +30,9 @@ void mg_tls_ctx_unref(mg_tls_ctx_t *c);
 /* The leaf certificate's subject and expiry, for logs. */
 void mg_tls_ctx_describe(const mg_tls_ctx_t *c, char *out, size_t cap);
 
+/* Whole days until the certificate expires (0 on its last day). */
+int mg_tls_ctx_days_left(const mg_tls_ctx_t *c);
+
 /* A server session on ctx (referenced until mg_tls_free()). Returns 0, or MG_ENOMEM. */
 int mg_tls_new(mg_tls_ctx_t *ctx, mg_tls_t **out);
 void mg_tls_free(mg_tls_t *t);

@@ -712,6 +712,38 @@ const char *mg_policy_lua_dir(const mg_policy_t *p)
     return p->lua_dir;
 }
 
+/* Runs in the policy's sandbox with its route hook's origin as the argument. */
+static const char default_route_lua[] =
+    "local own = ...\n"
+    "if own and package.loaded['moongate.default'] == nil then return nil end\n"
+    "local r = require('moongate.default').route()\n"
+    "return r.key, r.known_hosts\n";
+
+int mg_policy_default_route_files(mg_policy_t *p, char *key, size_t keycap, char *known_hosts,
+                                  size_t khcap)
+{
+    mg_policy_state_t *st = p->current;
+    lua_State *L = st->L;
+    int top = lua_gettop(L);
+    int rc = MG_ECONFIG;
+    if (luaL_loadbufferx(L, default_route_lua, sizeof(default_route_lua) - 1, "=check", "t") != 0)
+        goto out;
+    lua_pushboolean(L, p->path != NULL && st->hook_from_file[MG_HOOK_ROUTE]);
+    if (lua_pcall(L, 1, 2, 0) != 0)
+        goto out;
+    if (lua_isnil(L, -2) && lua_isnil(L, -1)) {
+        rc = 0;
+        goto out;
+    }
+    const char *k = lua_tostring(L, -2), *kh = lua_tostring(L, -1);
+    copy_str(key, keycap, k != NULL ? k : "");
+    copy_str(known_hosts, khcap, kh != NULL ? kh : "");
+    rc = 1;
+out:
+    lua_settop(L, top);
+    return rc;
+}
+
 void mg_policy_free(mg_policy_t *p)
 {
     if (p == NULL)

@@ -96,8 +96,15 @@ static void test_check_finds_the_installed_lua(void **state)
     snprintf(exe, sizeof(exe), "%s/bin/moongate", w->prefix);
     snprintf(want, sizeof(want), "Lua library: %s/bin/../share/moongate/lua)", w->prefix);
     unsetenv("MOONGATE_LUA_DIR");
+    /* The built-in policy's route names these; -t checks they are there. */
+    char kv[MG_TEST_PATH_MAX + 32], khv[MG_TEST_PATH_MAX + 32];
+    snprintf(kv, sizeof(kv), "MOONGATE_SSH_KEY=%s", w->sshd.client_key);
+    snprintf(khv, sizeof(khv), "MOONGATE_KNOWN_HOSTS=%s", w->sshd.known_hosts);
+    const char *env[] = { kv, khv, "MOONGATE_LISTEN=127.0.0.1:0", NULL };
+    static char *envp[1024];
+    gw_env_merge(envp, sizeof(envp) / sizeof(envp[0]), env);
     char *argv[] = { exe, "-t", NULL };
-    int rc = gw_run(argv, w->prefix, "/", NULL, 30000, &text);
+    int rc = gw_run(argv, w->prefix, "/", envp, 30000, &text);
     if (rc != 0 || strstr(text, want) == NULL)
         fail_msg("moongate -t exited %d, wanted \"%s\" in:\n%s", rc, want, text);
     free(text);

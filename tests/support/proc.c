@@ -127,7 +127,12 @@ static void child_exec(char *const argv[], const mg_test_spawn_opts_t *opts, pid
         if (fd != 1)
             close(fd);
     }
-    if (opts->stderr_path) {
+    if (opts->stderr_path && opts->stdout_path &&
+        strcmp(opts->stderr_path, opts->stdout_path) == 0) {
+        /* One file for both: one open file, so neither overwrites the other. */
+        if (dup2(1, 2) < 0)
+            goto fail;
+    } else if (opts->stderr_path) {
         fd = open(opts->stderr_path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
         if (fd < 0 || dup2(fd, 2) < 0)
             goto fail;

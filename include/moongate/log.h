@@ -3,6 +3,15 @@
  *
  *     2026-11-26T15:20:43.123Z info  ssh: user=alice conn=3 ready in 27 ms
  *
+ * or, in the JSON format (MOONGATE_LOG_FORMAT=json), one object per line for log shippers:
+ *
+ *     {"time":"2026-11-26T15:20:43.123Z","level":"info","component":"ssh","user":"alice",
+ *      "conn":3,"msg":"ready in 27 ms"}
+ *
+ * A message's leading NAME=VALUE words (VALUE bare, or "quoted" with \" and \\ escapes) are
+ * its fields: JSON members of their own (req becomes request_id; digits a number; "-" left
+ * out), the rest the msg. Text lines carry them as written.
+ *
  * Levels run from error (always shown) to trace. The level is process-wide; set it once at
  * start-up (MOONGATE_LOG_LEVEL) or through mg_log_set_level(). mg_log() is cheap when the level is
  * off: test mg_log_enabled() first only to skip building expensive arguments.
@@ -22,7 +31,16 @@ typedef enum mg_log_level {
     MG_LOG_TRACE,
 } mg_log_level_t;
 
+typedef enum mg_log_format {
+    MG_LOG_TEXT = 0,
+    MG_LOG_JSON,
+} mg_log_format_t;
+
 void mg_log_set_level(mg_log_level_t level);
+void mg_log_set_format(mg_log_format_t format);
+
+/* Parses "text" or "json". Returns 0, or MG_EINVAL. */
+int mg_log_format_parse(const char *name, mg_log_format_t *out);
 
 /* Whether a line at level would be written (so a caller can skip building one). */
 bool mg_log_enabled(mg_log_level_t level);
@@ -37,8 +55,8 @@ void mg_log(mg_log_level_t level, const char *component, const char *fmt, ...)
 void mg_logv(mg_log_level_t level, const char *component, const char *fmt, va_list ap);
 
 /*
- * Formats one log line, newline included, into line (cap bytes, at least 2) and returns its
- * length; longer lines are cut. Writes nothing: for writers that cannot use stdio (the
+ * Formats one log line, newline included, into line (cap bytes, at least 2; 128 for JSON) and
+ * returns its length (0 when cap is too small); longer lines are cut, a JSON one still whole. Writes nothing: for writers that cannot use stdio (the
  * watchdog's signal handler).
  */
 size_t mg_log_format(char *line, size_t cap, mg_log_level_t level, const char *component,

@@ -15,6 +15,7 @@
  *   SHUTDOWN_FORCE_AFTER_GRACE   shutdown_force_after_grace   true      true/false/1/0/yes/no
  *   SHUTDOWN_NOTIFY_CLIENTS      shutdown_notify_clients      true      true/false/1/0/yes/no
  *   MOONGATE_LOG_LEVEL           log_level                    info      error..trace
+ *   MOONGATE_LOG_FORMAT          log_format                   text      text, json
  *
  * Times are milliseconds. A variable that is set but is not a number, or is out of range, is an
  * error naming the variable; an unset or empty one keeps the default.
@@ -45,6 +46,7 @@ typedef struct mg_settings {
     bool shutdown_force_after_grace;
     bool shutdown_notify_clients;
     mg_log_level_t log_level;
+    mg_log_format_t log_format;
 } mg_settings_t;
 
 /* Fills in the defaults above. */

@@ -48,6 +48,9 @@ typedef enum mg_ssh_state {
 } mg_ssh_state_t;
 
 typedef struct mg_ssh_conn_opts {
+    uint64_t id;                 /* what logs call it (conn=ID): the pool's id, so one
+                                    connection has one id everywhere; 0: the next of this
+                                    module's own */
     const char *user;            /* moongate's user id, for logs and stats */
     const char *host;            /* the SSH server; also the known_hosts name */
     int port;

@@ -75,6 +75,14 @@ int main(int argc, char **argv)
         return 2;
     }
     mg_log_set_level(level);
+    const char *fmt = getenv("MOONGATE_LOG_FORMAT");
+    mg_log_format_t format = MG_LOG_TEXT;
+    if (fmt != NULL && *fmt != '\0' && mg_log_format_parse(fmt, &format) != 0) {
+        fprintf(stderr, "moongate-agent: MOONGATE_LOG_FORMAT must be text or json (got \"%s\")\n",
+                fmt);
+        return 2;
+    }
+    mg_log_set_format(format);
 
     if (argc >= 2 && strcmp(argv[1], "setup") == 0)
         return mg_agent_setup_main(argc - 2, argv + 2);

@@ -24,6 +24,7 @@ void mg_settings_init(mg_settings_t *s)
         .shutdown_force_after_grace = true,
         .shutdown_notify_clients = true,
         .log_level = MG_LOG_INFO,
+        .log_format = MG_LOG_TEXT,
     };
 }
 
@@ -99,6 +100,11 @@ int mg_settings_from_env(mg_settings_t *s, char *err, size_t errlen)
     if (lvl != NULL && *lvl != '\0' && mg_log_level_parse(lvl, &n.log_level) != 0) {
         snprintf(err, errlen,
                  "MOONGATE_LOG_LEVEL: must be error, warn, info, debug or trace, got \"%s\"", lvl);
+        return MG_ECONFIG;
+    }
+    const char *fmt = getenv("MOONGATE_LOG_FORMAT");
+    if (fmt != NULL && *fmt != '\0' && mg_log_format_parse(fmt, &n.log_format) != 0) {
+        snprintf(err, errlen, "MOONGATE_LOG_FORMAT: must be text or json, got \"%s\"", fmt);
         return MG_ECONFIG;
     }
     *s = n;

@@ -248,7 +248,8 @@ mg_server_req_t *mg_admin_serve(mg_admin_env_t *a, mg_client_t *c, const mg_http
         mg_json_free(&j);
     }
     /* Scrapes and health checks come every few seconds: not at info. */
-    mg_req_account(a->req, id, NULL, h->method, h->target, h->target_len, status, bytes, t0,
-                   NULL, NULL, MG_LOG_DEBUG);
+    mg_req_done_t done = { .id = id, .c = c, .head = h, .status = status, .bytes = bytes,
+                           .t_start_ns = t0 };
+    mg_req_account(a->req, &done, MG_LOG_DEBUG);
     return NULL;
 }

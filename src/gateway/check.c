@@ -190,6 +190,7 @@ int mg_check_run(const char *policy, const char *listen, FILE *ok, FILE *bad)
     }
     /* The report is the output; the log says only what is wrong. */
     mg_log_set_level(MG_LOG_WARN);
+    mg_log_set_format(settings.log_format);
     mg_gateway_opts_t go = { 0 };
     char host[256];
     if (mg_gateway_opts_from_env(&go, err, sizeof(err)) != 0)

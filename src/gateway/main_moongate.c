@@ -149,6 +149,7 @@ int main(int argc, char **argv)
         return 2;
     }
     mg_log_set_level(settings.log_level);
+    mg_log_set_format(settings.log_format);
 
     mg_gateway_opts_t go;
     if (mg_gateway_opts_from_env(&go, err, sizeof(err)) != 0) {

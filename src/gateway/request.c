@@ -218,17 +218,32 @@ static void req_error(mg_req_t *r, int status, const char *message, const mg_pol
  * Accounting
  */
 
-void mg_req_account(mg_req_env_t *env, const char *id, const char *user, const char *method,
-                    const char *target, size_t target_len, int status, uint64_t bytes,
-                    uint64_t t_start_ns, const char *outcome, const mg_usage_t *usage,
-                    mg_log_level_t level)
+/* The User-Agent for a log line, quoted: at most 128 bytes, with " and \ escaped (the parser
+   let through visible ASCII and blanks only). */
+static void quote_agent(const mg_http1_req_head_t *h, char *out, size_t cap)
+{
+    const mg_http1_header_t *f = mg_http1_header_find(h->headers, h->nheaders, "user-agent");
+    size_t o = 0;
+    out[o++] = '"';
+    for (size_t i = 0; f != NULL && i < f->value_len && i < 128 && o + 4 < cap; i++) {
+        char ch = f->value[i];
+        if (ch == '"' || ch == '\\')
+            out[o++] = '\\';
+        out[o++] = ch;
+    }
+    out[o++] = '"';
+    out[o] = '\0';
+}
+
+void mg_req_account(mg_req_env_t *env, const mg_req_done_t *d, mg_log_level_t level)
 {
     mg_gateway_metrics_t *m = env->metrics;
-    double secs = (double)(uv_hrtime() - t_start_ns) / 1e9;
-    mg_counter_inc(m->requests_total[mg_http_status_class(status)]);
+    const mg_usage_t *usage = d->usage;
+    double secs = (double)(uv_hrtime() - d->t_start_ns) / 1e9;
+    mg_counter_inc(m->requests_total[mg_http_status_class(d->status)]);
     mg_histogram_observe(m->request_duration, secs);
     if (env->llm)
-        mg_llm_metrics_count(env->llm, user, usage ? usage->model : NULL,
+        mg_llm_metrics_count(env->llm, d->user, usage ? usage->model : NULL,
                              usage ? usage->prompt_tokens : -1,
                              usage ? usage->completion_tokens : -1);
     if (!mg_log_enabled(level))
@@ -238,11 +253,15 @@ void mg_req_account(mg_req_env_t *env, const char *id, const char *user, const c
         snprintf(used, sizeof(used), ", model=%s prompt_tokens=%lld completion_tokens=%lld",
                  usage->model[0] ? usage->model : "-", (long long)usage->prompt_tokens,
                  (long long)usage->completion_tokens);
-    int tl = target_len > LOG_TARGET_MAX ? LOG_TARGET_MAX : (int)target_len;
-    mg_log(level, LOG, "req=%s user=%s %s %.*s%s -> %d, %llu bytes, %.1f ms%s%s%s", id,
-           user && user[0] ? user : "-", method, tl, target,
-           target_len > LOG_TARGET_MAX ? "..." : "", status, (unsigned long long)bytes,
-           secs * 1000, used, outcome && outcome[0] ? ", " : "", outcome ? outcome : "");
+    char ua[300];
+    quote_agent(d->head, ua, sizeof(ua));
+    const mg_http1_req_head_t *h = d->head;
+    int tl = h->target_len > LOG_TARGET_MAX ? LOG_TARGET_MAX : (int)h->target_len;
+    mg_log(level, LOG, "req=%s user=%s client=%s ua=%s %s %.*s%s -> %d, %llu bytes, %.1f ms%s%s%s",
+           d->id, d->user && d->user[0] ? d->user : "-", mg_client_remote(d->c), ua, h->method,
+           tl, h->target, h->target_len > LOG_TARGET_MAX ? "..." : "", d->status,
+           (unsigned long long)d->bytes, secs * 1000, used,
+           d->outcome && d->outcome[0] ? ", " : "", d->outcome ? d->outcome : "");
 }
 
 static void req_free(mg_req_t *r)
@@ -590,9 +609,10 @@ static void on_done(mg_server_req_t *base, bool complete)
         have_usage = usage.found;
     }
     int status = r->status ? r->status : 499;
-    mg_req_account(r->env, r->id, r->user, r->head->method, r->head->target,
-                   r->head->target_len, status, r->bytes_down, r->t_start, outcome,
-                   have_usage ? &usage : NULL, MG_LOG_INFO);
+    mg_req_done_t done = { .id = r->id, .user = r->user, .c = r->c, .head = r->head,
+                           .status = status, .bytes = r->bytes_down, .t_start_ns = r->t_start,
+                           .outcome = outcome, .usage = have_usage ? &usage : NULL };
+    mg_req_account(r->env, &done, MG_LOG_INFO);
     if (mg_policy_has_on_event(r->env->policy))
         request_event(r, status, outcome, have_usage ? &usage : NULL);
     r->c = NULL;

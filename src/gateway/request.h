@@ -66,11 +66,23 @@ mg_error_format_t mg_req_error_format(mg_error_format_t f, const char *target, s
 void mg_req_respond_error(mg_client_t *c, mg_error_format_t format, const char *request_id,
                           int status, const char *message, const mg_policy_decision_t *d);
 
-/* Counts a finished request in the metrics and writes its access log line at level; usage is
-   what the response reported (NULL: nothing). */
-void mg_req_account(mg_req_env_t *env, const char *id, const char *user, const char *method,
-                    const char *target, size_t target_len, int status, uint64_t bytes,
-                    uint64_t t_start_ns, const char *outcome, const mg_usage_t *usage,
-                    mg_log_level_t level);
+/* A finished request, as the access line and the metrics take it. */
+typedef struct mg_req_done {
+    const char *id;
+    const char *user;          /* or NULL / "" before authentication */
+    const mg_client_t *c;      /* for its address */
+    const mg_http1_req_head_t *head;
+    int status;
+    uint64_t bytes;            /* of the response body */
+    uint64_t t_start_ns;
+    const char *outcome;       /* NULL, or why it ended as it did */
+    const mg_usage_t *usage;   /* what the response reported, or NULL */
+} mg_req_done_t;
+
+/*
+ * Counts a finished request in the metrics and writes its access line at level:
+ *   req=ID user=U client=ADDR ua="AGENT" METHOD TARGET -> STATUS, BYTES bytes, MS ms[, usage]
+ */
+void mg_req_account(mg_req_env_t *env, const mg_req_done_t *d, mg_log_level_t level);
 
 #endif

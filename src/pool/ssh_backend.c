@@ -40,6 +40,7 @@ static int backend_open(void *ctx, mg_pool_conn_t *pc, const char *user, void *o
     }
     mg_ssh_conn_opts_t o = *route;
     o.user = user;
+    o.id = mg_pool_conn_id(pc);
     if (o.agent) {
         if (b->agent_open == NULL) {
             snprintf(err, errlen, "no agent endpoint for user %s", user);

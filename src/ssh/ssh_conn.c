@@ -289,9 +289,16 @@ static void become_ready(mg_ssh_conn_t *c)
     c->ka_mark = c->tr->bytes_in;
     uv_timer_stop(&c->timer);
     start_keepalive(c);
-    mg_log_info("ssh", "user=%s conn=%llu ready: %s@%s:%d in %llu ms", c->user,
-                (unsigned long long)c->id, c->ssh_user, c->host, c->port,
-                (unsigned long long)c->handshake_ms);
+    /* Over an agent's WebSocket nothing dials host:port: the host is the route's name for
+       the user's machine. */
+    if (strcmp(c->tr->ops->name, "tcp") == 0)
+        mg_log_info("ssh", "user=%s conn=%llu ready: %s@%s:%d in %llu ms", c->user,
+                    (unsigned long long)c->id, c->ssh_user, c->host, c->port,
+                    (unsigned long long)c->handshake_ms);
+    else
+        mg_log_info("ssh", "user=%s conn=%llu ready: %s@%s over the %s in %llu ms", c->user,
+                    (unsigned long long)c->id, c->ssh_user, c->host, c->tr->ops->name,
+                    (unsigned long long)c->handshake_ms);
     c->redrive = true;
     emit(c, MG_SSH_EV_READY);
 }
@@ -464,7 +471,7 @@ int mg_ssh_conn_start(uv_loop_t *loop, const mg_ssh_conn_opts_t *o, mg_transport
         return MG_ENOMEM;
     mg_list_init(&c->chans);
     c->loop = loop;
-    c->id = next_conn_id++;
+    c->id = o->id != 0 ? o->id : next_conn_id++;
     c->user = strdup(o->user);
     c->host = strdup(o->host);
     c->ssh_user = strdup(o->ssh_user);
@@ -513,9 +520,12 @@ int mg_ssh_conn_start(uv_loop_t *loop, const mg_ssh_conn_opts_t *o, mg_transport
     uv_timer_start(&c->timer, on_timer, c->connect_timeout_ms, 0);
     if (c->state == MG_SSH_HANDSHAKE)
         mg__ssh_schedule_drive(c);
-    mg_log_debug("ssh", "user=%s conn=%llu connecting to %s@%s:%d over %s", c->user,
-                 (unsigned long long)c->id, c->ssh_user, c->host, c->port,
-                 c->tr->ops->name);
+    if (strcmp(c->tr->ops->name, "tcp") == 0)
+        mg_log_debug("ssh", "user=%s conn=%llu connecting to %s@%s:%d", c->user,
+                     (unsigned long long)c->id, c->ssh_user, c->host, c->port);
+    else
+        mg_log_debug("ssh", "user=%s conn=%llu logging in as %s@%s over the %s", c->user,
+                     (unsigned long long)c->id, c->ssh_user, c->host, c->tr->ops->name);
     *out = c;
     return 0;
 }

@@ -9,6 +9,7 @@
  */
 #include "gwtest.h"
 
+#include <jansson.h>
 #include <pthread.h>
 
 typedef struct world {
@@ -1300,6 +1301,75 @@ static void test_shared_gateway_exits_cleanly(void **state)
     gw_stop(g);
 }
 
+/*
+ * MOONGATE_LOG_FORMAT=json, through requests (served, refused, streamed), a scrape, a reload
+ * that works and one that fails, and a drain: every line the process wrote is one JSON object
+ * with time, level, component and msg, and the access lines carry their fields as members.
+ */
+static void test_json_logs(void **state)
+{
+    world_t *w = *state;
+    gw_t g;
+    const char *env[] = { "MOONGATE_LOG_FORMAT=json", NULL };
+    gw_start(&g, &w->sshd, w->up.port, env);
+    mg_test_http_response_t r;
+    int rc = gw_request(&g, "GET", "/hello", GW_AUTH_ALICE "User-Agent: json-test \"q\"/1\r\n",
+                        NULL, 0, &r, 10000);
+    gw_expect_status(&g, rc, &r, 200, "json logs");
+    mg_test_http_response_free(&r);
+    rc = gw_request(&g, "GET", "/stream?chunks=3&interval_ms=10&size=4", GW_AUTH_ALICE, NULL, 0,
+                    &r, 10000);
+    gw_expect_status(&g, rc, &r, 200, "a stream");
+    mg_test_http_response_free(&r);
+    rc = gw_request(&g, "GET", "/hello", NULL, NULL, 0, &r, 10000);
+    gw_expect_status(&g, rc, &r, 401, "no token");
+    mg_test_http_response_free(&r);
+    assert_true(gw_metric(&g, "moongate_requests_total{code=\"2xx\"}") >= 2);
+
+    int reloads = gw_log_count(&g, "policy reloaded");
+    assert_int_equal(mg_test_proc_kill(&g.proc, SIGHUP), 0);
+    assert_true(gw_wait_log(&g, "policy reloaded", reloads + 1, 5000));
+    assert_int_equal(mg_test_write_file(g.policy, "return {\n  route = 42,\n}\n", 25, 0600), 0);
+    assert_int_equal(mg_test_proc_kill(&g.proc, SIGHUP), 0);
+    assert_true(gw_wait_log(&g, "reload failed", 1, 5000));
+    gw_stop(&g);
+
+    char *text = NULL;
+    assert_int_equal(mg_test_read_file(g.log, &text, NULL), 0);
+    int lines = 0, access = 0, with_conn = 0;
+    for (char *line = text, *nl; *line != '\0'; line = nl + 1) {
+        nl = strchr(line, '\n');
+        assert_non_null(nl);
+        json_error_t e;
+        json_t *j = json_loadb(line, (size_t)(nl - line), 0, &e);
+        if (j == NULL || !json_is_object(j))
+            fail_msg("line %d is not a JSON object (%s): %.*s", lines + 1, e.text,
+                     (int)(nl - line), line);
+        static const char *const members[] = { "time", "level", "component", "msg" };
+        for (size_t i = 0; i < 4; i++)
+            if (!json_is_string(json_object_get(j, members[i])))
+                fail_msg("line %d has no %s: %.*s", lines + 1, members[i], (int)(nl - line), line);
+        const char *ua = json_string_value(json_object_get(j, "ua"));
+        if (ua != NULL && strcmp(ua, "json-test \"q\"/1") == 0) {
+            access++;
+            assert_string_equal(json_string_value(json_object_get(j, "user")), "alice");
+            assert_string_equal(json_string_value(json_object_get(j, "client")), "127.0.0.1");
+            assert_int_equal(strlen(json_string_value(json_object_get(j, "request_id"))), 32);
+            assert_non_null(strstr(json_string_value(json_object_get(j, "msg")),
+                                   "GET /hello -> 200"));
+        }
+        if (json_is_integer(json_object_get(j, "conn")))
+            with_conn++; /* a pool or ssh line naming its connection */
+        json_decref(j);
+        lines++;
+    }
+    print_message("%d JSON lines\n", lines);
+    assert_true(lines >= 10);
+    assert_int_equal(access, 1); /* the one access line with our user agent */
+    assert_true(with_conn >= 2);
+    free(text);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1323,6 +1393,7 @@ int main(void)
         cmocka_unit_test(test_channel_reuse),
         cmocka_unit_test(test_stalled_client_cut),
         cmocka_unit_test(test_metrics),
+        cmocka_unit_test(test_json_logs),
         cmocka_unit_test(test_stats),
         cmocka_unit_test(test_admin_token),
         cmocka_unit_test(test_idle_channels_counted),

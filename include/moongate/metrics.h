@@ -97,6 +97,21 @@ int mg_metrics_gauge_fn(mg_metrics_t *reg, const char *name, const char *help,
                         const char *label_name, const char *label_value, mg_gauge_fn fn,
                         void *arg);
 
+/* A counter series whose total fn(arg) returns at render time (a count kept elsewhere, such as
+   the kernel's CPU time); as mg_metrics_gauge_fn() otherwise. */
+int mg_metrics_counter_fn(mg_metrics_t *reg, const char *name, const char *help,
+                          const char *label_name, const char *label_value, mg_gauge_fn fn,
+                          void *arg);
+
+/*
+ * The process metrics Prometheus client libraries export, read at render time from the kernel:
+ * process_cpu_seconds_total, process_resident_memory_bytes, process_virtual_memory_bytes,
+ * process_open_fds, process_max_fds and process_start_time_seconds (the wall clock when this
+ * was called, at start-up); and moongate_build_info{version} 1. Returns 0, MG_EINVAL or
+ * MG_ENOMEM.
+ */
+int mg_process_metrics_init(mg_metrics_t *reg, const char *version);
+
 /*
  * Registers a histogram (a family of its own, without labels) with n upper bounds, finite and
  * strictly increasing; the +Inf bucket is implied. The bounds are copied.

@@ -248,6 +248,8 @@ int mg_metrics_counter(mg_metrics_t *reg, const char *name, const char *help,
     series_t *s;
     bool created;
     int rc = get_series(reg, KIND_COUNTER, name, help, label_name, label_value, &s, &created);
+    if (rc == 0 && s->fn != NULL)
+        rc = MG_EINVAL; /* the series is read through a callback; a handle would do nothing */
     *out = rc == 0 ? &s->u.counter : NULL;
     return rc;
 }
@@ -273,15 +275,15 @@ int mg_metrics_gauge(mg_metrics_t *reg, const char *name, const char *help,
     return rc;
 }
 
-int mg_metrics_gauge_fn(mg_metrics_t *reg, const char *name, const char *help,
-                        const char *label_name, const char *label_value, mg_gauge_fn fn,
-                        void *arg)
+static int fn_series(mg_metrics_t *reg, enum kind kind, const char *name, const char *help,
+                     const char *label_name, const char *label_value, mg_gauge_fn fn,
+                     void *arg)
 {
     if (fn == NULL)
         return MG_EINVAL;
     series_t *s;
     bool created;
-    int rc = get_series(reg, KIND_GAUGE, name, help, label_name, label_value, &s, &created);
+    int rc = get_series(reg, kind, name, help, label_name, label_value, &s, &created);
     if (rc != 0)
         return rc;
     if (!created)
@@ -289,6 +291,20 @@ int mg_metrics_gauge_fn(mg_metrics_t *reg, const char *name, const char *help,
     s->fn = fn;
     s->arg = arg;
     return 0;
+}
+
+int mg_metrics_gauge_fn(mg_metrics_t *reg, const char *name, const char *help,
+                        const char *label_name, const char *label_value, mg_gauge_fn fn,
+                        void *arg)
+{
+    return fn_series(reg, KIND_GAUGE, name, help, label_name, label_value, fn, arg);
+}
+
+int mg_metrics_counter_fn(mg_metrics_t *reg, const char *name, const char *help,
+                          const char *label_name, const char *label_value, mg_gauge_fn fn,
+                          void *arg)
+{
+    return fn_series(reg, KIND_COUNTER, name, help, label_name, label_value, fn, arg);
 }
 
 int mg_metrics_histogram(mg_metrics_t *reg, const char *name, const char *help,
@@ -464,10 +480,12 @@ static void render_family(out_t *o, const family_t *f)
     }
     for (const series_t *s = f->first; s != NULL; s = s->next) {
         put_sample_start(o, f->name, "", f->label_name, s->label_value);
-        if (f->kind == KIND_COUNTER)
+        if (s->fn != NULL)
+            put_double(o, s->fn(s->arg));
+        else if (f->kind == KIND_COUNTER)
             put_u64(o, s->u.counter.value);
         else
-            put_double(o, s->fn != NULL ? s->fn(s->arg) : s->u.gauge.value);
+            put_double(o, s->u.gauge.value);
         put(o, "\n", 1);
     }
 }

@@ -215,6 +215,25 @@ static double gauge_queue(void *arg)
     return st.waiters;
 }
 
+static double client_bytes(const mg_gateway_t *gw, bool in)
+{
+    if (gw->server == NULL)
+        return 0;
+    mg_server_stats_t st;
+    mg_server_stats(gw->server, &st);
+    return (double)(in ? st.bytes_in : st.bytes_out);
+}
+
+static double client_received(void *arg)
+{
+    return client_bytes(arg, true);
+}
+
+static double client_sent(void *arg)
+{
+    return client_bytes(arg, false);
+}
+
 static double gauge_clients(void *arg)
 {
     mg_gateway_t *gw = arg;
@@ -348,6 +367,13 @@ int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gate
     if (gw->metrics_reg == NULL || mg_gateway_metrics_init(&gw->metrics, gw->metrics_reg, &src) ||
         mg_metrics_gauge_fn(gw->metrics_reg, "moongate_client_connections",
                             "Client connections open.", NULL, NULL, gauge_clients, gw) ||
+        mg_metrics_counter_fn(gw->metrics_reg, "moongate_client_received_bytes_total",
+                              "Bytes received from clients, as on the wire (TLS included).",
+                              NULL, NULL, client_received, gw) ||
+        mg_metrics_counter_fn(gw->metrics_reg, "moongate_client_sent_bytes_total",
+                              "Bytes sent to clients, as on the wire (TLS included).", NULL,
+                              NULL, client_sent, gw) ||
+        mg_process_metrics_init(gw->metrics_reg, MG_VERSION) ||
         mg_llm_metrics_new(gw->metrics_reg, (int)o->metrics_per_user, &gw->llm_metrics))
         goto fail;
 

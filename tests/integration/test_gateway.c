@@ -9,8 +9,10 @@
  */
 #include "gwtest.h"
 
+#include <ctype.h>
 #include <jansson.h>
 #include <pthread.h>
+#include <sys/time.h>
 
 typedef struct world {
     mg_test_sshd_t sshd;
@@ -1170,6 +1172,115 @@ static void test_metrics(void **state)
                   "the tests on this gateway = %llu\n",
                   samples, nhist, ok2xx, (unsigned long long)g->ok_responses);
     assert_true(ok2xx >= (double)g->ok_responses);
+
+    /* The process as the kernel sees it, the build, and the client side's bytes. */
+    char stat[64], *status = NULL;
+    snprintf(stat, sizeof(stat), "/proc/%d/status", (int)g->proc.pid);
+    assert_int_equal(mg_test_read_file(stat, &status, NULL), 0);
+    const char *vmrss = strstr(status, "VmRSS:");
+    assert_non_null(vmrss);
+    double rss_kernel = atof(vmrss + 6) * 1024;
+    free(status);
+    double rss = gw_metric(g, "process_resident_memory_bytes");
+    print_message("process_resident_memory_bytes %.0f, VmRSS %.0f\n", rss, rss_kernel);
+    assert_true(rss > rss_kernel / 2 && rss < rss_kernel * 2);
+    assert_true(gw_metric(g, "process_cpu_seconds_total") > 0);
+    assert_true(gw_metric(g, "process_virtual_memory_bytes") >= rss);
+    double fds = gw_metric(g, "process_open_fds"), maxfds = gw_metric(g, "process_max_fds");
+    assert_true(fds >= 4 && fds < maxfds);
+    double start = gw_metric(g, "process_start_time_seconds");
+    struct timeval now;
+    gettimeofday(&now, NULL);
+    assert_true(start > (double)now.tv_sec - 3600 && start <= (double)now.tv_sec + 1);
+    assert_true(gw_metric(g, "moongate_build_info{version=\"" MG_TEST_VERSION "\"}") == 1);
+    double in0 = gw_metric(g, "moongate_client_received_bytes_total");
+    double out0 = gw_metric(g, "moongate_client_sent_bytes_total");
+    rc = gw_request(g, "POST", "/echo", GW_AUTH_ALICE, "0123456789", 10, &r, 5000);
+    gw_expect_status(g, rc, &r, 200, "an echo between two scrapes");
+    mg_test_http_response_free(&r);
+    double in1 = gw_metric(g, "moongate_client_received_bytes_total");
+    double out1 = gw_metric(g, "moongate_client_sent_bytes_total");
+    print_message("client bytes: +%.0f in, +%.0f out\n", in1 - in0, out1 - out0);
+    assert_true(in1 - in0 > 10 + 40);  /* the echo's head and body, and a scrape's */
+    assert_true(out1 - out0 > 10 + 100);
+}
+
+/*
+ * examples/grafana/moongate.json queries only metrics the gateway serves: every moongate_* and
+ * process_* name in its panels and variables (a histogram's _bucket, _sum, _count under its
+ * own name) has a # TYPE line in a live /metrics.
+ */
+static void collect_names(const char *expr, char names[][96], int *n, int cap)
+{
+    for (const char *p = expr; *p;) {
+        if (!(isalpha((unsigned char)*p) || *p == '_' || *p == ':')) {
+            p++;
+            continue;
+        }
+        const char *start = p;
+        while (isalnum((unsigned char)*p) || *p == '_' || *p == ':')
+            p++;
+        size_t len = (size_t)(p - start);
+        if (len < sizeof(names[0]) && *n < cap &&
+            (strncmp(start, "moongate_", 9) == 0 || strncmp(start, "process_", 8) == 0))
+            snprintf(names[(*n)++], sizeof(names[0]), "%.*s", (int)len, start);
+    }
+}
+
+static void test_dashboard_metrics_exist(void **state)
+{
+    world_t *w = *state;
+    gw_t *g = shared_gw(w);
+    json_error_t e;
+    json_t *d = json_load_file(MG_SOURCE_DIR "/examples/grafana/moongate.json", 0, &e);
+    if (d == NULL)
+        fail_msg("examples/grafana/moongate.json: line %d: %s", e.line, e.text);
+    char names[128][96];
+    int n = 0, exprs = 0;
+    size_t i, k;
+    json_t *panel, *target, *var;
+    json_array_foreach(json_object_get(d, "panels"), i, panel) {
+        json_array_foreach(json_object_get(panel, "targets"), k, target) {
+            const char *expr = json_string_value(json_object_get(target, "expr"));
+            assert_non_null(expr);
+            collect_names(expr, names, &n, 128);
+            exprs++;
+        }
+    }
+    json_array_foreach(json_object_get(json_object_get(d, "templating"), "list"), i, var) {
+        const char *q = json_string_value(json_object_get(var, "query"));
+        if (q != NULL)
+            collect_names(q, names, &n, 128);
+    }
+    json_decref(d);
+    assert_true(exprs >= 10);
+
+    mg_test_http_response_t r;
+    int rc = gw_request(g, "GET", "/metrics", NULL, NULL, 0, &r, 5000);
+    gw_expect_status(g, rc, &r, 200, "GET /metrics for the dashboard");
+    int missing = 0;
+    for (int j = 0; j < n; j++) {
+        char want[160];
+        snprintf(want, sizeof(want), "# TYPE %.95s ", names[j]);
+        if (strstr(r.body, want) != NULL)
+            continue;
+        static const char *const parts[] = { "_bucket", "_sum", "_count" };
+        bool found = false;
+        for (size_t s = 0; s < 3 && !found; s++) {
+            size_t nl = strlen(names[j]), sl = strlen(parts[s]);
+            if (nl > sl && strcmp(names[j] + nl - sl, parts[s]) == 0) {
+                snprintf(want, sizeof(want), "# TYPE %.*s histogram", (int)(nl - sl), names[j]);
+                found = strstr(r.body, want) != NULL;
+            }
+        }
+        if (!found) {
+            print_message("the dashboard queries %s, which /metrics does not serve\n", names[j]);
+            missing++;
+        }
+    }
+    mg_test_http_response_free(&r);
+    print_message("%d queries naming %d metrics, all served\n", exprs, n);
+    assert_int_equal(missing, 0);
 }
 
 /* ---- 12. /stats ---- */
@@ -1394,6 +1505,7 @@ int main(void)
         cmocka_unit_test(test_stalled_client_cut),
         cmocka_unit_test(test_metrics),
         cmocka_unit_test(test_json_logs),
+        cmocka_unit_test(test_dashboard_metrics_exist),
         cmocka_unit_test(test_stats),
         cmocka_unit_test(test_admin_token),
         cmocka_unit_test(test_idle_channels_counted),

@@ -236,6 +236,39 @@ static void test_gauge_callbacks(void **state)
     assert_int_equal(mg_metrics_gauge(reg, "g_conns", NULL, NULL, NULL, &g), MG_EINVAL);
     assert_null(g);
     assert_int_equal(mg_metrics_gauge_fn(reg, "g_other", NULL, NULL, NULL, NULL, NULL), MG_EINVAL);
+
+    /* A counter read at render time is typed counter, and has no handle either. */
+    pn.connections = 41;
+    assert_int_equal(mg_metrics_counter_fn(reg, "c_total", "T.", NULL, NULL, read_connections,
+                                           &pn), 0);
+    assert_non_null(strstr(render(reg, &sb), "# TYPE c_total counter\nc_total 41\n"));
+    mg_strbuf_free(&sb);
+    mg_counter_t *c;
+    assert_int_equal(mg_metrics_counter(reg, "c_total", NULL, NULL, NULL, &c), MG_EINVAL);
+    assert_null(c);
+    mg_metrics_free(reg);
+}
+
+/* The process metrics and the build's, by the names client libraries use. */
+static void test_process_metrics(void **state)
+{
+    mg_metrics_t *reg = mg_metrics_new();
+    assert_int_equal(mg_process_metrics_init(reg, "9.8.7"), 0);
+    mg_strbuf_t sb;
+    const char *text = render(reg, &sb);
+    static const char *const want[] = {
+        "# TYPE process_cpu_seconds_total counter\n", "# TYPE process_resident_memory_bytes gauge\n",
+        "# TYPE process_virtual_memory_bytes gauge\n", "# TYPE process_open_fds gauge\n",
+        "# TYPE process_max_fds gauge\n", "# TYPE process_start_time_seconds gauge\n",
+        "moongate_build_info{version=\"9.8.7\"} 1\n",
+    };
+    for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++)
+        if (strstr(text, want[i]) == NULL)
+            fail_msg("no \"%s\" in:\n%s", want[i], text);
+    const char *rss = strstr(text, "\nprocess_resident_memory_bytes ");
+    assert_non_null(rss);
+    assert_true(atof(rss + 31) > 1e5);
+    mg_strbuf_free(&sb);
     mg_metrics_free(reg);
 }
 
@@ -800,6 +833,7 @@ int main(void)
         cmocka_unit_test(test_label_escaping),
         cmocka_unit_test(test_histogram_buckets),
         cmocka_unit_test(test_gauge_callbacks),
+        cmocka_unit_test(test_process_metrics),
         cmocka_unit_test(test_registration_rules),
         cmocka_unit_test(test_many_series),
         cmocka_unit_test(test_status_classes),

@@ -9,7 +9,7 @@
  *
  * Lifecycle: mg_gateway_new() builds and starts serving; mg_gateway_reload() loads the policy
  * and the TLS certificate again (SIGHUP); mg_gateway_drain() runs the shutdown sequence
- * (SIGTERM): /healthz turns 503, new requests are refused with 503, requests in flight finish
+ * (SIGTERM): /healthz and /readyz turn 503, new requests are refused with 503, requests in flight finish
  * within the shutdown hook's grace period, SSH sessions disconnect, and on_drained is called.
  * Then mg_gateway_free(), which closes what is left; the loop ends once it has.
  */

@@ -1,5 +1,5 @@
 /*
- * admin: /healthz, /metrics and /stats. See admin.h.
+ * admin: /healthz, /readyz, /metrics and /stats. See admin.h.
  */
 #include "admin.h"
 
@@ -14,7 +14,7 @@
 #include <strings.h>
 #include <sys/time.h>
 
-enum endpoint { EP_NONE, EP_HEALTHZ, EP_METRICS, EP_STATS };
+enum endpoint { EP_NONE, EP_HEALTHZ, EP_READYZ, EP_METRICS, EP_STATS };
 
 static uint64_t wall_ms(void)
 {
@@ -30,6 +30,8 @@ static enum endpoint endpoint_of(const char *target, size_t len)
         plen++;
     if (plen == 8 && memcmp(target, "/healthz", 8) == 0)
         return EP_HEALTHZ;
+    if (plen == 7 && memcmp(target, "/readyz", 7) == 0)
+        return EP_READYZ;
     if (plen == 8 && memcmp(target, "/metrics", 8) == 0)
         return EP_METRICS;
     if (plen == 6 && memcmp(target, "/stats", 6) == 0)
@@ -200,6 +202,55 @@ static void render_stats(const mg_admin_env_t *a, mg_json_t *j)
 
 /* ---- serving ---- */
 
+/*
+ * /readyz: {"ready": bool, "reasons": [why not...], "draining", "clients", "max_clients",
+ * "in_flight", "policy": {"generation", "last_reload": "ok" | "failed", "error"}}. A load
+ * balancer sends traffic only on 200; the reasons say what an operator would look at. A
+ * refused reload leaves the old policy serving, so it is reported, not a reason; its message
+ * (file and line) goes only to clients allowed /stats.
+ */
+static void render_ready(const mg_admin_env_t *a, bool admin, mg_json_t *j, bool *ready)
+{
+    mg_server_stats_t st = { 0 };
+    if (a->server != NULL)
+        mg_server_stats(a->server, &st);
+    bool full = a->max_clients > 0 && st.connections >= a->max_clients;
+    *ready = !a->req->draining && !full;
+    mg_json_begin_object(j);
+    mg_json_key(j, "ready");
+    mg_json_bool(j, *ready);
+    mg_json_key(j, "reasons");
+    mg_json_begin_array(j);
+    if (a->req->draining)
+        mg_json_string(j, "draining: shutting down, finishing the requests in flight");
+    if (full)
+        mg_json_string(j, "full: at MOONGATE_MAX_CLIENTS client connections, new ones are "
+                          "refused");
+    mg_json_end_array(j);
+    mg_json_key(j, "draining");
+    mg_json_bool(j, a->req->draining);
+    mg_json_key(j, "clients");
+    mg_json_int(j, st.connections);
+    mg_json_key(j, "max_clients");
+    mg_json_int(j, a->max_clients);
+    mg_json_key(j, "in_flight");
+    mg_json_int(j, a->req->in_flight);
+    mg_json_key(j, "policy");
+    mg_json_begin_object(j);
+    mg_policy_state_t *pst = mg_policy_acquire(a->policy);
+    mg_json_key(j, "generation");
+    mg_json_uint(j, mg_policy_state_generation(pst));
+    mg_policy_release(pst);
+    mg_json_key(j, "last_reload");
+    mg_json_string(j, a->reload_failed ? "failed" : "ok");
+    if (a->reload_failed && admin) {
+        mg_json_key(j, "error");
+        mg_json_string(j, a->reload_error);
+    }
+    mg_json_end_object(j);
+    mg_json_end_object(j);
+}
+
 mg_server_req_t *mg_admin_serve(mg_admin_env_t *a, mg_client_t *c, const mg_http1_req_head_t *h)
 {
     uint64_t t0 = uv_hrtime();
@@ -215,6 +266,18 @@ mg_server_req_t *mg_admin_serve(mg_admin_env_t *a, mg_client_t *c, const mg_http
         } else {
             mg_req_respond(c, id, status, "text/plain", "ok\n", 3, NULL);
         }
+    } else if (ep == EP_READYZ) {
+        mg_json_t j;
+        mg_json_init(&j, 64 * 1024);
+        bool ready = false;
+        render_ready(a, allowed(a, c, h), &j, &ready);
+        size_t len = 0;
+        const char *body = mg_json_buf(&j, &len);
+        status = ready ? 200 : 503;
+        bytes = body != NULL ? len : 0;
+        mg_req_respond(c, id, status, "application/json", body != NULL ? body : "{}",
+                       body != NULL ? len : 2, NULL);
+        mg_json_free(&j);
     } else if (!allowed(a, c, h)) {
         status = 403;
         mg_req_respond_error(c, MG_ERROR_FORMAT_PLAIN, id, status,

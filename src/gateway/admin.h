@@ -1,5 +1,6 @@
 /*
- * admin: the gateway's own endpoints. GET /healthz (200, or 503 while draining), /metrics
+ * admin: the gateway's own endpoints. GET /healthz (200, or 503 while draining), /readyz
+ * (JSON: whether to send it traffic, and if not why: 200 or 503), /metrics
  * (Prometheus text) and /stats (JSON: the pool with each connection, channel reuse, cleanup,
  * shutdown, policy memory). /metrics and /stats answer loopback clients only, or, when an
  * admin token is set, whoever sends "Authorization: Bearer TOKEN" (compared in constant time).
@@ -27,6 +28,10 @@ typedef struct mg_admin_env {
     mg_proxy_t *proxy;
     mg_policy_t *policy;
     uint64_t started_ms;        /* wall clock */
+    mg_server_t *server;        /* for /readyz: its connections against max_clients */
+    int max_clients;
+    bool reload_failed;         /* the last reload was refused (the old policy serves) */
+    char reload_error[512];     /* and why, shown to admin clients only */
 } mg_admin_env_t;
 
 /* True if target (as received) names one of the endpoints. */

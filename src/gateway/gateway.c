@@ -445,8 +445,10 @@ int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gate
     gw->backend.agent_open = mg_tunnel_agent_open;
     gw->backend.agent_cancel = mg_tunnel_agent_cancel;
     gw->backend.agent_arg = gw->tunnel;
+    gw->admin_env.max_clients = (int)o->max_clients;
     if ((rc = start_server(gw, err, errlen)) != 0)
         goto fail;
+    gw->admin_env.server = gw->server;
     if (o->watchdog_ms > 0 &&
         (rc = mg_watchdog_start(loop, o->watchdog_ms, describe_stall, gw, &gw->watchdog)) != 0) {
         snprintf(err, errlen, "cannot start the watchdog: %s", mg_strerror(rc));
@@ -468,6 +470,9 @@ int mg_gateway_port(const mg_gateway_t *gw)
 int mg_gateway_reload(mg_gateway_t *gw, char *err, size_t errlen)
 {
     int rc = mg_policy_reload(gw->policy, err, errlen);
+    gw->admin_env.reload_failed = rc != 0;
+    snprintf(gw->admin_env.reload_error, sizeof(gw->admin_env.reload_error), "%s",
+             rc != 0 ? err : "");
     if (rc == 0) {
         mg_counter_inc(gw->metrics.policy_reloads_ok);
         mg_pool_refresh_limits(gw->pool);
@@ -607,6 +612,7 @@ static void teardown_ssh(void *arg)
 {
     mg_gateway_t *gw = arg;
     gw->server = NULL;
+    gw->admin_env.server = NULL;
     if (gw->proxy)
         mg_proxy_free(gw->proxy);
     gw->proxy = NULL;

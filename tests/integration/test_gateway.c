@@ -548,7 +548,7 @@ static void test_sigterm_drains_stream(void **state)
     mg_test_http_response_init(&r);
     r.keep_body = true;
     double t0 = mg_test_now_ms(), t_term = 0, deadline = t0 + 8000;
-    int health_during = 0, new_during = 0, new_retry_after = 0;
+    int health_during = 0, new_during = 0, new_retry_after = 0, ready_during = 0;
     double last_probe = 0;
     char buf[4096];
     bool eof = false;
@@ -567,10 +567,18 @@ static void test_sigterm_drains_stream(void **state)
         }
         /* While the stream is in flight: /healthz says 503, and so does a new request. */
         if (t_term != 0 && !r.complete && now - last_probe >= 100 &&
-            (health_during != 503 || new_during != 503)) {
+            (health_during != 503 || new_during != 503 || ready_during != 503)) {
             last_probe = now;
             if (health_during != 503)
                 health_during = gw_healthz(&g, 1000);
+            if (ready_during != 503) {
+                mg_test_http_response_t h;
+                int rc = gw_request(&g, "GET", "/readyz", NULL, NULL, 0, &h, 1000);
+                ready_during = rc == 0 ? h.status : rc;
+                if (ready_during == 503 && strstr(h.body, "\"draining: ") == NULL)
+                    ready_during = -1; /* 503 without saying why */
+                mg_test_http_response_free(&h);
+            }
             if (new_during != 503) {
                 mg_test_http_response_t h;
                 int rc = gw_request(&g, "GET", "/hello", GW_AUTH_ALICE, NULL, 0, &h, 1000);
@@ -585,9 +593,10 @@ static void test_sigterm_drains_stream(void **state)
     }
     close(fd);
     print_message("drain: stream %s with %llu chunks at %.0f ms after SIGTERM; /healthz %d, "
-                  "new request %d\n",
+                  "/readyz %d, new request %d\n",
                   r.complete ? "complete" : "cut", (unsigned long long)r.chunks,
-                  mg_test_now_ms() - t_term, health_during, new_during);
+                  mg_test_now_ms() - t_term, health_during, ready_during, new_during);
+    assert_int_equal(ready_during, 503);
     assert_true(t_term != 0);
     if (!r.complete)
         gw_print_log_tail(&g, 30);
@@ -1283,6 +1292,53 @@ static void test_dashboard_metrics_exist(void **state)
     assert_int_equal(missing, 0);
 }
 
+/*
+ * /readyz: ready with the facts while serving; a refused reload is reported (its error to a
+ * loopback client) but does not make it unready, the old policy serving; at MOONGATE_MAX_CLIENTS
+ * it says full. (Draining is checked in the drain test.)
+ */
+static void test_readyz(void **state)
+{
+    world_t *w = *state;
+    gw_t g;
+    const char *env[] = { "MOONGATE_MAX_CLIENTS=3", NULL };
+    gw_start(&g, &w->sshd, w->up.port, env);
+    mg_test_http_response_t r;
+    int rc = gw_request(&g, "GET", "/readyz", NULL, NULL, 0, &r, 5000);
+    gw_expect_status(&g, rc, &r, 200, "/readyz");
+    if (!gw_json_valid(r.body, r.body_len) ||
+        strstr(r.body, "\"ready\":true,\"reasons\":[],\"draining\":false") == NULL ||
+        strstr(r.body, "\"max_clients\":3") == NULL ||
+        strstr(r.body, "\"last_reload\":\"ok\"") == NULL)
+        fail_msg("/readyz: %s", r.body);
+    mg_test_http_response_free(&r);
+
+    assert_int_equal(mg_test_write_file(g.policy, "return {\n  route = 42,\n}\n", 25, 0600), 0);
+    assert_int_equal(mg_test_proc_kill(&g.proc, SIGHUP), 0);
+    assert_true(gw_wait_log(&g, "reload failed", 1, 5000));
+    rc = gw_request(&g, "GET", "/readyz", NULL, NULL, 0, &r, 5000);
+    gw_expect_status(&g, rc, &r, 200, "/readyz after a refused reload");
+    if (strstr(r.body, "\"last_reload\":\"failed\",\"error\":\"") == NULL ||
+        strstr(r.body, "policy.lua:3: hook 'route' must be a function") == NULL)
+        fail_msg("/readyz after a refused reload: %s", r.body);
+    print_message("/readyz after a refused reload: %s\n", r.body);
+    mg_test_http_response_free(&r);
+
+    /* Two idle connections and the probe make three: full, so not ready. */
+    int a = gw_connect(g.port, 2000), b = gw_connect(g.port, 2000);
+    assert_true(a >= 0 && b >= 0);
+    mg_test_sleep_ms(100); /* accepted */
+    rc = gw_request(&g, "GET", "/readyz", NULL, NULL, 0, &r, 5000);
+    assert_int_equal(rc, 0);
+    assert_int_equal(r.status, 503);
+    if (strstr(r.body, "\"ready\":false,\"reasons\":[\"full: ") == NULL)
+        fail_msg("/readyz when full: %s", r.body);
+    mg_test_http_response_free(&r);
+    close(a);
+    close(b);
+    gw_stop(&g);
+}
+
 /* ---- 12. /stats ---- */
 
 static void test_stats(void **state)
@@ -1506,6 +1562,7 @@ int main(void)
         cmocka_unit_test(test_metrics),
         cmocka_unit_test(test_json_logs),
         cmocka_unit_test(test_dashboard_metrics_exist),
+        cmocka_unit_test(test_readyz),
         cmocka_unit_test(test_stats),
         cmocka_unit_test(test_admin_token),
         cmocka_unit_test(test_idle_channels_counted),

@@ -4,7 +4,8 @@
  *
  * main_agent_tunnel.c keeps the WebSockets to the gateway (docs/tunnel.md) and bridges each one
  * to a fresh local SSH stream; main_agent_setup.c prepares a private sshd for --sshd-inetd;
- * main_agent_check.c checks --sshd-inetd at start.
+ * main_agent_check.c checks --sshd-inetd at start; main_agent_probe.c says why a connection to
+ * the gateway failed.
  */
 #ifndef MOONGATE_MAIN_AGENT_H
 #define MOONGATE_MAIN_AGENT_H
@@ -34,6 +35,17 @@ int mg_agent_free(mg_agent_t *a);
 
 /* `moongate-agent setup ...`: argv are the arguments after "setup". Returns the exit status. */
 int mg_agent_setup_main(int argc, char **argv);
+
+/*
+ * Finds out why a WebSocket to host:port did not open when libwebsockets said only fallback
+ * (main_agent_probe.c): connection refused, unreachable, or a plain HTTP answer on a wss://
+ * port. Calls done(arg, why) once, within about 2 s; why is fallback when nothing better was
+ * found. Returns 0, or -1 (out of memory: done is not called).
+ */
+typedef struct mg_agent_probe mg_agent_probe_t;
+typedef void (*mg_agent_probe_done_fn)(void *arg, const char *why);
+int mg_agent_probe_start(uv_loop_t *loop, const char *host, int port, bool tls,
+                         const char *fallback, mg_agent_probe_done_fn done, void *arg);
 
 /* Runs argv (a $PATH search for argv[0]) to its end, its output on stderr or, quiet, nowhere.
    Returns 0 when it exited 0, else MG_ECONFIG. Blocks: for start-up and setup only. */

@@ -27,6 +27,8 @@
 #include <libwebsockets.h>
 
 #include <netdb.h>
+#include <openssl/x509.h>
+#include <openssl/x509_vfy.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
@@ -74,6 +76,7 @@ struct mg_agent {
     unsigned seq;          /* numbers WebSockets in the logs */
     unsigned attempt;      /* attempts since a WebSocket last stayed up (the backoff's count) */
     bool stopping;
+    bool probing;          /* a failed connect is being looked into (main_agent_probe.c) */
     bool finished;
     int exit_code;
     char sendbuf[LWS_PRE + FRAME_MAX];
@@ -90,6 +93,7 @@ struct conn {
     bool wsi_alive;        /* lws still holds the wsi (until WSI_DESTROY) */
     bool established;
     bool refused;          /* the gateway answered the upgrade with 401 or 403 */
+    char tls_why[512];     /* why the gateway's certificate was not trusted, or "" */
     uint64_t opened_ms;
 
     /* gateway -> sshd */
@@ -340,19 +344,69 @@ static int on_receive(conn_t *c, struct lws *wsi, const char *in, size_t len)
     return 0;
 }
 
+/*
+ * OpenSSL's verdict on each certificate of the gateway's chain: the first it refuses is kept,
+ * with its subject and issuer, for the error line (libwebsockets would say only "SSL err 1").
+ */
+static void note_certificate(conn_t *c, X509_STORE_CTX *x, int preverify_ok)
+{
+    if (preverify_ok || c->tls_why[0] != '\0')
+        return;
+    int err = X509_STORE_CTX_get_error(x);
+    X509 *cert = X509_STORE_CTX_get_current_cert(x);
+    char subject[200] = "?", issuer[200] = "?";
+    if (cert != NULL) {
+        X509_NAME_oneline(X509_get_subject_name(cert), subject, sizeof(subject));
+        X509_NAME_oneline(X509_get_issuer_name(cert), issuer, sizeof(issuer));
+    }
+    const mg_agent_args_t *args = c->a->args;
+    char trust[300];
+    if (args->ca_file != NULL)
+        snprintf(trust, sizeof(trust), "the CAs of --ca-file %s", args->ca_file);
+    else
+        snprintf(trust, sizeof(trust), "the system's CAs (--ca-file names others)");
+    if (err == X509_V_ERR_HOSTNAME_MISMATCH || err == X509_V_ERR_IP_ADDRESS_MISMATCH)
+        snprintf(c->tls_why, sizeof(c->tls_why),
+                 "the gateway's TLS certificate (%s) is not for the name %s: connect by a name "
+                 "it lists", subject, args->url.host);
+    else
+        snprintf(c->tls_why, sizeof(c->tls_why),
+                 "the gateway's TLS certificate is not trusted: %s (certificate %s, issued by "
+                 "%s; trusting %s)", X509_verify_cert_error_string(err), subject, issuer, trust);
+}
+
+static void on_probed(void *arg, const char *why)
+{
+    mg_agent_t *a = arg;
+    a->probing = false;
+    mg_log_warn(COMP, "cannot connect to %s: %s", a->args->gateway, why);
+}
+
+/* Says why a connect failed: a look at host:port first when libwebsockets gave no reason. */
+static void explain_failure(mg_agent_t *a, const char *said)
+{
+    if (!a->probing && mg_agent_probe_start(a->loop, a->args->url.host, a->args->url.port,
+                                            a->args->url.tls, said, on_probed, a) == 0)
+        a->probing = true; /* it logs the line */
+    else
+        mg_log_warn(COMP, "cannot connect to %s: %s", a->args->gateway, said);
+}
+
 static int on_connection_error(conn_t *c, struct lws *wsi, const char *in, size_t len)
 {
     mg_agent_t *a = c->a;
     int status = wsi != NULL ? (int)lws_http_client_http_response(wsi) : 0;
+    char said[256];
+    snprintf(said, sizeof(said), "%.*s", in != NULL ? (int)len : 7, in != NULL ? in : "unknown");
     if (status == 401 || status == 403) {
         c->refused = true;
         mg_log_error(COMP, "gateway refused the token (%d)", status);
     } else if (status != 0) {
-        mg_log_warn(COMP, "cannot connect to %s: HTTP %d (%.*s)", a->args->gateway, status,
-                    in != NULL ? (int)len : 0, in != NULL ? in : "");
+        mg_log_warn(COMP, "cannot connect to %s: HTTP %d (%s)", a->args->gateway, status, said);
+    } else if (c->tls_why[0] != '\0') {
+        mg_log_warn(COMP, "cannot connect to %s: %s", a->args->gateway, c->tls_why);
     } else {
-        mg_log_warn(COMP, "cannot connect to %s: %.*s", a->args->gateway,
-                    in != NULL ? (int)len : 7, in != NULL ? in : "unknown");
+        explain_failure(a, said);
     }
     ws_gone(c);
     return 0;
@@ -418,6 +472,9 @@ static int callback_tunnel(struct lws *wsi, enum lws_callback_reasons reason, vo
         return 0;
     case LWS_CALLBACK_CLIENT_CONNECTION_ERROR:
         return on_connection_error(c, wsi, in, len);
+    case LWS_CALLBACK_OPENSSL_PERFORM_SERVER_CERT_VERIFICATION:
+        note_certificate(c, user, (int)len);
+        return 0;
     case LWS_CALLBACK_CLIENT_CLOSED:
         ws_gone(c);
         return 0;
@@ -481,7 +538,7 @@ static void open_ws(mg_agent_t *a, bool extra)
     c->hold--;
     if (wsi == NULL) {
         if (!c->ws_done)
-            mg_log_warn(COMP, "cannot connect to %s", a->args->gateway);
+            explain_failure(a, "the connection could not be started");
         wsi_destroyed(c);
         return;
     }

@@ -2,8 +2,9 @@
  * The agent program for the person who runs it: `moongate-agent setup` (its files, the route it
  * prints with the LLM port, the user unit's settings kept on a second run) and the start-up
  * checks of --sshd-inetd, each broken case reported at once with exit status 2 and what to do,
- * where it used to be a 502 on the gateway's first request. The real moongate-agent and the
- * real sshd run; nothing listens, so no request is needed.
+ * where it used to be a 502 on the gateway's first request; and the line that says why it
+ * cannot reach the gateway: nothing listening, a plain HTTP port given as wss://, a certificate
+ * it does not trust or one for another name (a real TLS moongate, a real mg-upstream).
  */
 #include "gwtest.h"
 
@@ -180,11 +181,70 @@ static void test_inetd_checked_at_start(void **state)
     free(out);
 }
 
+/* The agent once against url (extra arguments after it); its output in *out. */
+static int once(const world_t *w, const char *url, const char *extra, char **out)
+{
+    const char *args[] = { "--gateway", url, "--once", extra, extra ? "" : NULL, NULL };
+    if (extra != NULL) {
+        args[3] = "--ca-file";
+        args[4] = extra;
+    }
+    return agent(w, args, out);
+}
+
+static void test_says_why_it_cannot_connect(void **state)
+{
+    world_t *w = *state;
+    char url[256], *out = NULL;
+    uint16_t free_port = 0;
+    assert_int_equal(mg_test_free_port(&free_port), 0);
+    snprintf(url, sizeof(url), "ws://127.0.0.1:%u/tunnel", (unsigned)free_port);
+    int code = once(w, url, NULL, &out);
+    assert_int_equal(code, 1);
+    expect_in(out, "connection refused: nothing listens on 127.0.0.1:");
+    free(out);
+
+    /* A plain HTTP moongate where wss:// was meant: it answers the TLS hello with a 400. */
+    gw_t plain;
+    gw_start_policy(&plain, "return {}\n", 0, NULL);
+    snprintf(url, sizeof(url), "wss://127.0.0.1:%u/tunnel", (unsigned)plain.port);
+    code = once(w, url, NULL, &out);
+    gw_stop(&plain);
+    expect_in(out, "answered in plain HTTP, not TLS: use ws://");
+    free(out);
+
+    /* A moongate serving TLS with a certificate for gw.test, signed by itself. */
+    char crt[MG_TEST_PATH_MAX + 16], key[MG_TEST_PATH_MAX + 16];
+    snprintf(crt, sizeof(crt), "%s/gw.crt", w->home);
+    snprintf(key, sizeof(key), "%s/gw.key", w->home);
+    char *gen[] = { "openssl", "req", "-x509", "-newkey", "ed25519", "-nodes", "-keyout", key,
+                    "-out", crt, "-days", "2", "-subj", "/CN=gw.test", "-addext",
+                    "subjectAltName=DNS:gw.test", NULL };
+    assert_int_equal(gw_run(gen, w->home, NULL, NULL, 20000, NULL), 0);
+    char ec[MG_TEST_PATH_MAX + 48], ek[MG_TEST_PATH_MAX + 48];
+    snprintf(ec, sizeof(ec), "MOONGATE_TLS_CERT=%s", crt);
+    snprintf(ek, sizeof(ek), "MOONGATE_TLS_KEY=%s", key);
+    const char *env[] = { ec, ek, NULL };
+    gw_t g;
+    gw_start_policy(&g, "return {}\n", 0, env);
+    snprintf(url, sizeof(url), "wss://127.0.0.1:%u/tunnel", (unsigned)g.port);
+    code = once(w, url, NULL, &out);
+    expect_in(out, "the gateway's TLS certificate is not trusted: self-signed certificate "
+                   "(certificate /CN=gw.test, issued by /CN=gw.test; trusting the system's CAs");
+    free(out);
+    /* Trusted with --ca-file, but asked for by another name. */
+    code = once(w, url, crt, &out);
+    expect_in(out, "the gateway's TLS certificate (/CN=gw.test) is not for the name 127.0.0.1");
+    free(out);
+    gw_stop(&g);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_setup_prints_the_route_with_the_llm_port),
         cmocka_unit_test(test_inetd_checked_at_start),
+        cmocka_unit_test(test_says_why_it_cannot_connect),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -93,7 +93,7 @@ struct conn {
     bool wsi_alive;        /* lws still holds the wsi (until WSI_DESTROY) */
     bool established;
     bool refused;          /* the gateway answered the upgrade with 401 or 403 */
-    char tls_why[512];     /* why the gateway's certificate was not trusted, or "" */
+    char tls_why[1024];    /* why the gateway's certificate was not trusted, or "" */
     uint64_t opened_ms;
 
     /* gateway -> sshd */

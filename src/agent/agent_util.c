@@ -362,8 +362,9 @@ int mg_agent_args_parse(int argc, char **argv, const char *env_token, mg_agent_a
             out->verbose += (int)strlen(a + 1);
             continue;
         }
+        const char *gateway = NULL;
         const char **slots[] = {
-            &out->gateway, &out->token, &out->ssh, &out->sshd_inetd, &out->ca_file, &maxconn,
+            &gateway, &out->token, &out->ssh, &out->sshd_inetd, &out->ca_file, &maxconn,
         };
         bool matched = false;
         for (size_t k = 0; k < sizeof(valued) / sizeof(valued[0]) && !matched; k++) {
@@ -376,6 +377,14 @@ int mg_agent_args_parse(int argc, char **argv, const char *env_token, mg_agent_a
                 matched = true;
             }
         }
+        if (gateway != NULL) {
+            if (out->n_gateways == MG_AGENT_GATEWAYS_MAX)
+                return fail(err, errlen, "--gateway: at most %d", MG_AGENT_GATEWAYS_MAX);
+            for (int g = 0; g < out->n_gateways; g++)
+                if (strcmp(out->gateways[g], gateway) == 0)
+                    return fail(err, errlen, "--gateway %s is given twice", gateway);
+            out->gateways[out->n_gateways++] = gateway;
+        }
         if (matched)
             continue;
         if (a[0] == '-')
@@ -383,10 +392,13 @@ int mg_agent_args_parse(int argc, char **argv, const char *env_token, mg_agent_a
         return fail(err, errlen, "unexpected argument \"%s\" (see --help)", a);
     }
 
-    if (out->gateway == NULL)
+    if (out->n_gateways == 0)
         return fail(err, errlen, "--gateway ws[s]://HOST[:PORT]/tunnel is required");
-    if (mg_agent_url_parse(out->gateway, &out->url, err, errlen) != 0)
-        return MG_EINVAL;
+    for (int g = 0; g < out->n_gateways; g++) {
+        if (mg_agent_url_parse(out->gateways[g], &out->urls[g], err, errlen) != 0)
+            return MG_EINVAL;
+        out->tls = out->tls || out->urls[g].tls;
+    }
     if (out->token != NULL) {
         out->token_from_argv = true;
     } else if (env_token != NULL && env_token[0] != '\0') {
@@ -410,7 +422,7 @@ int mg_agent_args_parse(int argc, char **argv, const char *env_token, mg_agent_a
                                     &out->ssh_port) != 0)
             return fail(err, errlen, "--ssh wants HOST:PORT, e.g. 127.0.0.1:22 (got \"%s\")", ssh);
     }
-    if (out->ca_file != NULL && !out->url.tls)
+    if (out->ca_file != NULL && !out->tls)
         return fail(err, errlen, "--ca-file needs a wss:// gateway");
     if (out->ca_file != NULL && out->ca_file[0] == '\0')
         return fail(err, errlen, "--ca-file needs a file name");

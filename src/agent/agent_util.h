@@ -101,9 +101,13 @@ int mg_agent_control_parse(const char *s, size_t n);
 
 /* ---- command lines ---- */
 
+#define MG_AGENT_GATEWAYS_MAX 8   /* --gateway given this many times at most */
+
 typedef struct mg_agent_args {
-    const char *gateway;        /* as given */
-    mg_agent_url_t url;
+    const char *gateways[MG_AGENT_GATEWAYS_MAX]; /* each --gateway, as given */
+    mg_agent_url_t urls[MG_AGENT_GATEWAYS_MAX];
+    int n_gateways;             /* at least 1 */
+    bool tls;                   /* one of them is wss:// */
     const char *token;          /* --token, else $MOONGATE_TOKEN */
     bool token_from_argv;
     const char *ssh;            /* --ssh HOST:PORT (default 127.0.0.1:22 when no --sshd-inetd) */

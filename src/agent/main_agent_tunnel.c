@@ -57,6 +57,19 @@ extern char **environ;
 
 typedef struct conn conn_t;
 
+/* One gateway node (one --gateway): its own WebSockets, backoff and reconnects, so a node that
+   goes away costs only its own tunnels. */
+typedef struct node {
+    mg_agent_t *a;
+    const char *gateway;        /* as given */
+    const mg_agent_url_t *url;
+    mg_agent_backoff_t backoff;
+    uv_timer_t reconnect_timer;
+    int n_ws;                   /* WebSockets to it opening or open */
+    unsigned attempt;           /* attempts since one last stayed up (the backoff's count) */
+    bool probing;               /* a failed connect is being looked into (main_agent_probe.c) */
+} node_t;
+
 struct mg_agent {
     uv_loop_t *loop;
     const mg_agent_args_t *args;
@@ -66,17 +79,14 @@ struct mg_agent {
     struct sockaddr_storage ssh_addr;
     struct lws_context *ctx;
     lws_retry_bo_t idle_policy;
-    mg_agent_backoff_t backoff;
-    uv_timer_t reconnect_timer;
+    node_t nodes[MG_AGENT_GATEWAYS_MAX];
+    int n_nodes;
     uv_timer_t stop_timer;
     uv_signal_t sigterm, sigint;
     conn_t *conns;
-    int n_ws;              /* WebSockets opening or open */
     int n_wsi;             /* wsis lws has not destroyed yet */
     unsigned seq;          /* numbers WebSockets in the logs */
-    unsigned attempt;      /* attempts since a WebSocket last stayed up (the backoff's count) */
     bool stopping;
-    bool probing;          /* a failed connect is being looked into (main_agent_probe.c) */
     bool finished;
     int exit_code;
     char sendbuf[LWS_PRE + FRAME_MAX];
@@ -85,6 +95,7 @@ struct mg_agent {
 
 struct conn {
     mg_agent_t *a;
+    node_t *node;          /* the gateway node it goes to */
     conn_t *next, **pprev;
     unsigned n;
     bool extra;            /* opened for an "open" message: not reopened when it closes */
@@ -131,7 +142,7 @@ typedef struct wreq {
     char data[];
 } wreq_t;
 
-static void open_ws(mg_agent_t *a, bool extra);
+static void open_ws(node_t *nd, bool extra);
 static void on_reconnect_timer(uv_timer_t *t);
 static void stop(mg_agent_t *a, const char *why);
 static void close_local(conn_t *c, const char *why);
@@ -183,12 +194,12 @@ static void ws_close_soon(conn_t *c, int code, const char *reason)
     lws_set_timeout(c->wsi, PENDING_TIMEOUT_CLOSE_ACK, LWS_TO_KILL_SYNC);
 }
 
-static void schedule_reconnect(mg_agent_t *a, bool refused)
+static void schedule_reconnect(node_t *nd, bool refused)
 {
-    uint32_t wait = refused ? mg_agent_backoff_next_max(&a->backoff)
-                            : mg_agent_backoff_next(&a->backoff);
-    mg_log_info(COMP, "reconnecting in %.1f s", wait / 1000.0);
-    uv_timer_start(&a->reconnect_timer, on_reconnect_timer, wait, 0);
+    uint32_t wait = refused ? mg_agent_backoff_next_max(&nd->backoff)
+                            : mg_agent_backoff_next(&nd->backoff);
+    mg_log_info(COMP, "reconnecting to %s in %.1f s", nd->gateway, wait / 1000.0);
+    uv_timer_start(&nd->reconnect_timer, on_reconnect_timer, wait, 0);
 }
 
 /*
@@ -200,17 +211,18 @@ static void ws_gone(conn_t *c)
     if (c->ws_done)
         return;
     mg_agent_t *a = c->a;
+    node_t *nd = c->node;
     c->ws_done = true;
     c->wsi = NULL;
-    a->n_ws--;
+    nd->n_ws--;
     if (c->established) {
         uint64_t up = now_ms(a) - c->opened_ms;
-        mg_log_info(COMP, "websocket %u closed after %.1f s (%d open)", c->n, up / 1000.0,
-                    a->n_ws);
+        mg_log_info(COMP, "websocket %u closed after %.1f s (%d open to %s)", c->n, up / 1000.0,
+                    nd->n_ws, nd->gateway);
         /* A connection that held for a while was a success: the next wait starts small. */
         if (up >= MG_AGENT_BACKOFF_STABLE_MS) {
-            mg_agent_backoff_reset(&a->backoff);
-            a->attempt = 0;
+            mg_agent_backoff_reset(&nd->backoff);
+            nd->attempt = 0;
         }
     }
     close_local(c, "websocket closed");
@@ -219,8 +231,8 @@ static void ws_gone(conn_t *c)
     if (a->args->once && !a->stopping) {
         a->exit_code = c->established ? 0 : 1;
         stop(a, "--once: the first connection ended");
-    } else if (!a->stopping && a->n_ws == 0) {
-        schedule_reconnect(a, c->refused);
+    } else if (!a->stopping && nd->n_ws == 0) {
+        schedule_reconnect(nd, c->refused);
     }
     c->hold--;
     maybe_free(c);
@@ -256,15 +268,16 @@ static void handle_control(conn_t *c)
     c->control_n = 0;
     c->control_overflow = false;
     if (kind == MG_AGENT_CONTROL_OPEN) {
+        node_t *nd = c->node;
         if (a->stopping)
             return;
-        if (a->n_ws >= a->args->max_connections) {
-            mg_log_info(COMP, "gateway asked for another connection; already at "
-                              "--max-connections %d", a->args->max_connections);
+        if (nd->n_ws >= a->args->max_connections) {
+            mg_log_info(COMP, "gateway asked for another connection (%s); already at "
+                              "--max-connections %d", nd->gateway, a->args->max_connections);
             return;
         }
-        mg_log_info(COMP, "gateway asked for another connection");
-        open_ws(a, true);
+        mg_log_info(COMP, "gateway asked for another connection (%s)", nd->gateway);
+        open_ws(nd, true);
     } else if (kind == MG_AGENT_CONTROL_UNKNOWN) {
         mg_log_debug(COMP, "ignoring an unknown control message");
     } else {
@@ -368,7 +381,7 @@ static void note_certificate(conn_t *c, X509_STORE_CTX *x, int preverify_ok)
     if (err == X509_V_ERR_HOSTNAME_MISMATCH || err == X509_V_ERR_IP_ADDRESS_MISMATCH)
         snprintf(c->tls_why, sizeof(c->tls_why),
                  "the gateway's TLS certificate (%s) is not for the name %s: connect by a name "
-                 "it lists", subject, args->url.host);
+                 "it lists", subject, c->node->url->host);
     else
         snprintf(c->tls_why, sizeof(c->tls_why),
                  "the gateway's TLS certificate is not trusted: %s (certificate %s, issued by "
@@ -377,24 +390,23 @@ static void note_certificate(conn_t *c, X509_STORE_CTX *x, int preverify_ok)
 
 static void on_probed(void *arg, const char *why)
 {
-    mg_agent_t *a = arg;
-    a->probing = false;
-    mg_log_warn(COMP, "cannot connect to %s: %s", a->args->gateway, why);
+    node_t *nd = arg;
+    nd->probing = false;
+    mg_log_warn(COMP, "cannot connect to %s: %s", nd->gateway, why);
 }
 
 /* Says why a connect failed: a look at host:port first when libwebsockets gave no reason. */
-static void explain_failure(mg_agent_t *a, const char *said)
+static void explain_failure(node_t *nd, const char *said)
 {
-    if (!a->probing && mg_agent_probe_start(a->loop, a->args->url.host, a->args->url.port,
-                                            a->args->url.tls, said, on_probed, a) == 0)
-        a->probing = true; /* it logs the line */
+    if (!nd->probing && mg_agent_probe_start(nd->a->loop, nd->url->host, nd->url->port,
+                                             nd->url->tls, said, on_probed, nd) == 0)
+        nd->probing = true; /* it logs the line */
     else
-        mg_log_warn(COMP, "cannot connect to %s: %s", a->args->gateway, said);
+        mg_log_warn(COMP, "cannot connect to %s: %s", nd->gateway, said);
 }
 
 static int on_connection_error(conn_t *c, struct lws *wsi, const char *in, size_t len)
 {
-    mg_agent_t *a = c->a;
     int status = wsi != NULL ? (int)lws_http_client_http_response(wsi) : 0;
     char said[256];
     snprintf(said, sizeof(said), "%.*s", in != NULL ? (int)len : 7, in != NULL ? in : "unknown");
@@ -402,11 +414,11 @@ static int on_connection_error(conn_t *c, struct lws *wsi, const char *in, size_
         c->refused = true;
         mg_log_error(COMP, "gateway refused the token (%d)", status);
     } else if (status != 0) {
-        mg_log_warn(COMP, "cannot connect to %s: HTTP %d (%s)", a->args->gateway, status, said);
+        mg_log_warn(COMP, "cannot connect to %s: HTTP %d (%s)", c->node->gateway, status, said);
     } else if (c->tls_why[0] != '\0') {
-        mg_log_warn(COMP, "cannot connect to %s: %s", a->args->gateway, c->tls_why);
+        mg_log_warn(COMP, "cannot connect to %s: %s", c->node->gateway, c->tls_why);
     } else {
-        explain_failure(a, said);
+        explain_failure(c->node, said);
     }
     ws_gone(c);
     return 0;
@@ -450,7 +462,8 @@ static int callback_tunnel(struct lws *wsi, enum lws_callback_reasons reason, vo
         c->wsi = wsi;
         c->established = true;
         c->opened_ms = now_ms(a);
-        mg_log_info(COMP, "connected: websocket %u open (%d open)", c->n, a->n_ws);
+        mg_log_info(COMP, "connected: websocket %u open to %s (%d open)", c->n, c->node->gateway,
+                    c->node->n_ws);
         if (a->stopping) {
             ws_close_soon(c, MG_TUNNEL_CLOSE_NORMAL, "agent stopping");
             return 0;
@@ -491,16 +504,18 @@ static const struct lws_protocols protocols[] = {
     { NULL, NULL, 0, 0, 0, NULL, 0 },
 };
 
-static void open_ws(mg_agent_t *a, bool extra)
+static void open_ws(node_t *nd, bool extra)
 {
+    mg_agent_t *a = nd->a;
     conn_t *c = calloc(1, sizeof(*c));
     if (c == NULL) {
         mg_log_error(COMP, "out of memory opening a WebSocket");
-        if (a->n_ws == 0 && !a->stopping)
-            schedule_reconnect(a, false);
+        if (nd->n_ws == 0 && !a->stopping)
+            schedule_reconnect(nd, false);
         return;
     }
     c->a = a;
+    c->node = nd;
     c->n = ++a->seq;
     c->extra = extra;
     c->next = a->conns;
@@ -508,15 +523,15 @@ static void open_ws(mg_agent_t *a, bool extra)
     if (a->conns != NULL)
         a->conns->pprev = &c->next;
     a->conns = c;
-    a->n_ws++;
+    nd->n_ws++;
     if (!extra)
-        a->attempt++;
+        nd->attempt++;
     if (extra)
-        mg_log_info(COMP, "connecting to %s (websocket %u, extra)", a->args->gateway, c->n);
+        mg_log_info(COMP, "connecting to %s (websocket %u, extra)", nd->gateway, c->n);
     else
-        mg_log_info(COMP, "connecting to %s (attempt %u)", a->args->gateway, a->attempt);
+        mg_log_info(COMP, "connecting to %s (attempt %u)", nd->gateway, nd->attempt);
 
-    const mg_agent_url_t *u = &a->args->url;
+    const mg_agent_url_t *u = nd->url;
     struct lws_client_connect_info i;
     memset(&i, 0, sizeof(i));
     i.context = a->ctx;
@@ -538,7 +553,7 @@ static void open_ws(mg_agent_t *a, bool extra)
     c->hold--;
     if (wsi == NULL) {
         if (!c->ws_done)
-            explain_failure(a, "the connection could not be started");
+            explain_failure(nd, "the connection could not be started");
         wsi_destroyed(c);
         return;
     }
@@ -549,9 +564,9 @@ static void open_ws(mg_agent_t *a, bool extra)
 
 static void on_reconnect_timer(uv_timer_t *t)
 {
-    mg_agent_t *a = t->data;
-    if (!a->stopping && a->n_ws == 0)
-        open_ws(a, false);
+    node_t *nd = t->data;
+    if (!nd->a->stopping && nd->n_ws == 0)
+        open_ws(nd, false);
 }
 
 /* ---- the local side ---- */
@@ -823,7 +838,8 @@ static void on_stop_timer(uv_timer_t *t)
                     a->n_wsi, STOP_BOUND_MS);
     a->finished = true;
     mg_log_info(COMP, "stopped");
-    uv_close((uv_handle_t *)&a->reconnect_timer, on_handle_closed_noop);
+    for (int i = 0; i < a->n_nodes; i++)
+        uv_close((uv_handle_t *)&a->nodes[i].reconnect_timer, on_handle_closed_noop);
     uv_close((uv_handle_t *)&a->stop_timer, on_handle_closed_noop);
     uv_close((uv_handle_t *)&a->sigterm, on_handle_closed_noop);
     uv_close((uv_handle_t *)&a->sigint, on_handle_closed_noop);
@@ -835,7 +851,8 @@ static void stop(mg_agent_t *a, const char *why)
 {
     mg_log_info(COMP, "shutting down (%s)", why);
     a->stopping = true;
-    uv_timer_stop(&a->reconnect_timer);
+    for (int i = 0; i < a->n_nodes; i++)
+        uv_timer_stop(&a->nodes[i].reconnect_timer);
     uv_timer_start(&a->stop_timer, on_stop_timer, STOP_BOUND_MS, 0);
     for (conn_t *c = a->conns, *next; c != NULL; c = next) {
         next = c->next;
@@ -905,8 +922,15 @@ int mg_agent_start(uv_loop_t *loop, const mg_agent_args_t *args, mg_agent_t **ou
         goto fail;
     }
     mg_agent_hex(idbytes, sizeof(idbytes), a->id);
-    mg_agent_backoff_init(&a->backoff, MG_AGENT_BACKOFF_BASE_MS, MG_AGENT_BACKOFF_MAX_MS,
-                          random_u32, NULL);
+    a->n_nodes = args->n_gateways;
+    for (int i = 0; i < a->n_nodes; i++) {
+        node_t *nd = &a->nodes[i];
+        nd->a = a;
+        nd->gateway = args->gateways[i];
+        nd->url = &args->urls[i];
+        mg_agent_backoff_init(&nd->backoff, MG_AGENT_BACKOFF_BASE_MS, MG_AGENT_BACKOFF_MAX_MS,
+                              random_u32, NULL);
+    }
     if (args->sshd_inetd != NULL) {
         int argc = 0;
         if (mg_agent_split_command(args->sshd_inetd, &a->inetd_argv, &argc) != 0) {
@@ -938,7 +962,7 @@ int mg_agent_start(uv_loop_t *loop, const mg_agent_args_t *args, mg_agent_t **ou
     struct lws_context_creation_info info;
     memset(&info, 0, sizeof(info));
     info.options = LWS_SERVER_OPTION_LIBUV | LWS_SERVER_OPTION_UV_NO_SIGSEGV_SIGFPE_SPIN;
-    if (args->url.tls)
+    if (args->tls)
         info.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
     info.foreign_loops = loops;
     info.port = CONTEXT_PORT_NO_LISTEN;
@@ -956,22 +980,30 @@ int mg_agent_start(uv_loop_t *loop, const mg_agent_args_t *args, mg_agent_t **ou
         goto fail;
     }
 
-    uv_timer_init(loop, &a->reconnect_timer);
+    for (int i = 0; i < a->n_nodes; i++) {
+        uv_timer_init(loop, &a->nodes[i].reconnect_timer);
+        a->nodes[i].reconnect_timer.data = &a->nodes[i];
+    }
     uv_timer_init(loop, &a->stop_timer);
-    a->reconnect_timer.data = a->stop_timer.data = a;
+    a->stop_timer.data = a;
     uv_signal_init(loop, &a->sigterm);
     uv_signal_init(loop, &a->sigint);
     a->sigterm.data = a->sigint.data = a;
     uv_signal_start(&a->sigterm, on_signal, SIGTERM);
     uv_signal_start(&a->sigint, on_signal, SIGINT);
 
+    char gateways[MG_AGENT_GATEWAYS_MAX * 300] = "";
+    for (int i = 0, o = 0; i < a->n_nodes && o >= 0 && (size_t)o < sizeof(gateways); i++)
+        o += snprintf(gateways + o, sizeof(gateways) - (size_t)o, "%s%s", i ? ", " : "",
+                      args->gateways[i]);
     if (args->sshd_inetd != NULL)
-        mg_log_info(COMP, "agent %s: gateway %s, local ssh via `%s`", a->id, args->gateway,
-                    args->sshd_inetd);
+        mg_log_info(COMP, "agent %s: gateway%s %s, local ssh via `%s`", a->id,
+                    a->n_nodes > 1 ? "s" : "", gateways, args->sshd_inetd);
     else
-        mg_log_info(COMP, "agent %s: gateway %s, local ssh tcp %s:%d", a->id, args->gateway,
-                    args->ssh_host, args->ssh_port);
-    open_ws(a, false);
+        mg_log_info(COMP, "agent %s: gateway%s %s, local ssh tcp %s:%d", a->id,
+                    a->n_nodes > 1 ? "s" : "", gateways, args->ssh_host, args->ssh_port);
+    for (int i = 0; i < a->n_nodes; i++)
+        open_ws(&a->nodes[i], false);
     *out = a;
     return 0;
 fail:

@@ -319,7 +319,26 @@ static void test_args(void **state)
     assert_int_equal(a.ssh_port, 22);
     assert_int_equal(a.max_connections, MG_AGENT_MAX_CONNECTIONS_DEFAULT);
     assert_false(a.once);
-    assert_true(a.url.tls);
+    assert_int_equal(a.n_gateways, 1);
+    assert_true(a.urls[0].tls);
+    assert_true(a.tls);
+
+    /* Every node of a cluster: --gateway more than once, each its own URL. */
+    assert_int_equal(parse("envtok", &a, err, sizeof(err), "--gateway", "ws://n1:8080/tunnel",
+                           "--gateway=wss://n2/tunnel", NULL), 0);
+    assert_int_equal(a.n_gateways, 2);
+    assert_string_equal(a.gateways[0], "ws://n1:8080/tunnel");
+    assert_string_equal(a.urls[0].host, "n1");
+    assert_int_equal(a.urls[0].port, 8080);
+    assert_false(a.urls[0].tls);
+    assert_string_equal(a.urls[1].host, "n2");
+    assert_true(a.urls[1].tls);
+    assert_true(a.tls);
+    assert_int_not_equal(parse("envtok", &a, err, sizeof(err), "--gateway", "ws://n1/t",
+                               "--gateway", "ws://n1/t", NULL), 0);
+    assert_non_null(strstr(err, "given twice"));
+    assert_int_not_equal(parse("envtok", &a, err, sizeof(err), "--gateway", "ws://n1/t",
+                               "--gateway", "http://n2/t", NULL), 0);
 
     assert_int_equal(parse("envtok", &a, err, sizeof(err), "--gateway=ws://gw:81/t",
                            "--token", "argtok", "--ssh=[::1]:2222", "--max-connections", "3",

@@ -16,7 +16,7 @@ apt-get install -y -qq --no-install-recommends \
     build-essential cmake pkg-config ca-certificates \
     libssh2-1-dev libssl-dev libuv1-dev "$lua_dev" libwebsockets-dev libcmocka-dev libhttp-parser-dev libwslay-dev libjansson-dev \
     openssh-server openssh-client curl clang libclang-rt-14-dev \
-    dpkg-dev adduser systemd strace >/dev/null
+    dpkg-dev adduser systemd strace haproxy >/dev/null
 # The tests run the real openai and ollama npm clients against the gateway (tests/sdk).
 if ! command -v npm >/dev/null 2>&1; then
     apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null

@@ -49,6 +49,9 @@ typedef struct mg_gateway_opts {
     uint64_t watchdog_ms;         /* a loop stalled this long aborts the process; 0: no
                                      watchdog (the default here; the program's is 5000) */
     bool debug_functions;         /* moongate.debug_spin for tests of the watchdog; false */
+    uint64_t drain_delay_ms;      /* lame duck: how long after the drain begins /healthz says
+                                     503 while new requests are still served, for a load
+                                     balancer's health checks to notice; 0 */
 } mg_gateway_opts_t;
 
 /*
@@ -57,7 +60,7 @@ typedef struct mg_gateway_opts {
  * MOONGATE_SEND_TIMEOUT, MOONGATE_KEEPALIVE_TIMEOUT, MOONGATE_MAX_CLIENTS,
  * MOONGATE_MAX_REQUEST_LINE, MOONGATE_MAX_HEADER_SIZE, MOONGATE_MAX_HEADERS,
  * UPSTREAM_HEAD_TIMEOUT, UPSTREAM_KEEPALIVE, MOONGATE_ADMIN_TOKEN, MOONGATE_METRICS_PER_USER,
- * MOONGATE_WATCHDOG_MS (default 5000), MOONGATE_DEBUG_FUNCTIONS.
+ * MOONGATE_WATCHDOG_MS (default 5000), MOONGATE_DEBUG_FUNCTIONS, MOONGATE_DRAIN_DELAY.
  * Returns 0 or MG_ECONFIG with
  * a message naming the variable.
  */

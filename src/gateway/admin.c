@@ -215,7 +215,8 @@ static void render_ready(const mg_admin_env_t *a, bool admin, mg_json_t *j, bool
     if (a->server != NULL)
         mg_server_stats(a->server, &st);
     bool full = a->max_clients > 0 && st.connections >= a->max_clients;
-    *ready = !a->req->draining && !full;
+    bool leaving = a->req->draining || a->req->lame_duck;
+    *ready = !leaving && !full;
     mg_json_begin_object(j);
     mg_json_key(j, "ready");
     mg_json_bool(j, *ready);
@@ -223,12 +224,15 @@ static void render_ready(const mg_admin_env_t *a, bool admin, mg_json_t *j, bool
     mg_json_begin_array(j);
     if (a->req->draining)
         mg_json_string(j, "draining: shutting down, finishing the requests in flight");
+    else if (a->req->lame_duck)
+        mg_json_string(j, "draining: shutting down after MOONGATE_DRAIN_DELAY, still serving "
+                          "until then");
     if (full)
         mg_json_string(j, "full: at MOONGATE_MAX_CLIENTS client connections, new ones are "
                           "refused");
     mg_json_end_array(j);
     mg_json_key(j, "draining");
-    mg_json_bool(j, a->req->draining);
+    mg_json_bool(j, leaving);
     mg_json_key(j, "clients");
     mg_json_int(j, st.connections);
     mg_json_key(j, "max_clients");
@@ -260,7 +264,7 @@ mg_server_req_t *mg_admin_serve(mg_admin_env_t *a, mg_client_t *c, const mg_http
     int status = 200;
     size_t bytes = 0;
     if (ep == EP_HEALTHZ) {
-        if (a->req->draining) {
+        if (a->req->draining || a->req->lame_duck) {
             status = 503;
             mg_req_respond(c, id, status, "text/plain", "draining\n", 9, NULL);
         } else {

@@ -47,11 +47,15 @@ struct mg_gateway {
     mg_tunnel_env_t tunnel_env;
     mg_shutdown_t shutdown;
     bool draining;
+    bool lame_duck;               /* in the drain delay: still serving, /healthz 503 */
+    uv_timer_t lame_timer;
+    char drain_why[64];
     char drain_message[256];
     void (*on_drained)(mg_gateway_t *gw, const mg_shutdown_result_t *result, void *arg);
     void *drained_arg;
     uv_timer_t timer;             /* the drain's flush, then the teardown's wait */
-    bool timer_ready;
+    bool timer_ready;             /* timer and lame_timer are initialized */
+    int timers_open;
     uint64_t deadline;
     mg_watchdog_t *watchdog;
 };
@@ -175,7 +179,8 @@ int mg_gateway_opts_from_env(mg_gateway_opts_t *o, char *err, size_t errlen)
         return MG_ECONFIG;
     }
     if ((rc = mg_settings_env_bool("MOONGATE_DEBUG_FUNCTIONS", &o->debug_functions, err,
-                                   errlen)))
+                                   errlen)) ||
+        (rc = env_u64("MOONGATE_DRAIN_DELAY", 0, 600000, &o->drain_delay_ms, err, errlen)))
         return rc;
     o->admin_token = getenv("MOONGATE_ADMIN_TOKEN");
     v = getenv("MOONGATE_FORWARD_HEADERS");
@@ -355,6 +360,9 @@ int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gate
     uv_timer_init(loop, &gw->timer);
     gw->timer.data = gw;
     gw->timer_ready = true;
+    uv_timer_init(loop, &gw->lame_timer);
+    gw->lame_timer.data = gw;
+    gw->timers_open = 2;
 
     gw->metrics_reg = mg_metrics_new();
     mg_gateway_metrics_sources_t src = {
@@ -533,6 +541,15 @@ static void on_shutdown_done(mg_shutdown_t *s, const mg_shutdown_result_t *r)
     uv_timer_start(&gw->timer, on_flush_tick, 0, 20);
 }
 
+static void drain_now(mg_gateway_t *gw, const char *why);
+
+static void on_lame_timer(uv_timer_t *t)
+{
+    mg_gateway_t *gw = t->data;
+    gw->lame_duck = false;
+    drain_now(gw, gw->drain_why);
+}
+
 void mg_gateway_drain(mg_gateway_t *gw, const char *why,
                       void (*on_drained)(mg_gateway_t *gw, const mg_shutdown_result_t *result,
                                          void *arg),
@@ -543,6 +560,22 @@ void mg_gateway_drain(mg_gateway_t *gw, const char *why,
     gw->draining = true;
     gw->on_drained = on_drained;
     gw->drained_arg = arg;
+    if (gw->opts.drain_delay_ms > 0) {
+        /* Lame duck: the balancer's health checks see 503 and stop sending new requests here,
+           while those already on their way are still served. */
+        gw->lame_duck = true;
+        gw->req_env.lame_duck = true;
+        snprintf(gw->drain_why, sizeof(gw->drain_why), "%s", why);
+        mg_log_info(LOG, "draining (%s) in %llu ms: /healthz says 503, requests are still "
+                    "served until then", why, (unsigned long long)gw->opts.drain_delay_ms);
+        uv_timer_start(&gw->lame_timer, on_lame_timer, gw->opts.drain_delay_ms, 0);
+        return;
+    }
+    drain_now(gw, why);
+}
+
+static void drain_now(mg_gateway_t *gw, const char *why)
+{
     mg_pool_stats_t ps;
     mg_pool_stats(gw->pool, &ps);
     mg_policy_shutdown_info_t info = {
@@ -574,9 +607,12 @@ void mg_gateway_drain(mg_gateway_t *gw, const char *why,
 
 /* ---- teardown: the server's connections, then the SSH side, then the rest ---- */
 
+/* The gateway goes with the last of its two timers. */
 static void on_teardown_timer_closed(uv_handle_t *h)
 {
-    free(h->data);
+    mg_gateway_t *gw = h->data;
+    if (--gw->timers_open == 0)
+        free(gw);
 }
 
 static void teardown_finish(mg_gateway_t *gw)
@@ -590,10 +626,13 @@ static void teardown_finish(mg_gateway_t *gw)
     mg_llm_metrics_free(gw->llm_metrics);
     if (gw->metrics_reg)
         mg_metrics_free(gw->metrics_reg);
-    if (gw->timer_ready)
+    if (gw->timer_ready) {
+        uv_timer_stop(&gw->lame_timer);
+        uv_close((uv_handle_t *)&gw->lame_timer, on_teardown_timer_closed);
         uv_close((uv_handle_t *)&gw->timer, on_teardown_timer_closed);
-    else
+    } else {
         free(gw);
+    }
 }
 
 /* Waits, on the loop, for the pool's connections to report themselves closed. */
@@ -632,6 +671,7 @@ void mg_gateway_free(mg_gateway_t *gw)
     mg_watchdog_stop(gw->watchdog);
     gw->watchdog = NULL;
     uv_timer_stop(&gw->timer);
+    uv_timer_stop(&gw->lame_timer);
     if (gw->server)
         mg_server_close(gw->server, teardown_ssh, gw);
     else

@@ -218,14 +218,18 @@ static void req_error(mg_req_t *r, int status, const char *message, const mg_pol
  * Accounting
  */
 
-/* The User-Agent for a log line, quoted: at most 128 bytes, with " and \ escaped (the parser
-   let through visible ASCII and blanks only). */
+/* The User-Agent for a log line, quoted (or - without one): at most 128 bytes, with " and \
+   escaped (the parser let through visible ASCII and blanks only). */
 static void quote_agent(const mg_http1_req_head_t *h, char *out, size_t cap)
 {
     const mg_http1_header_t *f = mg_http1_header_find(h->headers, h->nheaders, "user-agent");
+    if (f == NULL) {
+        snprintf(out, cap, "-");
+        return;
+    }
     size_t o = 0;
     out[o++] = '"';
-    for (size_t i = 0; f != NULL && i < f->value_len && i < 128 && o + 4 < cap; i++) {
+    for (size_t i = 0; i < f->value_len && i < 128 && o + 4 < cap; i++) {
         char ch = f->value[i];
         if (ch == '"' || ch == '\\')
             out[o++] = '\\';

@@ -32,6 +32,8 @@ typedef struct mg_req_env {
     mg_llm_metrics_t *llm;       /* tokens and models; NULL: not counted */
     uint64_t max_body_bytes;     /* a larger body gets 413 */
     bool draining;               /* new requests get 503 */
+    bool lame_duck;              /* draining soon: /healthz and /readyz say 503, requests are
+                                    still served */
     const char *drain_message;
     const mg_shutdown_t *shutdown; /* the drain: a stream it cuts is logged as its doing */
     int in_flight;               /* read-only to the gateway: requests being served */

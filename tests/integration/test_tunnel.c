@@ -77,12 +77,9 @@ static int group_setup(void **state)
         fingerprint(w->dir, w->sshd.other_host_key_pub, w->fp_wrong, sizeof(w->fp_wrong)) != 0 ||
         strcmp(w->fp, w->fp_wrong) == 0 ||
         gw_write_known_hosts(&w->sshd, "alice-laptop", w->dir, w->known_hosts,
-                             sizeof(w->known_hosts)) != 0)
+                             sizeof(w->known_hosts)) != 0 ||
+        mg_test_sshd_inetd_command(&w->sshd, w->inetd, sizeof(w->inetd)) != 0)
         return -1;
-    const char *argv[6];
-    mg_test_sshd_inetd_argv(&w->sshd, argv);
-    snprintf(w->inetd, sizeof(w->inetd), "%s %s %s %s %s", argv[0], argv[1], argv[2], argv[3],
-             argv[4]);
     snprintf(w->ssh_addr, sizeof(w->ssh_addr), "127.0.0.1:%u", (unsigned)w->sshd.port);
     for (int i = 0; i < MAX_RAW; i++)
         w->raw[i] = -1;

@@ -382,6 +382,12 @@ void mg_test_sshd_inetd_argv(const mg_test_sshd_t *s, const char *argv[6])
     argv[5] = NULL;
 }
 
+int mg_test_sshd_inetd_command(const mg_test_sshd_t *s, char *out, size_t cap)
+{
+    int n = snprintf(out, cap, "%s -i -e -f %s", SSHD_PATH, s->config);
+    return n < 0 || (size_t)n >= cap ? -1 : 0;
+}
+
 void mg_test_sshd_client_argv(const mg_test_sshd_t *s, const char *key, const char *known_hosts,
                               mg_test_ssh_argv_t *a)
 {

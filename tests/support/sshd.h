@@ -118,6 +118,9 @@ int mg_test_sshd_set_authorized_options(mg_test_sshd_t *s, const char *authorize
  */
 void mg_test_sshd_inetd_argv(const mg_test_sshd_t *s, const char *argv[6]);
 
+/* The same as one command line, for moongate-agent --sshd-inetd. Returns 0, or -1 if cap is short. */
+int mg_test_sshd_inetd_command(const mg_test_sshd_t *s, char *out, size_t cap);
+
 /* An OpenSSH client command line under construction. */
 typedef struct mg_test_ssh_argv {
     const char *argv[64];   /* read-only: NULL-terminated; pass as (char *const *)a.argv */

@@ -12,11 +12,20 @@ for pkg in libluajit2-5.1-2 libluajit2-5.1-dev; do
         lua_dev=libluajit2-5.1-dev
     fi
 done
+# The tests start their own redis-server on a free loopback port; the Debian package's service is
+# not needed, so a redis-server installed here (not one that was already) is stopped again.
+fresh_redis=1
+if dpkg-query -W -f='${Status}' redis-server 2>/dev/null | grep -q 'install ok installed'; then
+    fresh_redis=0
+fi
 apt-get install -y -qq --no-install-recommends \
     build-essential cmake pkg-config ca-certificates \
-    libssh2-1-dev libssl-dev libuv1-dev "$lua_dev" libwebsockets-dev libcmocka-dev libhttp-parser-dev libwslay-dev libjansson-dev \
+    libssh2-1-dev libssl-dev libuv1-dev "$lua_dev" libwebsockets-dev libcmocka-dev libhttp-parser-dev libwslay-dev libjansson-dev libhiredis-dev \
     openssh-server openssh-client curl clang libclang-rt-14-dev \
-    dpkg-dev adduser systemd strace haproxy >/dev/null
+    dpkg-dev adduser systemd strace haproxy redis-server >/dev/null
+if [ "$fresh_redis" = 1 ]; then
+    { systemctl disable --now redis-server || service redis-server stop; } >/dev/null 2>&1 || true
+fi
 # The tests run the real openai and ollama npm clients against the gateway (tests/sdk).
 if ! command -v npm >/dev/null 2>&1; then
     apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null

@@ -52,6 +52,9 @@ typedef struct mg_gateway_opts {
     uint64_t drain_delay_ms;      /* lame duck: how long after the drain begins /healthz says
                                      503 while new requests are still served, for a load
                                      balancer's health checks to notice; 0 */
+    const char *redis_url;        /* the shared dictionary in Redis (MOONGATE_REDIS_URL);
+                                     NULL: in-process */
+    uint32_t redis_timeout_ms;    /* the longest a hook waits for Redis per call; 20 */
 } mg_gateway_opts_t;
 
 /*
@@ -60,7 +63,8 @@ typedef struct mg_gateway_opts {
  * MOONGATE_SEND_TIMEOUT, MOONGATE_KEEPALIVE_TIMEOUT, MOONGATE_MAX_CLIENTS,
  * MOONGATE_MAX_REQUEST_LINE, MOONGATE_MAX_HEADER_SIZE, MOONGATE_MAX_HEADERS,
  * UPSTREAM_HEAD_TIMEOUT, UPSTREAM_KEEPALIVE, MOONGATE_ADMIN_TOKEN, MOONGATE_METRICS_PER_USER,
- * MOONGATE_WATCHDOG_MS (default 5000), MOONGATE_DEBUG_FUNCTIONS, MOONGATE_DRAIN_DELAY.
+ * MOONGATE_WATCHDOG_MS (default 5000), MOONGATE_DEBUG_FUNCTIONS, MOONGATE_DRAIN_DELAY,
+ * MOONGATE_REDIS_URL, MOONGATE_REDIS_TIMEOUT.
  * Returns 0 or MG_ECONFIG with
  * a message naming the variable.
  */

@@ -198,6 +198,15 @@ typedef struct mg_policy_options {
     uint32_t load_timeout_ms;  /* running the file's main chunk; 1000 */
     size_t dict_max_entries;   /* 100000 */
     size_t dict_max_bytes;     /* keys + string values; 16 MiB */
+    /*
+     * moongate.dict in Redis, shared by every node that names the same one:
+     * redis://[[user]:password@]host[:port][/db] (MOONGATE_REDIS_URL). NULL or "": the
+     * in-process dictionary. A hook waits for Redis without blocking the loop, at most
+     * redis_timeout_ms per call (MOONGATE_REDIS_TIMEOUT; 20), then the call fails and the
+     * policy decides (docs/policy.md, "Cluster-wide dictionary").
+     */
+    const char *redis_url;
+    uint32_t redis_timeout_ms;
     int max_timers;            /* per state; 1024 */
     /*
      * false (the default): policy code runs in the interpreter and every call is bounded.
@@ -288,6 +297,23 @@ int mg_policy_admit(mg_policy_state_t *st, const mg_policy_request_t *req, const
 /* On success *route is filled and out->allow is true; a refusal leaves *route zeroed. */
 int mg_policy_route(mg_policy_state_t *st, const mg_policy_request_t *req, const char *user,
                     mg_policy_route_t *route, mg_policy_decision_t *out);
+/*
+ * The same three, for a caller that can wait: with the shared dictionary in Redis, a hook that
+ * touches it waits for the answer without blocking the loop. They return as above, or
+ * MG_EAGAIN: the hook is waiting, and done(ctx, rc) follows from the loop with *out (and
+ * *route) filled and rc as above. req's strings, user, out and route must stay valid until
+ * then. Without Redis they never wait.
+ */
+typedef void (*mg_policy_done_fn)(void *ctx, int rc);
+int mg_policy_authenticate_wait(mg_policy_state_t *st, const mg_policy_request_t *req,
+                                mg_policy_decision_t *out, mg_policy_done_fn done, void *ctx);
+int mg_policy_admit_wait(mg_policy_state_t *st, const mg_policy_request_t *req,
+                         const char *user, mg_policy_decision_t *out, mg_policy_done_fn done,
+                         void *ctx);
+int mg_policy_route_wait(mg_policy_state_t *st, const mg_policy_request_t *req,
+                         const char *user, mg_policy_route_t *route, mg_policy_decision_t *out,
+                         mg_policy_done_fn done, void *ctx);
+
 /* token is the agent's bearer token; req is its upgrade request. */
 int mg_policy_agent_auth(mg_policy_state_t *st, const char *token,
                          const mg_policy_request_t *req, mg_policy_decision_t *out);
@@ -310,6 +336,19 @@ mg_error_format_t mg_policy_error_format(const mg_policy_state_t *st);
 
 /* An mg_pool_limits_fn over mg_policy_limits(): ctx is the mg_policy_t. */
 int mg_policy_pool_limits_fn(void *ctx, const char *user, mg_pool_limits_t *out);
+
+/* The Redis back end's books (for /metrics). */
+typedef struct mg_redis_stats {
+    bool up;               /* connected and answering AUTH/SELECT */
+    uint64_t commands;     /* sent */
+    uint64_t errors;       /* answered with an error, or lost with the connection */
+    uint64_t timeouts;     /* waits that ran out */
+    uint64_t unavailable;  /* calls failed at once: not connected, or too many out */
+    int in_flight;
+} mg_redis_stats_t;
+
+/* False when the dictionary is in-process; else true and *out. */
+bool mg_policy_redis_stats(mg_policy_t *p, mg_redis_stats_t *out);
 
 /* Bytes the current state uses, and its limit (for /metrics). */
 size_t mg_policy_memory_used(mg_policy_t *p);

@@ -6,13 +6,16 @@
 -- A bucket holds up to `burst` tokens (default: limit) and refills at limit/per tokens a second.
 -- take(key, n) removes n tokens (default 1) if there are that many and returns true and the
 -- whole tokens left; otherwise it removes nothing and returns false and the seconds until n
--- tokens are there (a whole number, at least 1, ready for Retry-After). When the dictionary is
--- full it returns nil and the dictionary's message: the caller decides how to fail.
+-- tokens are there (a whole number, at least 1, ready for Retry-After). When the dictionary
+-- cannot answer (full, or in Redis and Redis is unavailable) it returns nil and the
+-- dictionary's message: the caller decides whether that fails open or closed.
 --
 -- Each key costs one dictionary entry: instead of a count and a time, it stores the time at
 -- which the bucket will be full again ("full_at"). The tokens at time now are
 -- burst - (full_at - now) * rate, clamped to [0, burst]; taking n tokens moves full_at n/rate
 -- later. The entry expires when the bucket is full, since a missing key means a full bucket.
+-- A take is one call of dict.take_bucket, atomic on either back end (in Redis, a script), so a
+-- limit kept in Redis holds exactly across every node that shares it.
 local mg = require "moongate"
 
 local floor, ceil, max = math.floor, math.ceil, math.max
@@ -46,21 +49,36 @@ function Bucket:take(key, n)
   local now = self.clock()
   local k = self.prefix .. key
   local dict, interval, burst = self.dict, self.interval, self.burst
-  local full_at = max(dict.get(k) or now, now)
-  local new_full_at = full_at + n * interval
-  -- The bucket may hold at most burst tokens' worth of debt: burst * interval seconds.
   -- Times are seconds since the epoch (about 1.7e9), where a double resolves only to a few
   -- 1e-7 s; the rounding of many takes adds up, so comparisons allow a hundredth of a token.
   local slack = interval * 0.01
-  local over = new_full_at - now - burst * interval
-  if over > slack then
-    return false, max(1, ceil(over - slack))
+  local ok, x
+  if dict.take_bucket then
+    -- One atomic step on the dictionary: exact across nodes when it is in Redis.
+    ok, x = dict.take_bucket(k, n, interval, burst, now)
+    if ok == nil then
+      return nil, x
+    end
+  else
+    -- A dictionary of get and set alone (a test's, say): the same step in two.
+    local full_at = max(dict.get(k) or now, now)
+    x = full_at + n * interval
+    local over = x - now - burst * interval
+    ok = over <= slack
+    if ok then
+      local set, err = dict.set(k, x, ceil((x - now) * 1000))
+      if not set then
+        return nil, err
+      end
+    else
+      x = over
+    end
   end
-  local ok, err = dict.set(k, new_full_at, ceil((new_full_at - now) * 1000))
+  -- The bucket may hold at most burst tokens' worth of debt: burst * interval seconds.
   if not ok then
-    return nil, err
+    return false, max(1, ceil(x - slack))
   end
-  return true, floor((burst * interval - (new_full_at - now)) / interval + 0.01)
+  return true, floor((burst * interval - (x - now)) / interval + 0.01)
 end
 
 -- The whole tokens key has now, without taking any.

@@ -130,6 +130,7 @@ int mg_gateway_opts_from_env(mg_gateway_opts_t *o, char *err, size_t errlen)
         .upstream_head_timeout_ms = 120000,
         .upstream_keepalive_ms = 10000,
         .watchdog_ms = 5000,
+        .redis_timeout_ms = 20,
     };
     const char *v = getenv("MOONGATE_LISTEN");
     if (v && *v && mg_gateway_parse_listen(o, v, listen_host, sizeof(listen_host)) != 0) {
@@ -180,8 +181,12 @@ int mg_gateway_opts_from_env(mg_gateway_opts_t *o, char *err, size_t errlen)
     }
     if ((rc = mg_settings_env_bool("MOONGATE_DEBUG_FUNCTIONS", &o->debug_functions, err,
                                    errlen)) ||
-        (rc = env_u64("MOONGATE_DRAIN_DELAY", 0, 600000, &o->drain_delay_ms, err, errlen)))
+        (rc = env_u64("MOONGATE_DRAIN_DELAY", 0, 600000, &o->drain_delay_ms, err, errlen)) ||
+        (rc = env_u32("MOONGATE_REDIS_TIMEOUT", 1, 60000, &o->redis_timeout_ms, err, errlen)))
         return rc;
+    o->redis_url = getenv("MOONGATE_REDIS_URL");
+    if (o->redis_url != NULL && o->redis_url[0] == '\0')
+        o->redis_url = NULL;
     o->admin_token = getenv("MOONGATE_ADMIN_TOKEN");
     v = getenv("MOONGATE_FORWARD_HEADERS");
     if (v && *v)
@@ -237,6 +242,53 @@ static double client_received(void *arg)
 static double client_sent(void *arg)
 {
     return client_bytes(arg, false);
+}
+
+static double redis_stat(mg_gateway_t *gw, int which)
+{
+    mg_redis_stats_t rs;
+    if (!mg_policy_redis_stats(gw->policy, &rs))
+        return 0;
+    switch (which) {
+    case 0: return rs.up;
+    case 1: return (double)rs.commands;
+    case 2: return (double)rs.errors;
+    case 3: return (double)rs.timeouts;
+    case 4: return (double)rs.unavailable;
+    default: return rs.in_flight;
+    }
+}
+static double redis_up(void *arg) { return redis_stat(arg, 0); }
+static double redis_commands(void *arg) { return redis_stat(arg, 1); }
+static double redis_errors(void *arg) { return redis_stat(arg, 2); }
+static double redis_timeouts(void *arg) { return redis_stat(arg, 3); }
+static double redis_unavailable(void *arg) { return redis_stat(arg, 4); }
+static double redis_in_flight(void *arg) { return redis_stat(arg, 5); }
+
+/* The shared dictionary's Redis: only when there is one. */
+static int redis_metrics(mg_gateway_t *gw)
+{
+    if (mg_policy_redis_stats(gw->policy, &(mg_redis_stats_t){ 0 }) == false)
+        return 0;
+    mg_metrics_t *m = gw->metrics_reg;
+    const char *fail = "moongate_redis_failures_total";
+    const char *fail_help = "Shared-dictionary calls that did not get Redis's answer, by why: "
+                            "error (an error answer or a lost connection), timeout (no answer "
+                            "within MOONGATE_REDIS_TIMEOUT), unavailable (not connected: failed "
+                            "at once).";
+    return mg_metrics_gauge_fn(m, "moongate_redis_up",
+                               "1 while the shared dictionary's Redis is connected.", NULL, NULL,
+                               redis_up, gw) ||
+           mg_metrics_counter_fn(m, "moongate_redis_commands_total",
+                                 "Commands sent to the shared dictionary's Redis.", NULL, NULL,
+                                 redis_commands, gw) ||
+           mg_metrics_counter_fn(m, fail, fail_help, "reason", "error", redis_errors, gw) ||
+           mg_metrics_counter_fn(m, fail, fail_help, "reason", "timeout", redis_timeouts, gw) ||
+           mg_metrics_counter_fn(m, fail, fail_help, "reason", "unavailable", redis_unavailable,
+                                 gw) ||
+           mg_metrics_gauge_fn(m, "moongate_redis_in_flight",
+                               "Shared-dictionary commands waiting for Redis's answer.", NULL,
+                               NULL, redis_in_flight, gw);
 }
 
 static double gauge_clients(void *arg)
@@ -389,8 +441,15 @@ int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gate
     mg_policy_options_init(&po, settings);
     po.path = o->policy_path;
     po.debug_functions = o->debug_functions;
+    po.redis_url = o->redis_url;
+    po.redis_timeout_ms = o->redis_timeout_ms;
     if ((rc = mg_policy_new(loop, &po, &gw->policy, err, errlen)) != 0)
         goto fail;
+    if (redis_metrics(gw) != 0) {
+        rc = MG_ENOMEM;
+        snprintf(err, errlen, "cannot register the Redis metrics");
+        goto fail;
+    }
 
     mg_ssh_backend_init(&gw->backend, loop, settings);
     gw->backend.observer = on_ssh_event;

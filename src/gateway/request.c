@@ -38,6 +38,13 @@ typedef struct mg_req {
     char user[MG_USER_ID_MAX + 1];
     char credential[MG_POLICY_HEADER_NAME_MAX]; /* the field authenticate read, or "" */
     mg_policy_state_t *pol;
+    /* The hooks' progress: they may wait for Redis, and the request waits with them. */
+    int pstep;                       /* P_AUTHENTICATE.. */
+    bool policy_waiting;             /* a hook is waiting; done() comes back here */
+    bool gone;                       /* the server finished with r while a hook waited */
+    mg_policy_request_t preq;        /* what the hooks see; its strings in pscratch and head */
+    void *pscratch;
+    mg_policy_decision_t pd;
     mg_policy_route_t route;
     mg_ssh_conn_opts_t route_opts;
     mg_exchange_t *x;
@@ -270,6 +277,7 @@ void mg_req_account(mg_req_env_t *env, const mg_req_done_t *d, mg_log_level_t le
 
 static void req_free(mg_req_t *r)
 {
+    free(r->pscratch);
     if (r->x) {
         mg_exchange_abort(r->x);
         r->x = NULL;
@@ -621,6 +629,10 @@ static void on_done(mg_server_req_t *base, bool complete)
         request_event(r, status, outcome, have_usage ? &usage : NULL);
     r->c = NULL;
     r->head = NULL;
+    if (r->policy_waiting) {
+        r->gone = true; /* freed when the hook's answer comes */
+        return;
+    }
     req_free(r);
 }
 
@@ -699,41 +711,86 @@ static int policy_request(const mg_req_t *r, mg_policy_request_t *preq, void **s
     return 0;
 }
 
-/* Runs the hooks. Returns true with r->user and r->route set, or false after refusing. */
-static bool run_policy(mg_req_t *r)
+enum { P_AUTHENTICATE, P_ADMIT, P_ROUTE, P_DONE };
+
+/* Takes the answer of the hook at r->pstep. Returns true to go on, or false after refusing. */
+static bool policy_answer(mg_req_t *r, int rc)
 {
     mg_req_env_t *env = r->env;
-    mg_policy_request_t preq;
-    void *scratch = NULL;
-    if (policy_request(r, &preq, &scratch) != 0) {
-        req_error(r, 500, "out of memory", NULL);
-        return false;
-    }
-    mg_policy_decision_t d;
-    bool ok = false;
-    if (mg_policy_authenticate(r->pol, &preq, &d) != 0 || !d.allow) {
-        if (d.status >= 500)
+    mg_policy_decision_t *d = &r->pd;
+    switch (r->pstep) {
+    case P_AUTHENTICATE:
+        if (rc != 0 || !d->allow) {
+            if (d->status >= 500)
+                mg_counter_inc(env->metrics->policy_errors);
+            req_error(r, d->status ? d->status : 401, d->message[0] ? d->message : "unauthorized",
+                      d);
+            return false;
+        }
+        snprintf(r->user, sizeof(r->user), "%s", d->user);
+        snprintf(r->credential, sizeof(r->credential), "%s", d->credential);
+        break;
+    case P_ADMIT:
+        if (rc != 0 || !d->allow) {
+            if (d->status >= 500)
+                mg_counter_inc(env->metrics->policy_errors);
+            req_error(r, d->status ? d->status : 429, d->message[0] ? d->message : "not admitted",
+                      d);
+            return false;
+        }
+        break;
+    case P_ROUTE:
+        if (rc != 0 || !d->allow) {
             mg_counter_inc(env->metrics->policy_errors);
-        req_error(r, d.status ? d.status : 401, d.message[0] ? d.message : "unauthorized", &d);
-        goto out;
+            req_error(r, d->status ? d->status : 500, d->message[0] ? d->message : "no route", d);
+            return false;
+        }
+        break;
     }
-    snprintf(r->user, sizeof(r->user), "%s", d.user);
-    snprintf(r->credential, sizeof(r->credential), "%s", d.credential);
-    if (mg_policy_admit(r->pol, &preq, r->user, &d) != 0 || !d.allow) {
-        if (d.status >= 500)
-            mg_counter_inc(env->metrics->policy_errors);
-        req_error(r, d.status ? d.status : 429, d.message[0] ? d.message : "not admitted", &d);
-        goto out;
+    r->pstep++;
+    return true;
+}
+
+static void admitted(mg_req_t *r);
+static void policy_waited(void *arg, int rc);
+
+/*
+ * Runs the hooks from r->pstep on; each may wait (for Redis), and then policy_waited picks up.
+ * With r->user and r->route set, goes on to admitted().
+ */
+static void policy_run(mg_req_t *r)
+{
+    while (r->pstep != P_DONE) {
+        int rc;
+        if (r->pstep == P_AUTHENTICATE)
+            rc = mg_policy_authenticate_wait(r->pol, &r->preq, &r->pd, policy_waited, r);
+        else if (r->pstep == P_ADMIT)
+            rc = mg_policy_admit_wait(r->pol, &r->preq, r->user, &r->pd, policy_waited, r);
+        else
+            rc = mg_policy_route_wait(r->pol, &r->preq, r->user, &r->route, &r->pd,
+                                      policy_waited, r);
+        if (rc == MG_EAGAIN) {
+            r->policy_waiting = true;
+            return;
+        }
+        if (!policy_answer(r, rc))
+            return;
     }
-    if (mg_policy_route(r->pol, &preq, r->user, &r->route, &d) != 0 || !d.allow) {
-        mg_counter_inc(env->metrics->policy_errors);
-        req_error(r, d.status ? d.status : 500, d.message[0] ? d.message : "no route", &d);
-        goto out;
+    free(r->pscratch);
+    r->pscratch = NULL;
+    admitted(r);
+}
+
+static void policy_waited(void *arg, int rc)
+{
+    mg_req_t *r = arg;
+    r->policy_waiting = false;
+    if (r->gone) {
+        req_free(r);
+        return;
     }
-    ok = true;
-out:
-    free(scratch);
-    return ok;
+    if (policy_answer(r, rc))
+        policy_run(r);
 }
 
 /* Builds the upstream head into r->up. Returns true, or false after refusing. */
@@ -858,18 +915,29 @@ mg_server_req_t *mg_req_start(mg_req_env_t *env, mg_client_t *c, const mg_http1_
         req_error(r, 413, "request body too large", NULL);
         return &r->base;
     }
-    if (!run_policy(r) || !build_head(r))
+    if (policy_request(r, &r->preq, &r->pscratch) != 0) {
+        req_error(r, 500, "out of memory", NULL);
         return &r->base;
+    }
+    policy_run(r);
+    return &r->base;
+}
+
+/* The hooks let the request through: the upstream head, then the body. */
+static void admitted(mg_req_t *r)
+{
+    const mg_http1_req_head_t *head = r->head;
+    if (!build_head(r))
+        return;
     /* Admitted: now the body (and the 100 Continue it may be waiting for). A small one is
        gathered first and goes with the head. */
     if (head->body == MG_HTTP1_REQ_BODY_LENGTH && head->content_length <= COALESCE_MAX) {
         r->coalescing = true;
-        mg_client_read_body(c);
-        return &r->base;
+        mg_client_read_body(r->c);
+        return;
     }
     if (!start_exchange(r, r->has_body))
-        return &r->base;
+        return;
     if (r->has_body)
-        mg_client_read_body(c);
-    return &r->base;
+        mg_client_read_body(r->c);
 }

@@ -83,6 +83,7 @@ void mg_policy_options_init(mg_policy_options_t *o, const mg_settings_t *s)
     o->dict_max_entries = 100000;
     o->dict_max_bytes = 16u << 20;
     o->max_timers = 1024;
+    o->redis_timeout_ms = 20;
     o->jit = false;
     o->default_limits.max_connections = s->max_connections_per_user;
     o->default_limits.max_channels = s->max_channels;
@@ -119,6 +120,30 @@ bool mg__policy_user_id_valid(const char *id, size_t len)
     }
     return true;
 }
+
+/*
+ * A call in a coroutine of its own. It holds a reference to its state while it waits, and its
+ * timer bounds the wait: the Redis timeout, or what is left of the call's budget if less.
+ */
+struct mg__pcall {
+    mg_policy_state_t *st;
+    lua_State *co;
+    int co_ref;
+    int nres;
+    uint32_t budget_ms;
+    uint64_t deadline_ns;
+    bool timed_out;
+    bool waited;          /* it has yielded once: st is referenced, done will be called */
+    char what[32];
+    char where[224];
+    mg__pcall_done_fn done;
+    void *ctx;
+    mg__redis_op_t *op;   /* the answer being waited for */
+    uint32_t wait_ms;
+    bool wait_is_budget;  /* the wait ends at the budget, not at the Redis timeout */
+    uv_timer_t timer;
+    bool timer_init;
+};
 
 /* ---- memory and time bounds ---- */
 
@@ -199,7 +224,7 @@ void mg_policy_describe_running(char *buf, size_t len)
         return;
     }
     /* The innermost frame with a line is the policy's; a C function above it is what spins. */
-    lua_State *L = st->L;
+    lua_State *L = st->running != NULL ? st->running->co : st->L;
     lua_Debug ar;
     char at[256] = "", cfn[96] = "";
     for (int level = 0; level < 32 && lua_getstack(L, level, &ar); level++) {
@@ -250,40 +275,15 @@ static void flatten(char *dst, size_t cap, const char *src)
 }
 
 /*
- * Calls the function below nargs arguments on st's stack, with the time budget, the memory
- * limit and the traceback handler. Logs a failure when log is set.
+ * A failed call's books: its code, last_error, the log line, and a collection after running
+ * out of memory. rc is lua_pcall's or lua_resume's.
  *
- *   in:  ... fn a1..an        out (0): ... r1..rnres        out (<0): ...
+ *   in: ... message        out: ...
  */
-static int call_lua(mg_policy_state_t *st, const char *what, const char *where, int nargs,
-                    int nres, uint32_t budget_ms, bool log)
+static int call_failed(mg_policy_state_t *st, const char *what, const char *where, int rc,
+                       bool log)
 {
     lua_State *L = st->L;
-    if (st->in_call) {
-        lua_pop(L, nargs + 1);
-        mg_log_error(LOG, "%s (%s) called from inside another hook: refused", what, where);
-        return MG_ESTATE;
-    }
-    st->in_call = true;
-    st->call_what = what;
-    st->call_where = where;
-    calling = st;
-    st->timed_out = false;
-    st->mem_hit = false;
-    st->budget_ms = budget_ms;
-    st->deadline_ns = uv_hrtime() + (uint64_t)budget_ms * 1000000u;
-
-    st->mem_capped = true;
-    int rc = lua_pcall(L, nargs, nres, 1);
-    st->mem_capped = false;
-
-    st->in_call = false;
-    calling = NULL;
-    if (st->timed_out)
-        lua_sethook(L, count_hook, LUA_MASKCOUNT, COUNT_HOOK_INSTRUCTIONS);
-    if (rc == 0)
-        return 0;
-
     int code = MG_EINVAL;
     if (st->timed_out)
         code = MG_ETIMEDOUT;
@@ -317,10 +317,57 @@ static int call_lua(mg_policy_state_t *st, const char *what, const char *where, 
     return code;
 }
 
-int mg__policy_pcall(mg_policy_state_t *st, const char *what, const char *where, int nargs,
-                     int nres, uint32_t budget_ms)
+/* Marks st as running a call until deadline_ns (for the count hook and the watchdog). */
+static void call_enter(mg_policy_state_t *st, const char *what, const char *where,
+                       uint32_t budget_ms, uint64_t deadline_ns, bool timed_out)
 {
-    int rc = call_lua(st, what, where, nargs, nres, budget_ms, true);
+    st->in_call = true;
+    st->call_what = what;
+    st->call_where = where;
+    calling = st;
+    st->timed_out = timed_out;
+    st->mem_hit = false;
+    st->budget_ms = budget_ms;
+    st->deadline_ns = deadline_ns;
+    st->mem_capped = true;
+}
+
+static void call_leave(mg_policy_state_t *st)
+{
+    st->mem_capped = false;
+    st->in_call = false;
+    st->running = NULL;
+    calling = NULL;
+    if (st->timed_out)
+        lua_sethook(st->L, count_hook, LUA_MASKCOUNT, COUNT_HOOK_INSTRUCTIONS);
+}
+
+/*
+ * Calls the function below nargs arguments on st's stack, with the time budget, the memory
+ * limit and the traceback handler. Logs a failure when log is set.
+ *
+ *   in:  ... fn a1..an        out (0): ... r1..rnres        out (<0): ...
+ */
+static int call_lua(mg_policy_state_t *st, const char *what, const char *where, int nargs,
+                    int nres, uint32_t budget_ms, bool log)
+{
+    lua_State *L = st->L;
+    if (st->in_call) {
+        lua_pop(L, nargs + 1);
+        mg_log_error(LOG, "%s (%s) called from inside another hook: refused", what, where);
+        return MG_ESTATE;
+    }
+    call_enter(st, what, where, budget_ms, uv_hrtime() + (uint64_t)budget_ms * 1000000u, false);
+    int rc = lua_pcall(L, nargs, nres, 1);
+    call_leave(st);
+    if (rc == 0)
+        return 0;
+    return call_failed(st, what, where, rc, log);
+}
+
+/* After a call: a state that kept its memory after a collection is replaced. */
+static void maybe_rebuild(mg_policy_state_t *st)
+{
     mg_policy_t *p = st->policy;
     if (st->rebuild && p->current == st && !p->freeing && !p->reloading) {
         st->rebuild = false;
@@ -329,7 +376,222 @@ int mg__policy_pcall(mg_policy_state_t *st, const char *what, const char *where,
         char err[512];
         (void)mg_policy_reload(p, err, sizeof(err));
     }
+}
+
+int mg__policy_pcall(mg_policy_state_t *st, const char *what, const char *where, int nargs,
+                     int nres, uint32_t budget_ms)
+{
+    int rc = call_lua(st, what, where, nargs, nres, budget_ms, true);
+    maybe_rebuild(st);
     return rc;
+}
+
+/* ---- calls that may wait for Redis ---- */
+
+static void pcall_closed(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+static void pcall_free(mg__pcall_t *pc)
+{
+    if (pc->co_ref != LUA_NOREF)
+        luaL_unref(pc->st->L, LUA_REGISTRYINDEX, pc->co_ref);
+    if (pc->timer_init)
+        uv_close((uv_handle_t *)&pc->timer, pcall_closed);
+    else
+        free(pc);
+}
+
+/*
+ * Runs (or resumes, with nargs values on the coroutine) pc's coroutine until it finishes or
+ * waits. Returns 0 with the results moved to the state's stack, MG_EAGAIN when it waits, or a
+ * failure code (logged).
+ */
+static int pcall_run(mg__pcall_t *pc, int nargs)
+{
+    mg_policy_state_t *st = pc->st;
+    lua_State *L = st->L, *co = pc->co;
+    if (st->in_call) {
+        /* Cannot happen: waits end from the loop, never inside another call. */
+        lua_settop(co, 0);
+        mg_log_error(LOG, "%s (%s) resumed inside another call: refused", pc->what, pc->where);
+        return MG_ESTATE;
+    }
+    call_enter(st, pc->what, pc->where, pc->budget_ms, pc->deadline_ns, pc->timed_out);
+    st->running = pc;
+    pc->op = NULL;
+    int rc = lua_resume(co, nargs);
+    pc->timed_out = st->timed_out;
+    bool waiting = rc == LUA_YIELD && pc->op != NULL;
+    call_leave(st);
+    if (waiting)
+        return MG_EAGAIN;
+    if (rc == 0) {
+        lua_settop(co, pc->nres);
+        lua_xmove(co, L, pc->nres);
+        return 0;
+    }
+    if (rc == LUA_YIELD) {
+        lua_settop(co, 0);
+        lua_pushfstring(L, "%s: a hook may not yield (coroutine.yield outside a coroutine "
+                           "of its own)", pc->where);
+        return call_failed(st, pc->what, pc->where, LUA_ERRRUN, true);
+    }
+    /* The traceback, built with the limit lifted as the message handler does. */
+    const char *msg = lua_tostring(co, -1);
+    bool capped = st->mem_capped;
+    st->mem_capped = false;
+    luaL_traceback(L, co, msg != NULL ? msg : "(error object is not a string)", 0);
+    st->mem_capped = capped;
+    lua_settop(co, 0);
+    return call_failed(st, pc->what, pc->where, rc, true);
+}
+
+/* The end of a call that waited: its caller hears, then the state may go. */
+static void pcall_finish(mg__pcall_t *pc, int rc)
+{
+    mg_policy_state_t *st = pc->st;
+    mg__pcall_done_fn done = pc->done;
+    void *ctx = pc->ctx;
+    pcall_free(pc);
+    done(ctx, rc);
+    lua_settop(st->L, 1);
+    maybe_rebuild(st);
+    mg__policy_state_unref(st);
+}
+
+static void pcall_step(mg__pcall_t *pc, int nargs)
+{
+    int rc = pcall_run(pc, nargs);
+    if (rc != MG_EAGAIN)
+        pcall_finish(pc, rc);
+}
+
+/* Redis answered: the results are on the coroutine. */
+static void pcall_answered(void *arg, int nres)
+{
+    mg__pcall_t *pc = arg;
+    uv_timer_stop(&pc->timer);
+    pc->op = NULL;
+    pcall_step(pc, nres);
+}
+
+static void pcall_wait_over(uv_timer_t *t)
+{
+    mg__pcall_t *pc = t->data;
+    mg_policy_t *p = pc->st->policy;
+    mg__redis_op_cancel(pc->op);
+    pc->op = NULL;
+    if (p->redis != NULL)
+        mg__redis_note_timeout(p->redis, pc->wait_ms);
+    if (pc->wait_is_budget) {
+        /* The call's budget is spent: it fails as one that ran too long. */
+        lua_settop(pc->co, 0);
+        lua_pushfstring(pc->st->L, "%s: time budget of %d ms exceeded waiting for redis",
+                        pc->where, (int)pc->budget_ms);
+        pc->st->timed_out = true;
+        int rc = call_failed(pc->st, pc->what, pc->where, LUA_ERRRUN, true);
+        pc->st->timed_out = false;
+        pcall_finish(pc, rc);
+        return;
+    }
+    lua_pushnil(pc->co);
+    lua_pushfstring(pc->co, "redis unavailable: no answer within %d ms", (int)pc->wait_ms);
+    pcall_step(pc, 2);
+}
+
+int mg__policy_pcall_wait(mg_policy_state_t *st, const char *what, const char *where,
+                          int nargs, int nres, uint32_t budget_ms, mg__pcall_done_fn done,
+                          void *ctx)
+{
+    lua_State *L = st->L;
+    if (st->policy->redis == NULL || done == NULL || st->in_call)
+        return mg__policy_pcall(st, what, where, nargs, nres, budget_ms);
+    mg__pcall_t *pc = calloc(1, sizeof(*pc));
+    if (pc == NULL) {
+        lua_pop(L, nargs + 1);
+        return MG_ENOMEM;
+    }
+    pc->st = st;
+    pc->co = lua_newthread(L);
+    pc->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_xmove(L, pc->co, nargs + 1);
+    pc->nres = nres;
+    pc->budget_ms = budget_ms;
+    pc->deadline_ns = uv_hrtime() + (uint64_t)budget_ms * 1000000u;
+    snprintf(pc->what, sizeof(pc->what), "%s", what);
+    snprintf(pc->where, sizeof(pc->where), "%s", where);
+    pc->done = done;
+    pc->ctx = ctx;
+    int rc = pcall_run(pc, nargs);
+    if (rc == MG_EAGAIN) {
+        pc->waited = true;
+        st->refs++;
+        return MG_EAGAIN;
+    }
+    pcall_free(pc);
+    maybe_rebuild(st);
+    return rc;
+}
+
+void mg__policy_call_forget(void *ctx, int rc)
+{
+    (void)ctx;
+    (void)rc;
+}
+
+int mg__policy_redis_call(lua_State *L, const mg__rdict_req_t *q)
+{
+    mg_policy_state_t *st = mg__policy_state_of(L);
+    mg_policy_t *p = st->policy;
+    mg__pcall_t *pc = st->running;
+    if (p->redis == NULL) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "redis unavailable: the gateway is shutting down");
+        return 2;
+    }
+    if (pc == NULL || pc->co != L) {
+        lua_pushnil(L);
+        const char *what = st->call_what;
+        if (!st->in_call || what == NULL || strcmp(what, "load") == 0)
+            what = "the file's main chunk";
+        lua_pushfstring(L, "the shared dictionary is in redis and %s cannot wait for it "
+                           "(only authenticate, admit, route, on_event and timers can); use "
+                           "moongate.node_dict there", what);
+        return 2;
+    }
+    char err[256];
+    int rc = mg__redis_dict_start(p->redis, q, L, pcall_answered, pc, &pc->op, err,
+                                  sizeof(err));
+    if (rc != 0) {
+        lua_pushnil(L);
+        lua_pushstring(L, err);
+        return 2;
+    }
+    if (!pc->timer_init) {
+        uv_timer_init(p->loop, &pc->timer);
+        pc->timer.data = pc;
+        pc->timer_init = true;
+    }
+    uint64_t now = uv_hrtime();
+    uint64_t left_ms = pc->deadline_ns > now ? (pc->deadline_ns - now + 999999) / 1000000 : 1;
+    /* Which bound ends the wait is decided here, not from the clock when the timer fires: the
+     * loop's clock has millisecond steps, so a timer may fire just before the deadline. */
+    pc->wait_is_budget = left_ms < p->opts.redis_timeout_ms;
+    pc->wait_ms = pc->wait_is_budget ? (uint32_t)left_ms : p->opts.redis_timeout_ms;
+    /* The loop's clock is that of the iteration's start: a timer set from it could end early. */
+    uv_update_time(p->loop);
+    uv_timer_start(&pc->timer, pcall_wait_over, pc->wait_ms, 0);
+    return lua_yield(L, 0);
+}
+
+bool mg_policy_redis_stats(mg_policy_t *p, mg_redis_stats_t *out)
+{
+    if (p->redis == NULL)
+        return false;
+    mg__redis_get_stats(p->redis, out);
+    return true;
 }
 
 /* ---- states ---- */
@@ -531,7 +793,8 @@ static int state_new(mg_policy_t *p, mg_policy_state_t **out, char *err, size_t 
     st->mem_limit = p->opts.memory_limit;
     for (int h = 0; h < MG_HOOK_COUNT; h++)
         st->hook_ref[h] = LUA_NOREF;
-    st->req_ref = LUA_NOREF;
+    for (int i = 0; i < MG_POLICY_REQ_SLOTS; i++)
+        st->req_ref[i] = LUA_NOREF;
 
     st->L = lua_newstate(state_alloc, st);
     if (st->L == NULL) {
@@ -685,6 +948,17 @@ int mg_policy_new(uv_loop_t *loop, const mg_policy_options_t *o, mg_policy_t **o
         snprintf(err, errlen, "%s", mg_strerror(rc));
         goto fail;
     }
+    if (o->redis_url != NULL && o->redis_url[0] != '\0') {
+        if (o->redis_timeout_ms == 0 || o->redis_timeout_ms > 60000) {
+            snprintf(err, errlen, "invalid policy options: redis_timeout_ms");
+            rc = MG_EINVAL;
+            goto fail;
+        }
+        if ((rc = mg__redis_new(loop, o->redis_url, &p->redis, err, errlen)) != 0)
+            goto fail;
+        p->shared_in_redis = true;
+    }
+    p->opts.redis_url = NULL; /* the caller's string; p->redis has what it needs */
     p->opts.path = p->path;
     p->opts.lua_dir = p->lua_dir;
     rc = state_new(p, &p->current, err, errlen);
@@ -698,6 +972,8 @@ int mg_policy_new(uv_loop_t *loop, const mg_policy_options_t *o, mg_policy_t **o
 
 fail:
     p->freeing = true;
+    mg__redis_free(p->redis);
+    p->redis = NULL;
     if (--p->refs == 0) {
         mg__dict_free(p->dict);
         free(p->path);
@@ -749,6 +1025,10 @@ void mg_policy_free(mg_policy_t *p)
     if (p == NULL)
         return;
     p->freeing = true;
+    /* Calls waiting for Redis hear that it is gone and finish (on the current state). */
+    mg_redis_t *r = p->redis;
+    p->redis = NULL;
+    mg__redis_free(r);
     mg_policy_state_t *st = p->current;
     p->current = NULL;
     /* The policy's own reference goes first, so the last state to go frees it. */

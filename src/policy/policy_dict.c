@@ -11,6 +11,7 @@
 
 #include "moongate/error.h"
 
+#include <math.h>
 #include <openssl/rand.h>
 #include <stdlib.h>
 #include <string.h>
@@ -292,6 +293,35 @@ int mg__dict_incr(mg_dict_t *d, const char *key, size_t klen, double by, uint64_
     }
     e->num += by;
     *out = e->num;
+    return 0;
+}
+
+int mg__dict_take_bucket(mg_dict_t *d, const char *key, size_t klen, double n, double interval,
+                         double burst, double now_s, uint64_t now_ms, bool *allowed,
+                         double *value)
+{
+    mg_dict_value_t v;
+    double full_at = now_s;
+    if (mg__dict_get(d, key, klen, now_ms, &v)) {
+        if (v.type != MG_DICT_NUMBER)
+            return MG_EINVAL;
+        if (v.num > now_s)
+            full_at = v.num;
+    }
+    double new_full_at = full_at + n * interval;
+    double over = new_full_at - now_s - burst * interval;
+    if (over > interval * 0.01) {
+        *allowed = false;
+        *value = over;
+        return 0;
+    }
+    double ttl = ceil((new_full_at - now_s) * 1000);
+    mg_dict_value_t nv = { .type = MG_DICT_NUMBER, .num = new_full_at };
+    int rc = mg__dict_set(d, key, klen, &nv, ttl < 1 ? 1 : (uint64_t)ttl, now_ms);
+    if (rc != 0)
+        return rc;
+    *allowed = true;
+    *value = new_full_at;
     return 0;
 }
 

@@ -20,6 +20,7 @@
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define LOG "policy"
@@ -65,12 +66,16 @@ static int bad_result(mg_policy_state_t *st, mg_hook_t h, const char *fmt, ...)
 }
 
 /*   in: ...        out: ... req
- * A request with a seq gets the table its earlier hooks got. */
+ * A request with a seq gets the table its earlier hooks got: the state keeps the tables of the
+ * last MG_POLICY_REQ_SLOTS requests (by seq), enough for the requests whose hooks wait for
+ * Redis at the same time. */
 static void push_request(mg_policy_state_t *st, const mg_policy_request_t *req)
 {
     lua_State *L = st->L;
-    if (req != NULL && req->seq != 0 && req->seq == st->req_seq && st->req_ref != LUA_NOREF) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, st->req_ref);
+    unsigned slot = req != NULL ? (unsigned)(req->seq % MG_POLICY_REQ_SLOTS) : 0;
+    if (req != NULL && req->seq != 0 && req->seq == st->req_seq[slot] &&
+        st->req_ref[slot] != LUA_NOREF) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, st->req_ref[slot]);
         return;
     }
     lua_createtable(L, 0, 5);
@@ -120,11 +125,11 @@ static void push_request(mg_policy_state_t *st, const mg_policy_request_t *req)
     if (req->seq != 0) {
         /* ... req req: the registry keeps the second. */
         lua_pushvalue(L, -1);
-        if (st->req_ref == LUA_NOREF)
-            st->req_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        if (st->req_ref[slot] == LUA_NOREF)
+            st->req_ref[slot] = luaL_ref(L, LUA_REGISTRYINDEX);
         else
-            lua_rawseti(L, LUA_REGISTRYINDEX, st->req_ref);
-        st->req_seq = req->seq;
+            lua_rawseti(L, LUA_REGISTRYINDEX, st->req_ref[slot]);
+        st->req_seq[slot] = req->seq;
     }
 }
 
@@ -307,21 +312,6 @@ static int call_hook(mg_policy_state_t *st, mg_hook_t h, int nargs, int nres)
                             st->policy->opts.hook_timeout_ms);
 }
 
-int mg_policy_authenticate(mg_policy_state_t *st, const mg_policy_request_t *req,
-                           mg_policy_decision_t *out)
-{
-    lua_State *L = st->L;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[MG_HOOK_AUTHENTICATE]);
-    push_request(st, req);
-    int rc = call_hook(st, MG_HOOK_AUTHENTICATE, 1, 4);
-    if (rc == 0)
-        rc = read_user(st, MG_HOOK_AUTHENTICATE, 2, true, out);
-    if (rc != 0)
-        decision_fail(out);
-    lua_settop(L, 1);
-    return rc;
-}
-
 int mg_policy_agent_auth(mg_policy_state_t *st, const char *token,
                          const mg_policy_request_t *req, mg_policy_decision_t *out)
 {
@@ -376,34 +366,6 @@ static void push_user_stats(lua_State *L, mg_policy_t *p, const char *user)
 void mg__policy_push_user_stats(lua_State *L, mg_policy_t *p, const char *user)
 {
     push_user_stats(L, p, user);
-}
-
-int mg_policy_admit(mg_policy_state_t *st, const mg_policy_request_t *req, const char *user,
-                    mg_policy_decision_t *out)
-{
-    lua_State *L = st->L;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[MG_HOOK_ADMIT]);
-    push_request(st, req);
-    lua_pushstring(L, user);
-    push_user_stats(L, st->policy, user);
-    int rc = call_hook(st, MG_HOOK_ADMIT, 3, 4);
-    if (rc == 0) {
-        int t = lua_type(L, 2);
-        if (t == LUA_TBOOLEAN && lua_toboolean(L, 2)) {
-            decision_clear(out);
-            out->allow = true;
-            copy_bytes(out->user, sizeof(out->user), user, strlen(user));
-        } else if (t == LUA_TBOOLEAN) {
-            rc = read_refusal(st, MG_HOOK_ADMIT, 3, 403, "Forbidden", out);
-        } else {
-            rc = bad_result(st, MG_HOOK_ADMIT, "must return true, or false, status, message, "
-                                               "headers; got %s", luaL_typename(L, 2));
-        }
-    }
-    if (rc != 0)
-        decision_fail(out);
-    lua_settop(L, 1);
-    return rc;
 }
 
 /* ---- tables of fields (route, limits, shutdown) ---- */
@@ -696,39 +658,159 @@ static int read_route(mg_policy_state_t *st, int t, mg_policy_route_t *r)
     return 0;
 }
 
-int mg_policy_route(mg_policy_state_t *st, const mg_policy_request_t *req, const char *user,
-                    mg_policy_route_t *route, mg_policy_decision_t *out)
+/* ---- the request hooks, which may wait for Redis ---- */
+
+/* One request hook's call: where its answer goes. */
+typedef struct hook_call {
+    mg_policy_state_t *st;
+    mg_hook_t h;
+    const char *user;            /* admit, route */
+    mg_policy_decision_t *out;
+    mg_policy_route_t *route;    /* route */
+    mg_policy_done_fn done;
+    void *ctx;
+} hook_call_t;
+
+/* Reads the hook's results (at 2..5 after a successful call) into the call's outputs. */
+static int hook_read(const hook_call_t *hc, int rc)
+{
+    mg_policy_state_t *st = hc->st;
+    lua_State *L = st->L;
+    mg_policy_decision_t *out = hc->out;
+    if (rc == 0) {
+        int t = lua_type(L, 2);
+        switch (hc->h) {
+        case MG_HOOK_AUTHENTICATE:
+            rc = read_user(st, MG_HOOK_AUTHENTICATE, 2, true, out);
+            break;
+        case MG_HOOK_ADMIT:
+            if (t == LUA_TBOOLEAN && lua_toboolean(L, 2)) {
+                decision_clear(out);
+                out->allow = true;
+                copy_bytes(out->user, sizeof(out->user), hc->user, strlen(hc->user));
+            } else if (t == LUA_TBOOLEAN) {
+                rc = read_refusal(st, MG_HOOK_ADMIT, 3, 403, "Forbidden", out);
+            } else {
+                rc = bad_result(st, MG_HOOK_ADMIT, "must return true, or false, status, "
+                                                   "message, headers; got %s",
+                                luaL_typename(L, 2));
+            }
+            break;
+        default: /* MG_HOOK_ROUTE */
+            if (t == LUA_TTABLE) {
+                rc = read_route(st, 2, hc->route);
+                if (rc == 0) {
+                    decision_clear(out);
+                    out->allow = true;
+                    copy_bytes(out->user, sizeof(out->user), hc->user, strlen(hc->user));
+                }
+            } else if (t == LUA_TNIL || (t == LUA_TBOOLEAN && !lua_toboolean(L, 2))) {
+                rc = read_refusal(st, MG_HOOK_ROUTE, 3, 503, "No route for this user", out);
+            } else {
+                rc = bad_result(st, MG_HOOK_ROUTE, "must return a table, or nil, status, "
+                                                   "message, headers; got %s",
+                                luaL_typename(L, 2));
+            }
+            break;
+        }
+    }
+    if (rc != 0)
+        decision_fail(out);
+    if (hc->route != NULL && (rc != 0 || !out->allow))
+        memset(hc->route, 0, sizeof(*hc->route));
+    lua_settop(L, 1);
+    return rc;
+}
+
+static void hook_waited(void *arg, int rc)
+{
+    hook_call_t *hc = arg;
+    rc = hook_read(hc, rc);
+    mg_policy_done_fn done = hc->done;
+    void *ctx = hc->ctx;
+    free(hc);
+    done(ctx, rc);
+}
+
+/*   in: ... fn a1..an        out: ...
+ * Calls the hook; its answer is read now, or by hook_waited when it waits for Redis. */
+static int hook_run(const hook_call_t *tmpl, int nargs)
+{
+    mg_policy_state_t *st = tmpl->st;
+    hook_call_t *hc = NULL;
+    if (tmpl->done != NULL && st->policy->redis != NULL) {
+        hc = malloc(sizeof(*hc));
+        if (hc == NULL) {
+            lua_pop(st->L, nargs + 1);
+            decision_fail(tmpl->out);
+            return MG_ENOMEM;
+        }
+        *hc = *tmpl;
+    }
+    int rc = mg__policy_pcall_wait(st, mg__hook_names[tmpl->h], st->hook_where[tmpl->h], nargs,
+                                   4, st->policy->opts.hook_timeout_ms,
+                                   hc != NULL ? hook_waited : NULL, hc);
+    if (rc == MG_EAGAIN)
+        return rc;
+    free(hc);
+    return hook_read(tmpl, rc);
+}
+
+int mg_policy_authenticate_wait(mg_policy_state_t *st, const mg_policy_request_t *req,
+                                mg_policy_decision_t *out, mg_policy_done_fn done, void *ctx)
+{
+    lua_State *L = st->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[MG_HOOK_AUTHENTICATE]);
+    push_request(st, req);
+    hook_call_t hc = { .st = st, .h = MG_HOOK_AUTHENTICATE, .out = out, .done = done,
+                       .ctx = ctx };
+    return hook_run(&hc, 1);
+}
+
+int mg_policy_admit_wait(mg_policy_state_t *st, const mg_policy_request_t *req,
+                         const char *user, mg_policy_decision_t *out, mg_policy_done_fn done,
+                         void *ctx)
+{
+    lua_State *L = st->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[MG_HOOK_ADMIT]);
+    push_request(st, req);
+    lua_pushstring(L, user);
+    push_user_stats(L, st->policy, user);
+    hook_call_t hc = { .st = st, .h = MG_HOOK_ADMIT, .user = user, .out = out, .done = done,
+                       .ctx = ctx };
+    return hook_run(&hc, 3);
+}
+
+int mg_policy_route_wait(mg_policy_state_t *st, const mg_policy_request_t *req,
+                         const char *user, mg_policy_route_t *route, mg_policy_decision_t *out,
+                         mg_policy_done_fn done, void *ctx)
 {
     lua_State *L = st->L;
     memset(route, 0, sizeof(*route));
     lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[MG_HOOK_ROUTE]);
     push_request(st, req);
     lua_pushstring(L, user);
-    int rc = call_hook(st, MG_HOOK_ROUTE, 2, 4);
-    if (rc == 0) {
-        int t = lua_type(L, 2);
-        if (t == LUA_TTABLE) {
-            rc = read_route(st, 2, route);
-            if (rc == 0) {
-                decision_clear(out);
-                out->allow = true;
-                copy_bytes(out->user, sizeof(out->user), user, strlen(user));
-            }
-        } else if (t == LUA_TNIL || (t == LUA_TBOOLEAN && !lua_toboolean(L, 2))) {
-            rc = read_refusal(st, MG_HOOK_ROUTE, 3, 503, "No route for this user", out);
-        } else {
-            rc = bad_result(st, MG_HOOK_ROUTE, "must return a table, or nil, status, message, "
-                                               "headers; got %s", luaL_typename(L, 2));
-        }
-    }
-    if (rc != 0) {
-        memset(route, 0, sizeof(*route));
-        decision_fail(out);
-    } else if (!out->allow) {
-        memset(route, 0, sizeof(*route));
-    }
-    lua_settop(L, 1);
-    return rc;
+    hook_call_t hc = { .st = st, .h = MG_HOOK_ROUTE, .user = user, .out = out, .route = route,
+                       .done = done, .ctx = ctx };
+    return hook_run(&hc, 2);
+}
+
+int mg_policy_authenticate(mg_policy_state_t *st, const mg_policy_request_t *req,
+                           mg_policy_decision_t *out)
+{
+    return mg_policy_authenticate_wait(st, req, out, NULL, NULL);
+}
+
+int mg_policy_admit(mg_policy_state_t *st, const mg_policy_request_t *req, const char *user,
+                    mg_policy_decision_t *out)
+{
+    return mg_policy_admit_wait(st, req, user, out, NULL, NULL);
+}
+
+int mg_policy_route(mg_policy_state_t *st, const mg_policy_request_t *req, const char *user,
+                    mg_policy_route_t *route, mg_policy_decision_t *out)
+{
+    return mg_policy_route_wait(st, req, user, route, out, NULL, NULL);
 }
 
 int mg_policy_limits(mg_policy_t *p, const char *user, mg_pool_limits_t *out)
@@ -882,7 +964,13 @@ int mg_policy_event(mg_policy_t *p, const mg_policy_event_t *ev)
     }
     if (ev->request != NULL)
         push_request_info(L, ev->request);
-    int rc = call_hook(st, MG_HOOK_ON_EVENT, 1, 0);
+    /* It may wait for Redis (a quota counted in the shared dictionary); nobody waits for it. */
+    int rc = mg__policy_pcall_wait(st, mg__hook_names[MG_HOOK_ON_EVENT],
+                                   st->hook_where[MG_HOOK_ON_EVENT], 1, 0,
+                                   st->policy->opts.hook_timeout_ms, mg__policy_call_forget,
+                                   NULL);
+    if (rc == MG_EAGAIN)
+        rc = 0;
     lua_settop(L, 1);
     mg_policy_release(st);
     return rc;

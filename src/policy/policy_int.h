@@ -6,6 +6,7 @@
  *   policy_hooks.c the hooks: requests into Lua values, results into validated C values
  *   policy_lib.c   the `moongate` Lua module (log, clock, stats, timers, dict, env)
  *   policy_dict.c  the shared dictionary, plain C (no Lua)
+ *   policy_redis.c the dictionary's Redis back end (hiredis on the loop)
  *   policy_jwt.c   HS256 JWT verification and the small JSON reader it needs
  *   policy_pattern.c  string.find/match/gmatch/gsub with a bound on their work
  */
@@ -69,6 +70,83 @@ int64_t mg__dict_ttl(mg_dict_t *d, const char *key, size_t klen, uint64_t now);
 void mg__dict_usage(const mg_dict_t *d, size_t *entries, size_t *bytes, size_t *max_entries,
                     size_t *max_bytes);
 
+/*
+ * The token bucket step (lua/moongate/token_bucket.lua) on the dictionary: key holds the time
+ * at which the bucket is full again (full_at, in the bucket's clock, seconds). Taking n tokens
+ * at now moves it n * interval later, unless that leaves more than burst tokens of debt: then
+ * nothing changes and *allowed is false. *value is the new full_at when allowed, else the
+ * seconds of debt over the burst. Returns 0, MG_EINVAL (bad key, or key holds a string) or
+ * MG_ENOMEM.
+ */
+int mg__dict_take_bucket(mg_dict_t *d, const char *key, size_t klen, double n, double interval,
+                         double burst, double now_s, uint64_t now_ms, bool *allowed,
+                         double *value);
+
+/* ---- the Redis back end (policy_redis.c) ---- */
+
+typedef struct mg_redis mg_redis_t;
+typedef struct mg__redis_op mg__redis_op_t;
+
+typedef enum mg__rdict_op {
+    MG_RDICT_GET = 1,
+    MG_RDICT_SET,    /* has_value false deletes */
+    MG_RDICT_DELETE,
+    MG_RDICT_INCR,
+    MG_RDICT_TTL,
+    MG_RDICT_TAKE_BUCKET,
+} mg__rdict_op_t;
+
+/* One dictionary operation, its arguments checked. */
+typedef struct mg__rdict_req {
+    mg__rdict_op_t op;
+    const char *key;
+    size_t klen;
+    bool has_value;
+    mg_dict_value_t value;
+    uint64_t ttl_ms;
+    double by;                          /* incr */
+    double n, interval, burst, now;     /* take_bucket */
+} mg__rdict_req_t;
+
+/* Results of the operation have been pushed on the coroutine given (nres of them). */
+typedef void (*mg__redis_done_fn)(void *ctx, int nres);
+
+/* Where Redis is: MOONGATE_REDIS_URL, parsed. */
+typedef struct mg__redis_addr {
+    char host[256];
+    int port;       /* 6379 */
+    char user[128]; /* "" for none (AUTH password alone) */
+    char pass[256]; /* "" for none (no AUTH) */
+    int db;         /* 0 */
+    char name[300]; /* redis://host:port/db, without the password: for logs */
+} mg__redis_addr_t;
+
+/* Parses redis://[[user]:password@]host[:port][/db] (user and password %-escaped; an IPv6
+   host in brackets). Returns 0, or MG_ECONFIG with err saying why. */
+int mg__redis_parse_url(const char *url, mg__redis_addr_t *r, char *err, size_t errlen);
+
+/* Starts connecting (and keeps at it). Returns 0, MG_ECONFIG (a bad URL; err says why) or
+   MG_ENOMEM. */
+int mg__redis_new(uv_loop_t *loop, const char *url, mg_redis_t **out, char *err, size_t errlen);
+/* Operations still out hear of it with no reply. Handles close asynchronously. */
+void mg__redis_free(mg_redis_t *r);
+const char *mg__redis_name(const mg_redis_t *r);
+void mg__redis_get_stats(const mg_redis_t *r, mg_redis_stats_t *out);
+/* A wait for an answer ran out after ms (for the books and the "slow" line). */
+void mg__redis_note_timeout(mg_redis_t *r, uint32_t ms);
+
+/*
+ * Sends q. Returns 0 and *op: done(ctx, nres) runs once with the results pushed on co (the
+ * value; or nil and a message when Redis failed), unless mg__redis_op_cancel(*op) comes first.
+ * Or fails at once with err: MG_ECONNECT (not connected), MG_EQUEUEFULL (too many out),
+ * MG_EINVAL (a value too large), MG_ENOMEM.
+ */
+int mg__redis_dict_start(mg_redis_t *r, const mg__rdict_req_t *q, lua_State *co,
+                         mg__redis_done_fn done, void *ctx, mg__redis_op_t **op, char *err,
+                         size_t errlen);
+/* The reply, when it comes, is dropped. */
+void mg__redis_op_cancel(mg__redis_op_t *op);
+
 /* ---- the engine ---- */
 
 typedef enum mg_hook {
@@ -87,7 +165,10 @@ extern const char *const mg__hook_names[MG_HOOK_COUNT];
 /* "auto", "plain", "openai", "ollama". Returns 0, or MG_EINVAL. */
 int mg__policy_error_format_parse(const char *s, mg_error_format_t *out);
 
+#define MG_POLICY_REQ_SLOTS 64
+
 typedef struct mg_policy_timer mg_policy_timer_t;
+typedef struct mg__pcall mg__pcall_t;
 
 struct mg_policy {
     uv_loop_t *loop;
@@ -96,6 +177,8 @@ struct mg_policy {
     char *lua_dir;
     mg_policy_state_t *current;
     mg_dict_t *dict;
+    mg_redis_t *redis; /* the dictionary's back end when MOONGATE_REDIS_URL is set, else NULL */
+    bool shared_in_redis; /* moongate.dict is in Redis (stays set while redis goes at the end) */
     mg_policy_user_stats_fn user_stats_fn;
     mg_policy_pool_stats_fn pool_stats_fn;
     void *stats_ctx;
@@ -128,14 +211,15 @@ struct mg_policy_state {
     uint64_t deadline_ns;
     uint32_t budget_ms;
     const char *call_what, *call_where; /* the current call's, for the watchdog */
+    mg__pcall_t *running; /* the coroutine call now running, when it is one (it may wait) */
 
     bool rebuild;         /* memory stays high after a failed call: replace the state */
     char last_error[512]; /* the first line of the last failure, for load errors */
 
     int hook_ref[MG_HOOK_COUNT];
     char hook_where[MG_HOOK_COUNT][160]; /* "file.lua:12", for error messages */
-    int req_ref;          /* the last request's table (registry), and its seq */
-    uint64_t req_seq;
+    int req_ref[MG_POLICY_REQ_SLOTS]; /* recent requests' tables (registry), by seq % slots */
+    uint64_t req_seq[MG_POLICY_REQ_SLOTS];
     bool hook_from_file[MG_HOOK_COUNT]; /* else the default's */
     mg_error_format_t error_format;     /* the policy table's error_format */
 
@@ -160,6 +244,35 @@ struct mg_policy_timer {
  */
 int mg__policy_pcall(mg_policy_state_t *st, const char *what, const char *where, int nargs,
                      int nres, uint32_t budget_ms);
+
+/*
+ * Called with a call's result once it finished after waiting: rc as mg__policy_pcall's, and on
+ * 0 the results on the state's stack (... r1..rnres) for the callee to read and pop.
+ */
+typedef void (*mg__pcall_done_fn)(void *ctx, int rc);
+
+/*
+ * mg__policy_pcall(), but the call may wait for the Redis back end: it runs in a coroutine, and
+ * a moongate.dict call inside it yields until Redis answers (or the wait runs out; the wait
+ * counts against budget_ms). Returns as mg__policy_pcall() when it finished without waiting,
+ * or MG_EAGAIN when it is waiting: done(ctx, rc) follows from the loop, on a state kept alive
+ * until then. Without a Redis back end (or with done NULL) it is mg__policy_pcall().
+ */
+int mg__policy_pcall_wait(mg_policy_state_t *st, const char *what, const char *where,
+                          int nargs, int nres, uint32_t budget_ms, mg__pcall_done_fn done,
+                          void *ctx);
+
+/* A done function for calls whose end nobody waits for (on_event, timers): failures are
+   logged already. */
+void mg__policy_call_forget(void *ctx, int rc);
+
+/*
+ * For the dictionary's functions: sends q to Redis and yields the running call until the
+ * answer (then the results are the function's), or returns what a call that cannot wait gets:
+ * nil and why (not in a call that may wait, or Redis unavailable). Use as
+ * `return mg__policy_redis_call(L, &q);`.
+ */
+int mg__policy_redis_call(lua_State *L, const mg__rdict_req_t *q);
 
 /* Writes "file:line" of the function at idx into buf. */
 void mg__policy_where(lua_State *L, int idx, char *buf, size_t len);

@@ -6,7 +6,8 @@
  *   env                               the environment
  *   stats, pool_stats                 the pool's numbers, through the stats provider
  *   every, after, cancel              timers on the loop
- *   dict.get/set/incr/delete/ttl/usage   the shared dictionary (policy_dict.c)
+ *   dict.get/set/incr/delete/ttl/take_bucket/usage   the shared dictionary (policy_dict.c,
+ *                                        or Redis: policy_redis.c); node_dict: always this node's
  *   jwt_verify, secure_compare        tokens (policy_jwt.c)
  *   defaults                          the limits and shutdown the gateway would use
  *
@@ -188,7 +189,8 @@ static void timer_cb(uv_timer_t *h)
     if (!t->repeat)
         timer_remove(st, t); /* t stays allocated until its close callback */
     if (lua_isfunction(L, -1))
-        (void)mg__policy_pcall(st, "timer", where, 0, 0, st->policy->opts.hook_timeout_ms);
+        (void)mg__policy_pcall_wait(st, "timer", where, 0, 0, st->policy->opts.hook_timeout_ms,
+                                    mg__policy_call_forget, NULL);
     lua_settop(L, 1);
     mg__policy_state_unref(st);
 }
@@ -312,11 +314,23 @@ static const char *check_key(lua_State *L, size_t *klen)
     return k;
 }
 
+/*
+ * moongate.dict goes to Redis when the policy has it, moongate.node_dict never: the functions
+ * are the same, and their upvalue says which table they belong to.
+ */
+static bool in_redis(lua_State *L, mg_policy_t *p)
+{
+    return p->shared_in_redis && !lua_toboolean(L, lua_upvalueindex(1));
+}
+
 static int l_dict_get(lua_State *L)
 {
     mg_policy_t *p = mg__policy_state_of(L)->policy;
     size_t klen;
     const char *k = check_key(L, &klen);
+    if (in_redis(L, p))
+        return mg__policy_redis_call(L, &(mg__rdict_req_t){ .op = MG_RDICT_GET, .key = k,
+                                                            .klen = klen });
     mg_dict_value_t v;
     if (!mg__dict_get(p->dict, k, klen, mg__policy_now_ms(p), &v))
         lua_pushnil(L);
@@ -332,7 +346,7 @@ static int l_dict_set(lua_State *L)
     mg_policy_t *p = mg__policy_state_of(L)->policy;
     size_t klen;
     const char *k = check_key(L, &klen);
-    mg_dict_value_t v;
+    mg_dict_value_t v = { 0 };
     const mg_dict_value_t *vp = &v;
     int t = lua_type(L, 2);
     if (t == LUA_TNUMBER) {
@@ -347,6 +361,10 @@ static int l_dict_set(lua_State *L)
         return luaL_argerror(L, 2, "a string, a number or nil");
     }
     uint64_t ttl = opt_ttl(L, 3);
+    if (in_redis(L, p))
+        return mg__policy_redis_call(L, &(mg__rdict_req_t){ .op = MG_RDICT_SET, .key = k,
+                                                            .klen = klen, .has_value = vp != NULL,
+                                                            .value = v, .ttl_ms = ttl });
     if (mg__dict_set(p->dict, k, klen, vp, ttl, mg__policy_now_ms(p)) != 0)
         return dict_full(L, p->dict);
     lua_pushboolean(L, 1);
@@ -358,6 +376,9 @@ static int l_dict_delete(lua_State *L)
     mg_policy_t *p = mg__policy_state_of(L)->policy;
     size_t klen;
     const char *k = check_key(L, &klen);
+    if (in_redis(L, p))
+        return mg__policy_redis_call(L, &(mg__rdict_req_t){ .op = MG_RDICT_DELETE, .key = k,
+                                                            .klen = klen });
     (void)mg__dict_set(p->dict, k, klen, NULL, 0, mg__policy_now_ms(p));
     lua_pushboolean(L, 1);
     return 1;
@@ -370,6 +391,10 @@ static int l_dict_incr(lua_State *L)
     const char *k = check_key(L, &klen);
     double by = luaL_optnumber(L, 2, 1);
     uint64_t ttl = opt_ttl(L, 3);
+    if (in_redis(L, p))
+        return mg__policy_redis_call(L, &(mg__rdict_req_t){ .op = MG_RDICT_INCR, .key = k,
+                                                            .klen = klen, .by = by,
+                                                            .ttl_ms = ttl });
     double out;
     int rc = mg__dict_incr(p->dict, k, klen, by, ttl, mg__policy_now_ms(p), &out);
     if (rc == MG_EINVAL) {
@@ -388,12 +413,48 @@ static int l_dict_ttl(lua_State *L)
     mg_policy_t *p = mg__policy_state_of(L)->policy;
     size_t klen;
     const char *k = check_key(L, &klen);
+    if (in_redis(L, p))
+        return mg__policy_redis_call(L, &(mg__rdict_req_t){ .op = MG_RDICT_TTL, .key = k,
+                                                            .klen = klen });
     int64_t ttl = mg__dict_ttl(p->dict, k, klen, mg__policy_now_ms(p));
     if (ttl == -2)
         lua_pushnil(L);
     else
         lua_pushnumber(L, (lua_Number)ttl);
     return 1;
+}
+
+/* dict.take_bucket(key, n, interval, burst, now): true, full_at | false, debt | nil, err */
+static int l_dict_take_bucket(lua_State *L)
+{
+    mg_policy_t *p = mg__policy_state_of(L)->policy;
+    size_t klen;
+    const char *k = check_key(L, &klen);
+    double n = luaL_checknumber(L, 2), interval = luaL_checknumber(L, 3);
+    double burst = luaL_checknumber(L, 4), now = luaL_checknumber(L, 5);
+    luaL_argcheck(L, n >= 0 && n <= 1e9, 2, "0 to 1e9 tokens");
+    luaL_argcheck(L, interval > 0 && interval <= 1e9, 3, "a positive interval");
+    luaL_argcheck(L, burst >= 1 && burst <= 1e12, 4, "a burst of at least 1");
+    luaL_argcheck(L, now >= 0 && now <= 1e12, 5, "seconds since the epoch");
+    if (in_redis(L, p))
+        return mg__policy_redis_call(L, &(mg__rdict_req_t){ .op = MG_RDICT_TAKE_BUCKET,
+                                                            .key = k, .klen = klen, .n = n,
+                                                            .interval = interval,
+                                                            .burst = burst, .now = now });
+    bool allowed;
+    double value;
+    int rc = mg__dict_take_bucket(p->dict, k, klen, n, interval, burst, now,
+                                  mg__policy_now_ms(p), &allowed, &value);
+    if (rc == MG_EINVAL) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "not a number");
+        return 2;
+    }
+    if (rc != 0)
+        return dict_full(L, p->dict);
+    lua_pushboolean(L, allowed);
+    lua_pushnumber(L, value);
+    return 2;
 }
 
 static int l_dict_usage(lua_State *L)
@@ -534,6 +595,7 @@ static const luaL_Reg dict_lib[] = {
     {"incr", l_dict_incr},
     {"delete", l_dict_delete},
     {"ttl", l_dict_ttl},
+    {"take_bucket", l_dict_take_bucket},
     {"usage", l_dict_usage},
     {NULL, NULL},
 };
@@ -557,9 +619,15 @@ void mg__policy_lib_open(mg_policy_state_t *st)
         lua_pushcfunction(L, l_debug_spin);
         lua_setfield(L, -2, "debug_spin");
     }
+    /* dict and node_dict: the same functions, told apart by their upvalue */
     lua_newtable(L);
-    luaL_setfuncs(L, dict_lib, 0);
+    lua_pushboolean(L, 0);
+    luaL_setfuncs(L, dict_lib, 1);
     lua_setfield(L, -2, "dict");
+    lua_newtable(L);
+    lua_pushboolean(L, 1);
+    luaL_setfuncs(L, dict_lib, 1);
+    lua_setfield(L, -2, "node_dict");
 
     /* ... mg */
     lua_createtable(L, 0, 2);

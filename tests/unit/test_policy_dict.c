@@ -141,6 +141,74 @@ static void test_many_keys(void **state)
     mg__dict_free(d);
 }
 
+/* The token bucket's step: 3 tokens a minute (20 s each), burst 3. */
+static void test_take_bucket(void **state)
+{
+    (void)state;
+    mg_dict_t *d;
+    assert_int_equal(mg__dict_new(100, 4096, &d), 0);
+    bool ok;
+    double v;
+    double now = 1700000000.5;
+    for (int i = 1; i <= 3; i++) {
+        assert_int_equal(mg__dict_take_bucket(d, K("b"), 1, 20, 3, now, 1000, &ok, &v), 0);
+        assert_true(ok);
+        assert_true(v == now + 20 * i);
+    }
+    assert_int_equal(mg__dict_take_bucket(d, K("b"), 1, 20, 3, now, 1000, &ok, &v), 0);
+    assert_false(ok);
+    assert_true(v > 19.9 && v < 20.1); /* 20 s of debt over the burst */
+    /* Nothing was taken by the refusal: 20 s later one token is back. */
+    assert_int_equal(mg__dict_take_bucket(d, K("b"), 1, 20, 3, now + 20, 1000, &ok, &v), 0);
+    assert_true(ok);
+    /* The entry lives until the bucket is full again, in ms. */
+    assert_int_equal(mg__dict_ttl(d, K("b"), 1000), 60000);
+    /* A string is not a bucket. */
+    mg_dict_value_t s = str("x");
+    assert_int_equal(mg__dict_set(d, K("s"), &s, 0, 1000), 0);
+    assert_int_equal(mg__dict_take_bucket(d, K("s"), 1, 20, 3, now, 1000, &ok, &v), MG_EINVAL);
+    mg__dict_free(d);
+}
+
+static void test_redis_url(void **state)
+{
+    (void)state;
+    mg__redis_addr_t a;
+    char err[256];
+    assert_int_equal(mg__redis_parse_url("redis://10.0.0.5", &a, err, sizeof(err)), 0);
+    assert_string_equal(a.host, "10.0.0.5");
+    assert_int_equal(a.port, 6379);
+    assert_int_equal(a.db, 0);
+    assert_string_equal(a.user, "");
+    assert_string_equal(a.pass, "");
+    assert_int_equal(mg__redis_parse_url("redis://moongate:p%40ss@redis.internal:7000/2", &a,
+                                         err, sizeof(err)), 0);
+    assert_string_equal(a.user, "moongate");
+    assert_string_equal(a.pass, "p@ss");
+    assert_string_equal(a.host, "redis.internal");
+    assert_int_equal(a.port, 7000);
+    assert_int_equal(a.db, 2);
+    assert_string_equal(a.name, "redis://redis.internal:7000/2"); /* no password in logs */
+    assert_int_equal(mg__redis_parse_url("redis://:secret@[::1]:6380", &a, err, sizeof(err)), 0);
+    assert_string_equal(a.host, "::1");
+    assert_int_equal(a.port, 6380);
+    assert_string_equal(a.pass, "secret");
+    assert_string_equal(a.name, "redis://[::1]:6380/0");
+
+    static const char *const bad[] = {
+        "http://x", "redis://", "redis://host:0", "redis://host:65536", "redis://host:x",
+        "redis://host/db", "redis://pw@host", "redis://user:@host", "redis://[::1",
+        "redis://u:%4@host", "redis://u:%00@host",
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        err[0] = '\0';
+        assert_int_equal(mg__redis_parse_url(bad[i], &a, err, sizeof(err)), MG_ECONFIG);
+        assert_non_null(strstr(err, "MOONGATE_REDIS_URL"));
+    }
+    assert_int_equal(mg__redis_parse_url("rediss://host", &a, err, sizeof(err)), MG_ECONFIG);
+    assert_non_null(strstr(err, "TLS"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -149,6 +217,8 @@ int main(void)
         cmocka_unit_test(test_bounded_entries),
         cmocka_unit_test(test_bounded_bytes),
         cmocka_unit_test(test_many_keys),
+        cmocka_unit_test(test_take_bucket),
+        cmocka_unit_test(test_redis_url),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

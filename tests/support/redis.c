@@ -1,0 +1,131 @@
+#include "redis.h"
+
+#include "moongate/error.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define REDIS_SERVER "/usr/bin/redis-server"
+#define REDIS_CLI "/usr/bin/redis-cli"
+
+static int spawn(mg_test_redis_t *r)
+{
+    char port[8];
+    snprintf(port, sizeof(port), "%u", (unsigned)r->port);
+    char *argv[16];
+    int n = 0;
+    argv[n++] = REDIS_SERVER;
+    argv[n++] = "--bind";
+    argv[n++] = "127.0.0.1";
+    argv[n++] = "--port";
+    argv[n++] = port;
+    argv[n++] = "--save";
+    argv[n++] = "";
+    argv[n++] = "--appendonly";
+    argv[n++] = "no";
+    argv[n++] = "--dir";
+    argv[n++] = r->dir;
+    if (r->password[0]) {
+        argv[n++] = "--requirepass";
+        argv[n++] = r->password;
+    }
+    argv[n] = NULL;
+    mg_test_spawn_opts_t so = { .stdout_path = r->log, .stderr_path = r->log };
+    int rc = mg_test_proc_spawn(&r->proc, argv, &so);
+    if (rc != 0)
+        return rc;
+    if (mg_test_wait_port(r->port, 5000, &r->proc) != 0) {
+        mg_test_proc_stop(&r->proc, 1000);
+        return MG_ETIMEDOUT;
+    }
+    r->running = true;
+    return 0;
+}
+
+int mg_test_redis_start(mg_test_redis_t *r, const char *password)
+{
+    memset(r, 0, sizeof(*r));
+    if (access(REDIS_SERVER, X_OK) != 0)
+        return MG_EINVAL;
+    snprintf(r->password, sizeof(r->password), "%s", password ? password : "");
+    int rc = mg_test_mkdtemp(r->dir, sizeof(r->dir), "mg-redis");
+    if (rc != 0)
+        return rc;
+    snprintf(r->log, sizeof(r->log), "%s/redis.log", r->dir);
+    /* A free port may be taken before redis binds it: try a few. */
+    for (int attempt = 0; attempt < 5; attempt++) {
+        if ((rc = mg_test_free_port(&r->port)) != 0)
+            return rc;
+        if ((rc = spawn(r)) == 0)
+            return 0;
+    }
+    return rc;
+}
+
+int mg_test_redis_restart(mg_test_redis_t *r)
+{
+    mg_test_redis_stop(r);
+    return spawn(r);
+}
+
+void mg_test_redis_stop(mg_test_redis_t *r)
+{
+    if (r->running)
+        mg_test_proc_stop(&r->proc, 2000);
+    r->running = false;
+}
+
+int mg_test_redis_cmd(const mg_test_redis_t *r, char *out, size_t cap, ...)
+{
+    char port[8];
+    snprintf(port, sizeof(port), "%u", (unsigned)r->port);
+    char *argv[24];
+    int n = 0;
+    argv[n++] = REDIS_CLI;
+    argv[n++] = "-p";
+    argv[n++] = port;
+    if (r->password[0]) {
+        argv[n++] = "--no-auth-warning";
+        argv[n++] = "-a";
+        argv[n++] = (char *)r->password;
+    }
+    va_list ap;
+    va_start(ap, cap);
+    const char *a;
+    while ((a = va_arg(ap, const char *)) != NULL && n < 23)
+        argv[n++] = (char *)a;
+    va_end(ap);
+    argv[n] = NULL;
+    int fds[2];
+    if (pipe(fds) != 0)
+        return MG_EINVAL;
+    pid_t pid = fork();
+    if (pid < 0) {
+        close(fds[0]);
+        close(fds[1]);
+        return MG_EINVAL;
+    }
+    if (pid == 0) {
+        dup2(fds[1], 1);
+        close(fds[0]);
+        close(fds[1]);
+        execv(REDIS_CLI, argv);
+        _exit(127);
+    }
+    close(fds[1]);
+    size_t len = 0;
+    ssize_t k;
+    while ((k = read(fds[0], out + len, cap - 1 - len)) > 0 && len + 1 < cap)
+        len += (size_t)k;
+    close(fds[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    while (len > 0 && out[len - 1] == '\n')
+        len--;
+    out[len] = '\0';
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : MG_EINVAL;
+}

@@ -1,0 +1,35 @@
+/*
+ * redis: a real redis-server (Debian's redis-server package) on loopback for a test.
+ *
+ * mg_test_redis_start() runs `redis-server` in the foreground on a free port of 127.0.0.1 with
+ * nothing saved to disk, a password when one is given (requirepass), and returns once it
+ * accepts. mg_test_redis_stop() stops it; mg_test_redis_restart() starts it again on the same
+ * port, empty. The child also goes when the test process ends. mg_test_redis_cmd() runs one
+ * command with redis-cli and returns its output, for checking what a gateway stored.
+ */
+#ifndef MG_TEST_REDIS_H
+#define MG_TEST_REDIS_H
+
+#include "proc.h"
+
+#include <stdint.h>
+
+typedef struct mg_test_redis {
+    uint16_t port;
+    char password[64];             /* "" for none */
+    char dir[MG_TEST_PATH_MAX];
+    char log[MG_TEST_PATH_MAX + 16];
+    mg_test_proc_t proc;
+    bool running;
+} mg_test_redis_t;
+
+/* Returns 0, MG_EINVAL (no redis-server), or what starting it returned. */
+int mg_test_redis_start(mg_test_redis_t *r, const char *password);
+int mg_test_redis_restart(mg_test_redis_t *r);
+void mg_test_redis_stop(mg_test_redis_t *r);
+
+/* Runs redis-cli -p PORT [-a PASSWORD] ARGS... (a NULL-terminated list) and writes its output
+   (trailing newline removed) into out. Returns 0 or a negative code. */
+int mg_test_redis_cmd(const mg_test_redis_t *r, char *out, size_t cap, ...);
+
+#endif

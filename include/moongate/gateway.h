@@ -55,6 +55,10 @@ typedef struct mg_gateway_opts {
     const char *redis_url;        /* the shared dictionary in Redis (MOONGATE_REDIS_URL);
                                      NULL: in-process */
     uint32_t redis_timeout_ms;    /* the longest a hook waits for Redis per call; 20 */
+    const char *redis_ca_file;    /* rediss://: the CA to trust (MOONGATE_REDIS_CA); NULL: the
+                                     system's store */
+    const char *redis_cert_file;  /* rediss://: our client certificate (MOONGATE_REDIS_CERT) */
+    const char *redis_key_file;   /* and its key (MOONGATE_REDIS_KEY) */
 } mg_gateway_opts_t;
 
 /*

@@ -200,13 +200,17 @@ typedef struct mg_policy_options {
     size_t dict_max_bytes;     /* keys + string values; 16 MiB */
     /*
      * moongate.dict in Redis, shared by every node that names the same one:
-     * redis://[[user]:password@]host[:port][/db] (MOONGATE_REDIS_URL). NULL or "": the
+     * redis[s]://[[user]:password@]host[:port][/db] (MOONGATE_REDIS_URL). NULL or "": the
      * in-process dictionary. A hook waits for Redis without blocking the loop, at most
      * redis_timeout_ms per call (MOONGATE_REDIS_TIMEOUT; 20), then the call fails and the
      * policy decides (docs/policy.md, "Cluster-wide dictionary").
      */
     const char *redis_url;
     uint32_t redis_timeout_ms;
+    /* For rediss://: the CA file to trust (NULL: the system's store; MOONGATE_REDIS_CA), and a
+       client certificate chain and key (MOONGATE_REDIS_CERT, MOONGATE_REDIS_KEY), for a Redis
+       whose tls-auth-clients asks for one. */
+    const char *redis_ca_file, *redis_cert_file, *redis_key_file;
     int max_timers;            /* per state; 1024 */
     /*
      * false (the default): policy code runs in the interpreter and every call is bounded.
@@ -349,6 +353,15 @@ typedef struct mg_redis_stats {
 
 /* False when the dictionary is in-process; else true and *out. */
 bool mg_policy_redis_stats(mg_policy_t *p, mg_redis_stats_t *out);
+
+/*
+ * For `moongate -t`: connects to o->redis_url (with o's TLS files) on loop, which must not be
+ * running, for at most timeout_ms. Returns 0 once AUTH, SELECT and PING have answered (msg says
+ * how fast), MG_ECONFIG (a bad URL or TLS file) or MG_ECONNECT (msg says why), with nothing
+ * logged.
+ */
+int mg_policy_redis_probe(uv_loop_t *loop, const mg_policy_options_t *o, uint32_t timeout_ms,
+                          char *msg, size_t cap);
 
 /* Bytes the current state uses, and its limit (for /metrics). */
 size_t mg_policy_memory_used(mg_policy_t *p);

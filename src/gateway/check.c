@@ -10,6 +10,9 @@
  *   TLS               the certificate and key load, match and have not expired; days left
  *   the policy        loads and validates (its Lua library named)
  *   the default route when the policy routes with it, its SSH key and known_hosts readable
+ *   Redis             with MOONGATE_REDIS_URL: the URL and TLS files are valid (a problem),
+ *                     Redis answers within 2 s (a warning only: it may be down for now, and
+ *                     the gateway runs without it)
  *
  * It blocks (a bind, file reads): it runs before any loop serves.
  */
@@ -18,6 +21,7 @@
 #include "tls.h"
 
 #include "moongate/gateway.h"
+#include "moongate/error.h"
 #include "moongate/log.h"
 #include "moongate/policy.h"
 #include "moongate/settings.h"
@@ -48,6 +52,19 @@ static void problem(check_t *c, const char *fmt, ...)
     fputc('\n', c->bad);
     va_end(ap);
     c->problems++;
+}
+
+/* Worth knowing, but no reason not to start. */
+static void warning(check_t *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void warning(check_t *c, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fflush(c->ok);
+    fputs("moongate: warning: ", c->bad);
+    vfprintf(c->bad, fmt, ap);
+    fputc('\n', c->bad);
+    va_end(ap);
 }
 
 static void good(check_t *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -178,6 +195,26 @@ static void check_route_files(check_t *c, mg_policy_t *p)
         good(c, "the default route's SSH key %s and known_hosts %s are readable", key, kh);
 }
 
+/* Redis answers AUTH, SELECT and PING, over TLS when asked, within 2 s. */
+static void check_redis(check_t *c, uv_loop_t *loop, const mg_gateway_opts_t *go)
+{
+    mg_policy_options_t po;
+    mg_policy_options_init(&po, NULL);
+    po.redis_url = go->redis_url;
+    po.redis_ca_file = go->redis_ca_file;
+    po.redis_cert_file = go->redis_cert_file;
+    po.redis_key_file = go->redis_key_file;
+    char msg[600];
+    int rc = mg_policy_redis_probe(loop, &po, 2000, msg, sizeof(msg));
+    if (rc == 0)
+        good(c, "redis %s: the shared dictionary is cluster-wide", msg);
+    else if (rc == MG_ECONFIG)
+        problem(c, "%s", msg);
+    else /* Redis may be down for now: that must not keep a node from starting */
+        warning(c, "redis %s; the gateway starts anyway, and every mg.dict call fails at once "
+                "until Redis answers", msg);
+}
+
 int mg_check_run(const char *policy, const char *listen, FILE *ok, FILE *bad)
 {
     check_t c = { .ok = ok, .bad = bad };
@@ -217,6 +254,8 @@ int mg_check_run(const char *policy, const char *listen, FILE *ok, FILE *bad)
         problem(&c, "%s", err);
     }
     uv_run(&loop, UV_RUN_DEFAULT);
+    if (go.redis_url != NULL)
+        check_redis(&c, &loop, &go);
     uv_loop_close(&loop);
 
     if (c.problems > 0)

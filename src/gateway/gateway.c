@@ -113,6 +113,13 @@ static int env_u32(const char *name, uint32_t lo, uint32_t hi, uint32_t *out, ch
     return rc;
 }
 
+/* A setting that names a string; unset and empty are both NULL. */
+static const char *env_str(const char *name)
+{
+    const char *v = getenv(name);
+    return v != NULL && v[0] != '\0' ? v : NULL;
+}
+
 int mg_gateway_opts_from_env(mg_gateway_opts_t *o, char *err, size_t errlen)
 {
     static char listen_host[256];
@@ -184,9 +191,10 @@ int mg_gateway_opts_from_env(mg_gateway_opts_t *o, char *err, size_t errlen)
         (rc = env_u64("MOONGATE_DRAIN_DELAY", 0, 600000, &o->drain_delay_ms, err, errlen)) ||
         (rc = env_u32("MOONGATE_REDIS_TIMEOUT", 1, 60000, &o->redis_timeout_ms, err, errlen)))
         return rc;
-    o->redis_url = getenv("MOONGATE_REDIS_URL");
-    if (o->redis_url != NULL && o->redis_url[0] == '\0')
-        o->redis_url = NULL;
+    o->redis_url = env_str("MOONGATE_REDIS_URL");
+    o->redis_ca_file = env_str("MOONGATE_REDIS_CA");
+    o->redis_cert_file = env_str("MOONGATE_REDIS_CERT");
+    o->redis_key_file = env_str("MOONGATE_REDIS_KEY");
     o->admin_token = getenv("MOONGATE_ADMIN_TOKEN");
     v = getenv("MOONGATE_FORWARD_HEADERS");
     if (v && *v)
@@ -443,6 +451,9 @@ int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gate
     po.debug_functions = o->debug_functions;
     po.redis_url = o->redis_url;
     po.redis_timeout_ms = o->redis_timeout_ms;
+    po.redis_ca_file = o->redis_ca_file;
+    po.redis_cert_file = o->redis_cert_file;
+    po.redis_key_file = o->redis_key_file;
     if ((rc = mg_policy_new(loop, &po, &gw->policy, err, errlen)) != 0)
         goto fail;
     if (redis_metrics(gw) != 0) {

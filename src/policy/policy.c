@@ -954,11 +954,16 @@ int mg_policy_new(uv_loop_t *loop, const mg_policy_options_t *o, mg_policy_t **o
             rc = MG_EINVAL;
             goto fail;
         }
-        if ((rc = mg__redis_new(loop, o->redis_url, &p->redis, err, errlen)) != 0)
+        mg__redis_conf_t rc_conf = { .url = o->redis_url, .ca_file = o->redis_ca_file,
+                                     .cert_file = o->redis_cert_file,
+                                     .key_file = o->redis_key_file };
+        if ((rc = mg__redis_new(loop, &rc_conf, &p->redis, err, errlen)) != 0)
             goto fail;
         p->shared_in_redis = true;
     }
-    p->opts.redis_url = NULL; /* the caller's string; p->redis has what it needs */
+    /* The caller's strings; p->redis has what it needs. */
+    p->opts.redis_url = p->opts.redis_ca_file = NULL;
+    p->opts.redis_cert_file = p->opts.redis_key_file = NULL;
     p->opts.path = p->path;
     p->opts.lua_dir = p->lua_dir;
     rc = state_new(p, &p->current, err, errlen);

@@ -6,7 +6,7 @@
  *   policy_hooks.c the hooks: requests into Lua values, results into validated C values
  *   policy_lib.c   the `moongate` Lua module (log, clock, stats, timers, dict, env)
  *   policy_dict.c  the shared dictionary, plain C (no Lua)
- *   policy_redis.c the dictionary's Redis back end (hiredis on the loop)
+ *   policy_redis.c the dictionary's Redis back end (its own connection on the loop)
  *   policy_jwt.c   HS256 JWT verification and the small JSON reader it needs
  *   policy_pattern.c  string.find/match/gmatch/gsub with a bound on their work
  */
@@ -118,16 +118,25 @@ typedef struct mg__redis_addr {
     char user[128]; /* "" for none (AUTH password alone) */
     char pass[256]; /* "" for none (no AUTH) */
     int db;         /* 0 */
+    bool tls;       /* rediss:// */
     char name[300]; /* redis://host:port/db, without the password: for logs */
 } mg__redis_addr_t;
 
-/* Parses redis://[[user]:password@]host[:port][/db] (user and password %-escaped; an IPv6
+/* What the back end is given: the URL, and for rediss:// the CA to trust (NULL: the system's
+   store) and a client certificate and key (both or neither). */
+typedef struct mg__redis_conf {
+    const char *url;
+    const char *ca_file, *cert_file, *key_file;
+} mg__redis_conf_t;
+
+/* Parses redis[s]://[[user]:password@]host[:port][/db] (user and password %-escaped; an IPv6
    host in brackets). Returns 0, or MG_ECONFIG with err saying why. */
 int mg__redis_parse_url(const char *url, mg__redis_addr_t *r, char *err, size_t errlen);
 
-/* Starts connecting (and keeps at it). Returns 0, MG_ECONFIG (a bad URL; err says why) or
-   MG_ENOMEM. */
-int mg__redis_new(uv_loop_t *loop, const char *url, mg_redis_t **out, char *err, size_t errlen);
+/* Starts connecting (and keeps at it). Returns 0, MG_ECONFIG (a bad URL, TLS files that do
+   not load; err says why) or MG_ENOMEM. */
+int mg__redis_new(uv_loop_t *loop, const mg__redis_conf_t *conf, mg_redis_t **out, char *err,
+                  size_t errlen);
 /* Operations still out hear of it with no reply. Handles close asynchronously. */
 void mg__redis_free(mg_redis_t *r);
 const char *mg__redis_name(const mg_redis_t *r);

@@ -1,18 +1,24 @@
 /*
- * The shared dictionary's Redis back end (MOONGATE_REDIS_URL): one asynchronous hiredis
- * connection on the loop, and the dictionary's operations as Redis commands.
+ * The shared dictionary's Redis back end (MOONGATE_REDIS_URL): one connection on the loop, and
+ * the dictionary's operations as Redis commands.
  *
- * The connection. The host is resolved with uv_getaddrinfo (hiredis would resolve it on the
- * loop's thread), hiredis connects to the address, and AUTH and SELECT go first. hiredis 0.14's
- * libuv adapter ignores a poll error, which is how libuv reports a refused connect, so the glue
- * to the loop is our own. A connection that fails or drops is retried with a backoff from 100 ms
- * to 2 s for as long as the gateway runs; while it is down, every operation fails at once (no
- * wait), so an unreachable Redis costs a request nothing but the policy's fallback.
+ * The connection is ours: a libuv TCP handle, OpenSSL over memory BIOs for rediss://, and
+ * hiredis only to format commands and read answers (Debian 12's hiredis 0.14 has no TLS, and
+ * its libuv adapter ignores the poll error by which libuv reports a refused connect). The host
+ * is resolved with uv_getaddrinfo; AUTH, SELECT and a PING go first, and the connection is up
+ * when the PING answers. One that fails or drops is retried with a backoff from 100 ms to 2 s
+ * for as long as the gateway runs; while it is down, every operation fails at once (no wait),
+ * so an unreachable Redis costs a request nothing but the policy's fallback.
  *
  * Operations. Each one is a command (GET, SET, DEL, PTTL) or a server-side script (incr with a
  * time to live, the token bucket), so that every change a rate limit needs is one atomic round
- * trip, exact across nodes. At most MAX_IN_FLIGHT are outstanding; the waiting side (policy.c)
- * bounds each wait and may cancel it, and a cancelled operation's reply is dropped.
+ * trip, exact across nodes. Redis answers in order, so the operations out wait in a FIFO, at
+ * most MAX_IN_FLIGHT of them, and commands queued in one loop iteration go in one write (in the
+ * prepare phase, before the loop polls), at most OUT_MAX bytes queued. The waiting side (policy.c) bounds each wait and
+ * may cancel it; a cancelled operation's answer is read and dropped.
+ *
+ * Answers are hostile input like any other: hiredis's reader checks the protocol, and one
+ * answer may not grow past VALUE_MAX; either failing ends the connection.
  *
  * Values. Numbers are stored as decimal text ("%.17g", exact for a double), so that INCRBYFLOAT
  * and the scripts read them; strings get an "s:" in front, so that "5" comes back a string.
@@ -22,12 +28,17 @@
  */
 #include "policy_int.h"
 
+#include "core/buf.h"
+
 #include "moongate/error.h"
 #include "moongate/log.h"
 
-#include <hiredis/async.h>
+#include <arpa/inet.h>
 #include <hiredis/hiredis.h>
 #include <lauxlib.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +46,8 @@
 #define LOG "redis"
 #define KEY_PREFIX "moongate:"
 #define MAX_IN_FLIGHT 4096
+#define OUT_MAX (16 * 1024 * 1024) /* commands not yet written, bytes */
+#define OUT_KEEP (64 * 1024)       /* an output buffer larger than this is let go when empty */
 #define CONNECT_TIMEOUT_MS 1000
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 2000
@@ -43,42 +56,57 @@
 typedef enum conn_state {
     R_DOWN = 0,  /* waiting to retry */
     R_RESOLVING,
-    R_CONNECTING,
+    R_CONNECTING, /* until the PING after AUTH and SELECT answers */
     R_UP,
 } conn_state_t;
+
+typedef struct rconn rconn_t;
 
 struct mg_redis {
     uv_loop_t *loop;
     mg__redis_addr_t a;
+    SSL_CTX *tls;         /* NULL: plain redis:// */
+    bool has_client_cert;
+    bool quiet;           /* a probe (moongate -t): the caller reports, not the log */
+    char why_down[400];   /* the last reason the connection failed */
+    const uint64_t *probe_deadline;
 
     conn_state_t state;
-    redisAsyncContext *ac;
+    rconn_t *c;           /* the connection being made or in use */
     uv_getaddrinfo_t gai;
     bool resolving;
-    uv_timer_t timer; /* the retry's backoff, and the connect's time limit */
+    uv_timer_t timer;     /* the retry's backoff, and the connect's time limit */
+    uv_prepare_t flusher; /* writes what was queued, before the loop polls */
+    int handles;          /* of timer and flusher, not yet closed */
     uint32_t backoff_ms;
-    bool down_reported; /* "unavailable" logged for this outage */
-    bool slow;          /* "slow" logged; cleared by the next answer in time */
+    bool down_reported;   /* "unavailable" logged for this outage */
+    bool slow;            /* "slow" logged; cleared by the next answer in time */
     bool freeing;
-    bool timer_closed;
+
+    mg__buf_t out;        /* commands queued, not yet written */
+    int setup_left;       /* answers to AUTH/SELECT/PING still to come */
+    mg__redis_op_t *head, *tail; /* operations waiting for their answer, in order */
 
     int in_flight;
     mg_redis_stats_t stats;
 };
 
 struct mg__redis_op {
-    mg_redis_t *r;
+    mg__redis_op_t *next;
     mg__rdict_op_t op;
     lua_State *co;           /* where the results go */
     mg__redis_done_fn done;  /* NULL once cancelled */
     void *ctx;
 };
 
+static void finish_op(mg_redis_t *r, mg__redis_op_t *o, redisReply *rep);
+static void maybe_free(mg_redis_t *r);
+
 /* ---- the URL ---- */
 
 static int url_fail(char *err, size_t errlen, const char *why)
 {
-    snprintf(err, errlen, "MOONGATE_REDIS_URL: %s (redis://[[user]:password@]host[:port][/db])",
+    snprintf(err, errlen, "MOONGATE_REDIS_URL: %s (redis[s]://[[user]:password@]host[:port][/db])",
              why);
     return MG_ECONFIG;
 }
@@ -113,12 +141,12 @@ int mg__redis_parse_url(const char *url, mg__redis_addr_t *r, char *err, size_t 
     const char *p;
     if (strncmp(url, "redis://", 8) == 0) {
         p = url + 8;
+        r->tls = false;
     } else if (strncmp(url, "rediss://", 9) == 0) {
-        return url_fail(err, errlen, "TLS (rediss://) is not available: Debian 12's hiredis "
-                                     "0.14 has no TLS; reach Redis over a private network or "
-                                     "a local TLS tunnel (stunnel, spiped)");
+        p = url + 9;
+        r->tls = true;
     } else {
-        return url_fail(err, errlen, "must start with redis://");
+        return url_fail(err, errlen, "must start with redis:// (or rediss:// for TLS)");
     }
     const char *at = strrchr(p, '@');
     const char *slash = strchr(at ? at : p, '/');
@@ -183,168 +211,536 @@ int mg__redis_parse_url(const char *url, mg__redis_addr_t *r, char *err, size_t 
             return url_fail(err, errlen, "the database after / must be a number");
         r->db = (int)v;
     }
-    snprintf(r->name, sizeof(r->name), "redis://%s%s%s:%d/%d", strchr(r->host, ':') ? "[" : "",
+    snprintf(r->name, sizeof(r->name), "%s://%s%s%s:%d/%d", r->tls ? "rediss" : "redis",
+             strchr(r->host, ':') ? "[" : "",
              r->host, strchr(r->host, ':') ? "]" : "", r->port, r->db);
     return 0;
 }
 
-/* ---- hiredis on the loop ---- */
+/* ---- TLS ---- */
 
-typedef struct rpoll {
-    uv_poll_t handle;
-    redisAsyncContext *ac; /* NULL once hiredis let go */
-    int events;
-} rpoll_t;
-
-static void rpoll_cb(uv_poll_t *h, int status, int events)
+static void tls_reason(char *buf, size_t cap)
 {
-    rpoll_t *p = h->data;
-    /* A poll error (a refused connect is one) stops the handle: let hiredis read and write so
-       that it meets the error itself. */
-    int ev = status < 0 ? p->events : events;
-    if (p->ac != NULL && (ev & UV_WRITABLE))
-        redisAsyncHandleWrite(p->ac);
-    if (p->ac != NULL && (ev & UV_READABLE))
-        redisAsyncHandleRead(p->ac);
-}
-
-static void rpoll_set(rpoll_t *p, int events)
-{
-    p->events = events;
-    if (events != 0)
-        uv_poll_start(&p->handle, events, rpoll_cb);
+    unsigned long e = ERR_get_error();
+    if (e == 0)
+        snprintf(buf, cap, "no reason given");
     else
-        uv_poll_stop(&p->handle);
+        ERR_error_string_n(e, buf, cap);
+    ERR_clear_error();
 }
 
-static void rpoll_add_read(void *arg) { rpoll_t *p = arg; rpoll_set(p, p->events | UV_READABLE); }
-static void rpoll_del_read(void *arg) { rpoll_t *p = arg; rpoll_set(p, p->events & ~UV_READABLE); }
-static void rpoll_add_write(void *arg) { rpoll_t *p = arg; rpoll_set(p, p->events | UV_WRITABLE); }
-static void rpoll_del_write(void *arg) { rpoll_t *p = arg; rpoll_set(p, p->events & ~UV_WRITABLE); }
-
-static void rpoll_closed(uv_handle_t *h)
+/* The client context: the CA to trust (else the system's), and a certificate of ours when
+   Redis asks for one (its tls-auth-clients, on by default). */
+static int tls_ctx_new(const mg__redis_conf_t *conf, SSL_CTX **out, char *err, size_t errlen)
 {
-    free(h->data);
-}
-
-static void rpoll_cleanup(void *arg)
-{
-    rpoll_t *p = arg;
-    p->ac = NULL;
-    uv_close((uv_handle_t *)&p->handle, rpoll_closed);
-}
-
-static int rpoll_attach(redisAsyncContext *ac, uv_loop_t *loop)
-{
-    rpoll_t *p = calloc(1, sizeof(*p));
-    if (p == NULL)
+    char why[256];
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    if (ctx == NULL) {
+        tls_reason(why, sizeof(why));
+        snprintf(err, errlen, "redis TLS: %s", why);
         return MG_ENOMEM;
-    if (uv_poll_init(loop, &p->handle, ac->c.fd) != 0) {
-        free(p);
-        return MG_EINVAL;
     }
-    p->handle.data = p;
-    p->ac = ac;
-    ac->ev.data = p;
-    ac->ev.addRead = rpoll_add_read;
-    ac->ev.delRead = rpoll_del_read;
-    ac->ev.addWrite = rpoll_add_write;
-    ac->ev.delWrite = rpoll_del_write;
-    ac->ev.cleanup = rpoll_cleanup;
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    int ok = conf->ca_file != NULL ? SSL_CTX_load_verify_locations(ctx, conf->ca_file, NULL)
+                                   : SSL_CTX_set_default_verify_paths(ctx);
+    const char *what = "MOONGATE_REDIS_CA";
+    if (ok == 1 && conf->cert_file != NULL) {
+        what = "MOONGATE_REDIS_CERT";
+        ok = SSL_CTX_use_certificate_chain_file(ctx, conf->cert_file);
+        if (ok == 1) {
+            what = "MOONGATE_REDIS_KEY";
+            ok = SSL_CTX_use_PrivateKey_file(ctx, conf->key_file, SSL_FILETYPE_PEM) == 1 &&
+                 SSL_CTX_check_private_key(ctx) == 1;
+        }
+    }
+    if (ok != 1) {
+        tls_reason(why, sizeof(why));
+        snprintf(err, errlen, "%s: %s", conf->ca_file == NULL && conf->cert_file == NULL
+                                            ? "the system's CA store" : what, why);
+        SSL_CTX_free(ctx);
+        return MG_ECONFIG;
+    }
+    *out = ctx;
     return 0;
 }
 
-/* ---- the connection's life ---- */
+/* ---- the connection ---- */
+
+/*
+ * One connection attempt: its socket, its TLS session (memory BIOs: the socket is libuv's) and
+ * the reader of its answers. r lets go of it (c->r = NULL) when it fails or closes; it is
+ * freed when its handle has closed, after libuv has cancelled its writes.
+ */
+struct rconn {
+    uv_tcp_t tcp;
+    uv_connect_t connect;
+    mg_redis_t *r;
+    SSL *ssl;           /* NULL: plain */
+    BIO *rbio, *wbio;   /* ciphertext in and out; owned by ssl */
+    bool tcp_up;        /* connected */
+    bool ready;         /* connected and, with TLS, the handshake done: commands may go */
+    redisReader *reader;
+    char in[16384];
+};
+
+typedef struct wreq {
+    uv_write_t req;
+    size_t len;
+    char data[];
+} wreq_t;
 
 static void connect_start(mg_redis_t *r);
+static void conn_lost(mg_redis_t *r, const char *why);
 
 static void on_retry(uv_timer_t *t)
 {
     connect_start(t->data);
 }
 
-static void went_down(mg_redis_t *r, const char *why)
+static void conn_closed(uv_handle_t *h)
+{
+    rconn_t *c = h->data;
+    if (c->ssl != NULL)
+        SSL_free(c->ssl);
+    if (c->reader != NULL)
+        redisReaderFree(c->reader);
+    free(c);
+}
+
+/* Ends the connection: every operation still out gets "connection closed". */
+static void conn_drop(mg_redis_t *r)
+{
+    rconn_t *c = r->c;
+    if (c != NULL) {
+        r->c = NULL;
+        c->r = NULL;
+        uv_close((uv_handle_t *)&c->tcp, conn_closed);
+    }
+    mg__buf_consume(&r->out, mg__buf_size(&r->out), OUT_KEEP);
+    r->setup_left = 0;
+    uv_prepare_stop(&r->flusher);
+    mg__redis_op_t *o = r->head;
+    r->head = r->tail = NULL;
+    while (o != NULL) {
+        mg__redis_op_t *next = o->next;
+        finish_op(r, o, NULL);
+        o = next;
+    }
+}
+
+static void conn_lost(mg_redis_t *r, const char *why)
 {
     bool was_up = r->state == R_UP;
+    /* In TLS 1.3 a server that wants a client certificate says so after our handshake is
+       over, and hangs up while our first command is on its way: the alert, or a reset. */
+    bool no_cert = !was_up && r->c != NULL && r->c->ready && r->c->ssl != NULL &&
+                   !r->has_client_cert;
+    uv_timer_stop(&r->timer);
     r->state = R_DOWN;
-    r->ac = NULL;
     r->stats.up = false;
+    conn_drop(r);
     if (r->freeing)
         return;
-    if (was_up)
+    snprintf(r->why_down, sizeof(r->why_down), "%s%s", why,
+             no_cert ? "; Redis may want a client certificate (tls-auth-clients): set "
+                       "MOONGATE_REDIS_CERT and MOONGATE_REDIS_KEY" : "");
+    if (r->quiet)
+        ;
+    else if (was_up)
         mg_log_warn(LOG, "%s: connection lost (%s); the shared dictionary fails every call at "
                     "once until it is back; reconnecting", r->a.name, why);
     else if (!r->down_reported)
         mg_log_warn(LOG, "%s: cannot connect (%s); the shared dictionary fails every call at "
-                    "once until it is back; retrying", r->a.name, why);
+                    "once until it is back; retrying", r->a.name, r->why_down);
     r->down_reported = true;
     uv_timer_start(&r->timer, on_retry, r->backoff_ms, 0);
     r->backoff_ms = r->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : r->backoff_ms * 2;
 }
 
-static void on_connect(const redisAsyncContext *ac, int status)
+static void on_written(uv_write_t *req, int status)
 {
-    mg_redis_t *r = ac->data;
-    uv_timer_stop(&r->timer);
-    if (status != REDIS_OK) {
-        went_down(r, ac->errstr[0] ? ac->errstr : "connect failed"); /* hiredis frees ac */
-        return;
+    rconn_t *c = req->handle->data;
+    free(req);
+    if (status < 0 && c->r != NULL) {
+        char why[128];
+        snprintf(why, sizeof(why), "write: %s", uv_strerror(status));
+        conn_lost(c->r, why);
     }
-    /* Up once AUTH and SELECT (queued first) have answered: see on_ready. */
 }
 
-static void on_disconnect(const redisAsyncContext *ac, int status)
+static int conn_write(rconn_t *c, const char *data, size_t len)
 {
-    mg_redis_t *r = ac->data;
-    (void)status;
-    went_down(r, ac->errstr[0] ? ac->errstr : "closed");
+    wreq_t *w = malloc(sizeof(*w) + len);
+    if (w == NULL)
+        return MG_ENOMEM;
+    w->len = len;
+    memcpy(w->data, data, len);
+    uv_buf_t b = uv_buf_init(w->data, (unsigned)len);
+    int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_written);
+    if (rc != 0) {
+        free(w);
+        return MG_ECONNECT;
+    }
+    return 0;
 }
 
-/* The reply to the last set-up command (AUTH, SELECT or PING). */
-static void on_ready(redisAsyncContext *ac, void *reply, void *arg)
+/* Sends what TLS has written into its BIO. */
+static int tls_send(rconn_t *c)
 {
-    mg_redis_t *r = arg;
-    redisReply *rep = reply;
-    if (rep == NULL || r->ac != ac)
+    char buf[16384];
+    int n;
+    while ((n = BIO_read(c->wbio, buf, sizeof(buf))) > 0) {
+        int rc = conn_write(c, buf, (size_t)n);
+        if (rc != 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* Sends the commands queued in r->out. It runs in the loop's prepare phase, just before the
+   loop waits for I/O, so that the commands of one iteration go in one write and none waits for
+   the next poll to end. */
+static void flush(mg_redis_t *r)
+{
+    rconn_t *c = r->c;
+    uv_prepare_stop(&r->flusher);
+    size_t n = mg__buf_size(&r->out);
+    if (c == NULL || !c->ready || n == 0)
         return;
+    const char *data = r->out.data + r->out.off;
+    int rc;
+    if (c->ssl != NULL) {
+        /* A memory BIO takes it all: SSL_write returns only when all is written. */
+        ERR_clear_error();
+        rc = SSL_write(c->ssl, data, (int)n) > 0 ? tls_send(c) : MG_EINVAL;
+    } else {
+        rc = conn_write(c, data, n);
+    }
+    mg__buf_consume(&r->out, n, OUT_KEEP);
+    if (rc != 0)
+        conn_lost(r, "cannot write");
+}
+
+static void on_flush(uv_prepare_t *h)
+{
+    flush(h->data);
+}
+
+/* Queues a formatted command (to go at the loop's prepare phase). */
+static int queue_command(mg_redis_t *r, const char *cmd, size_t len)
+{
+    size_t queued = mg__buf_size(&r->out);
+    if (r->c != NULL)
+        queued += uv_stream_get_write_queue_size((uv_stream_t *)&r->c->tcp);
+    if (queued + len > OUT_MAX)
+        return MG_EQUEUEFULL;
+    if (mg__buf_append(&r->out, cmd, len) != 0)
+        return MG_ENOMEM;
+    if (r->c != NULL && r->c->ready)
+        uv_prepare_start(&r->flusher, on_flush);
+    return 0;
+}
+
+static int queue_argv(mg_redis_t *r, int argc, const char **argv, const size_t *lens)
+{
+    char *cmd = NULL;
+    int len = redisFormatCommandArgv(&cmd, argc, argv, lens);
+    if (len < 0)
+        return MG_ENOMEM;
+    int rc = queue_command(r, cmd, (size_t)len);
+    redisFreeCommand(cmd);
+    return rc;
+}
+
+static void went_up(mg_redis_t *r)
+{
+    uv_timer_stop(&r->timer);
+    r->state = R_UP;
+    r->stats.up = true;
+    r->backoff_ms = BACKOFF_MIN_MS;
+    if (r->quiet)
+        ;
+    else if (r->down_reported)
+        mg_log_info(LOG, "%s: connected again; the shared dictionary is back", r->a.name);
+    else
+        mg_log_info(LOG, "%s: connected; the shared dictionary is cluster-wide", r->a.name);
+    r->down_reported = false;
+}
+
+/* An answer to AUTH, SELECT or the PING after them: the last one brings the connection up. */
+static void setup_answer(mg_redis_t *r, const redisReply *rep)
+{
     if (rep->type == REDIS_REPLY_ERROR) {
-        if (!r->down_reported)
+        if (!r->down_reported && !r->quiet)
             mg_log_error(LOG, "%s: refused: %s; the shared dictionary fails every call at once "
                          "until it is accepted; retrying", r->a.name, rep->str);
         r->down_reported = true;
-        redisAsyncDisconnect(ac);
+        conn_lost(r, rep->str);
         return;
     }
-    if (r->state != R_UP) {
-        r->state = R_UP;
-        r->stats.up = true;
-        r->backoff_ms = BACKOFF_MIN_MS;
-        if (r->down_reported)
-            mg_log_info(LOG, "%s: connected again; the shared dictionary is back", r->a.name);
-        else
-            mg_log_info(LOG, "%s: connected; the shared dictionary is cluster-wide", r->a.name);
-        r->down_reported = false;
+    if (--r->setup_left == 0)
+        went_up(r);
+}
+
+static void answer(mg_redis_t *r, redisReply *rep)
+{
+    if (r->setup_left > 0) {
+        setup_answer(r, rep);
+        return;
+    }
+    mg__redis_op_t *o = r->head;
+    if (o == NULL) {
+        conn_lost(r, "an answer to no question");
+        return;
+    }
+    r->head = o->next;
+    if (r->head == NULL)
+        r->tail = NULL;
+    finish_op(r, o, rep);
+}
+
+/* Hands the plain text read to the reader and every whole answer on. */
+static void conn_feed(rconn_t *c, const char *data, size_t len)
+{
+    mg_redis_t *r = c->r;
+    if (redisReaderFeed(c->reader, data, len) != REDIS_OK) {
+        conn_lost(r, "out of memory");
+        return;
+    }
+    for (;;) {
+        void *reply = NULL;
+        if (redisReaderGetReply(c->reader, &reply) != REDIS_OK) {
+            char why[160];
+            snprintf(why, sizeof(why), "protocol error: %s", c->reader->errstr);
+            conn_lost(r, why);
+            return;
+        }
+        if (reply == NULL)
+            break;
+        answer(r, reply);
+        freeReplyObject(reply);
+        if (c->r == NULL)
+            return; /* the answer ended the connection */
+    }
+    /* What is left is part of one answer: no answer of ours is that large. */
+    if (c->reader->len - c->reader->pos > VALUE_MAX + 4096)
+        conn_lost(r, "protocol error: an answer over 1 MiB");
+}
+
+static void tls_failed(rconn_t *c, int ret)
+{
+    char why[400], ossl[256];
+    long v = SSL_get_verify_result(c->ssl);
+    if (v != X509_V_OK)
+        snprintf(why, sizeof(why), "TLS: the server's certificate is not trusted: %s",
+                 X509_verify_cert_error_string(v));
+    else if (SSL_get_error(c->ssl, ret) == SSL_ERROR_SSL) {
+        tls_reason(ossl, sizeof(ossl));
+        snprintf(why, sizeof(why), "TLS: %s", ossl);
+    } else {
+        snprintf(why, sizeof(why), "TLS: the handshake failed");
+    }
+    ERR_clear_error();
+    conn_lost(c->r, why);
+}
+
+/* Drives the handshake on what has arrived; once done, the queued commands go. */
+static void tls_step(rconn_t *c)
+{
+    ERR_clear_error();
+    int ret = SSL_do_handshake(c->ssl);
+    if (tls_send(c) != 0) {
+        conn_lost(c->r, "cannot write");
+        return;
+    }
+    if (ret == 1) {
+        c->ready = true;
+        flush(c->r);
+        return;
+    }
+    if (SSL_get_error(c->ssl, ret) != SSL_ERROR_WANT_READ)
+        tls_failed(c, ret);
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    rconn_t *c = h->data;
+    (void)suggested;
+    *buf = uv_buf_init(c->in, sizeof(c->in));
+}
+
+static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
+{
+    rconn_t *c = s->data;
+    if (c->r == NULL || n == 0)
+        return;
+    if (n < 0) {
+        char why[160];
+        /* A TLS port hangs up on a plain PING, with a reset when the PING is still unread. */
+        snprintf(why, sizeof(why), "%s%s", n == UV_EOF ? "closed by redis" : uv_strerror((int)n),
+                 c->ssl == NULL && c->r->state != R_UP
+                     ? " before it answered: is it a TLS port (rediss://)?" : "");
+        conn_lost(c->r, why);
+        return;
+    }
+    if (c->ssl == NULL) {
+        conn_feed(c, buf->base, (size_t)n);
+        return;
+    }
+    if (BIO_write(c->rbio, buf->base, (int)n) != (int)n) {
+        conn_lost(c->r, "out of memory");
+        return;
+    }
+    if (!c->ready) {
+        tls_step(c);
+        if (c->r == NULL || !c->ready)
+            return;
+    }
+    char plain[16384];
+    int k = 0;
+    /* The thread's error queue is shared (libssh2 and our front end use OpenSSL too): what
+       SSL_get_error reads must be this call's own. */
+    ERR_clear_error();
+    while (c->r != NULL && (k = SSL_read(c->ssl, plain, sizeof(plain))) > 0) {
+        conn_feed(c, plain, (size_t)k);
+        ERR_clear_error();
+    }
+    if (c->r != NULL && k <= 0) {
+        int e = SSL_get_error(c->ssl, k);
+        if (e == SSL_ERROR_ZERO_RETURN)
+            conn_lost(c->r, "closed by redis");
+        else if (e != SSL_ERROR_WANT_READ)
+            tls_failed(c, k);
+        else if (tls_send(c) != 0) /* TLS 1.3 may answer a key update */
+            conn_lost(c->r, "cannot write");
     }
 }
 
-/* The reply to AUTH or SELECT: an error is reported by on_ready, which follows. */
-static void on_setup(redisAsyncContext *ac, void *reply, void *arg)
+static void on_connected(uv_connect_t *req, int status)
 {
-    redisReply *rep = reply;
-    if (rep != NULL && rep->type == REDIS_REPLY_ERROR)
-        on_ready(ac, reply, arg);
+    rconn_t *c = req->data;
+    if (c->r == NULL)
+        return;
+    if (status < 0) {
+        conn_lost(c->r, uv_strerror(status));
+        return;
+    }
+    c->tcp_up = true;
+    uv_tcp_nodelay(&c->tcp, 1);
+    if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) != 0) {
+        conn_lost(c->r, "cannot read");
+        return;
+    }
+    if (c->ssl != NULL) {
+        tls_step(c);
+        return;
+    }
+    c->ready = true;
+    flush(c->r);
 }
 
 static void on_connect_timeout(uv_timer_t *t)
 {
     mg_redis_t *r = t->data;
-    if (r->state == R_CONNECTING && r->ac != NULL) {
-        redisAsyncContext *ac = r->ac;
-        /* Freeing a context that never connected calls no disconnect callback. */
-        r->ac = NULL;
-        redisAsyncFree(ac);
-        went_down(r, "no connection within 1 s");
+    if (r->state != R_CONNECTING)
+        return;
+    const rconn_t *c = r->c;
+    if (c != NULL && c->tcp_up && c->ssl != NULL && !c->ready)
+        conn_lost(r, "no TLS handshake within 1 s: is it a plain redis:// port?");
+    else if (c != NULL && c->tcp_up)
+        conn_lost(r, "connected, but no answer to PING within 1 s");
+    else
+        conn_lost(r, "no connection within 1 s");
+}
+
+static bool is_ip(const char *host)
+{
+    unsigned char a[16];
+    return inet_pton(AF_INET, host, a) == 1 || inet_pton(AF_INET6, host, a) == 1;
+}
+
+/* TLS for c: the server's name is checked against its certificate (a name, or an address). */
+static int conn_tls(mg_redis_t *r, rconn_t *c)
+{
+    c->ssl = SSL_new(r->tls);
+    c->rbio = BIO_new(BIO_s_mem());
+    c->wbio = BIO_new(BIO_s_mem());
+    if (c->ssl == NULL || c->rbio == NULL || c->wbio == NULL) {
+        BIO_free(c->rbio);
+        BIO_free(c->wbio);
+        return MG_ENOMEM;
     }
+    SSL_set_bio(c->ssl, c->rbio, c->wbio);
+    SSL_set_connect_state(c->ssl);
+    X509_VERIFY_PARAM *vp = SSL_get0_param(c->ssl);
+    if (is_ip(r->a.host))
+        return X509_VERIFY_PARAM_set1_ip_asc(vp, r->a.host) == 1 ? 0 : MG_ENOMEM;
+    if (SSL_set_tlsext_host_name(c->ssl, r->a.host) != 1 || SSL_set1_host(c->ssl, r->a.host) != 1)
+        return MG_ENOMEM;
+    return 0;
+}
+
+/* A new connection to addr with AUTH, SELECT and PING queued ahead of everything else. */
+static int conn_open(mg_redis_t *r, const struct sockaddr *addr)
+{
+    rconn_t *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return MG_ENOMEM;
+    c->r = r;
+    c->reader = redisReaderCreate();
+    if (c->reader == NULL || (r->tls != NULL && conn_tls(r, c) != 0) ||
+        uv_tcp_init(r->loop, &c->tcp) != 0) {
+        if (c->reader)
+            redisReaderFree(c->reader);
+        if (c->ssl)
+            SSL_free(c->ssl);
+        free(c);
+        return MG_ENOMEM;
+    }
+    c->tcp.data = c;
+    c->connect.data = c;
+    r->c = c;
+    r->state = R_CONNECTING;
+    int rc = uv_tcp_connect(&c->connect, &c->tcp, addr, on_connected);
+    if (rc != 0) {
+        conn_lost(r, uv_strerror(rc));
+        return 0;
+    }
+    const char *argv[3];
+    size_t lens[3];
+    if (r->a.pass[0] != '\0') {
+        int n = 0;
+        argv[n++] = "AUTH";
+        if (r->a.user[0] != '\0')
+            argv[n++] = r->a.user;
+        argv[n++] = r->a.pass;
+        for (int i = 0; i < n; i++)
+            lens[i] = strlen(argv[i]);
+        rc |= queue_argv(r, n, argv, lens);
+        r->setup_left++;
+    }
+    if (r->a.db != 0) {
+        char db[16];
+        snprintf(db, sizeof(db), "%d", r->a.db);
+        argv[0] = "SELECT";
+        argv[1] = db;
+        lens[0] = 6;
+        lens[1] = strlen(db);
+        rc |= queue_argv(r, 2, argv, lens);
+        r->setup_left++;
+    }
+    argv[0] = "PING";
+    lens[0] = 4;
+    rc |= queue_argv(r, 1, argv, lens);
+    r->setup_left++;
+    if (rc != 0) {
+        conn_lost(r, "out of memory");
+        return 0;
+    }
+    uv_timer_start(&r->timer, on_connect_timeout, CONNECT_TIMEOUT_MS, 0);
+    return 0;
 }
 
 static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
@@ -353,54 +749,23 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     r->resolving = false;
     if (r->freeing) {
         uv_freeaddrinfo(res);
-        if (r->timer_closed)
-            free(r);
+        maybe_free(r);
         return;
     }
-    char ip[64] = "";
-    if (status == 0 && res != NULL) {
-        if (res->ai_family == AF_INET6)
-            uv_ip6_name((struct sockaddr_in6 *)res->ai_addr, ip, sizeof(ip));
-        else
-            uv_ip4_name((struct sockaddr_in *)res->ai_addr, ip, sizeof(ip));
-    }
-    uv_freeaddrinfo(res);
-    if (ip[0] == '\0') {
+    if (status != 0 || res == NULL) {
+        uv_freeaddrinfo(res);
         char why[400];
         snprintf(why, sizeof(why), "cannot resolve %s: %s", r->a.host,
                  status ? uv_strerror(status) : "no address");
-        went_down(r, why);
+        conn_lost(r, why);
         return;
     }
-    redisAsyncContext *ac = redisAsyncConnect(ip, r->a.port);
-    if (ac == NULL || ac->err) {
-        char why[400];
-        snprintf(why, sizeof(why), "%s", ac ? ac->errstr : "out of memory");
-        if (ac)
-            redisAsyncFree(ac);
-        went_down(r, why);
-        return;
-    }
-    if (rpoll_attach(ac, r->loop) != 0) {
-        redisAsyncFree(ac);
-        went_down(r, "cannot watch the socket");
-        return;
-    }
-    ac->data = r;
-    r->ac = ac;
-    r->state = R_CONNECTING;
-    redisAsyncSetConnectCallback(ac, on_connect);
-    redisAsyncSetDisconnectCallback(ac, on_disconnect);
-    if (r->a.pass[0] != '\0') {
-        if (r->a.user[0] != '\0')
-            redisAsyncCommand(ac, on_setup, r, "AUTH %s %s", r->a.user, r->a.pass);
-        else
-            redisAsyncCommand(ac, on_setup, r, "AUTH %s", r->a.pass);
-    }
-    if (r->a.db != 0)
-        redisAsyncCommand(ac, on_setup, r, "SELECT %d", r->a.db);
-    redisAsyncCommand(ac, on_ready, r, "PING");
-    uv_timer_start(&r->timer, on_connect_timeout, CONNECT_TIMEOUT_MS, 0);
+    struct sockaddr_storage ss;
+    memcpy(&ss, res->ai_addr, res->ai_addrlen);
+    ((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)r->a.port); /* same place in v6 */
+    uv_freeaddrinfo(res);
+    if (conn_open(r, (struct sockaddr *)&ss) != 0)
+        conn_lost(r, "out of memory");
 }
 
 static void connect_start(mg_redis_t *r)
@@ -414,19 +779,32 @@ static void connect_start(mg_redis_t *r)
     if (rc != 0) {
         char why[400];
         snprintf(why, sizeof(why), "cannot resolve %s: %s", r->a.host, uv_strerror(rc));
-        went_down(r, why);
+        conn_lost(r, why);
         return;
     }
     r->resolving = true;
 }
 
-int mg__redis_new(uv_loop_t *loop, const char *url, mg_redis_t **out, char *err, size_t errlen)
+int mg__redis_new(uv_loop_t *loop, const mg__redis_conf_t *conf, mg_redis_t **out, char *err,
+                  size_t errlen)
 {
     *out = NULL;
     mg_redis_t *r = calloc(1, sizeof(*r));
     if (r == NULL)
         return MG_ENOMEM;
-    int rc = mg__redis_parse_url(url, &r->a, err, errlen);
+    int rc = mg__redis_parse_url(conf->url, &r->a, err, errlen);
+    if (rc == 0 && !r->a.tls && (conf->ca_file || conf->cert_file)) {
+        snprintf(err, errlen, "MOONGATE_REDIS_CA and MOONGATE_REDIS_CERT are for TLS: "
+                              "MOONGATE_REDIS_URL must then start with rediss://");
+        rc = MG_ECONFIG;
+    }
+    if (rc == 0 && (conf->cert_file == NULL) != (conf->key_file == NULL)) {
+        snprintf(err, errlen, "MOONGATE_REDIS_CERT and MOONGATE_REDIS_KEY: give both or neither");
+        rc = MG_ECONFIG;
+    }
+    if (rc == 0 && r->a.tls)
+        rc = tls_ctx_new(conf, &r->tls, err, errlen);
+    r->has_client_cert = conf->cert_file != NULL;
     if (rc != 0) {
         free(r);
         return rc;
@@ -435,18 +813,29 @@ int mg__redis_new(uv_loop_t *loop, const char *url, mg_redis_t **out, char *err,
     r->backoff_ms = BACKOFF_MIN_MS;
     uv_timer_init(loop, &r->timer);
     r->timer.data = r;
+    uv_prepare_init(loop, &r->flusher);
+    r->flusher.data = r;
+    r->handles = 2;
     connect_start(r);
     *out = r;
     return 0;
 }
 
-/* r goes when its timer has closed and no resolution is out (on_resolved frees it then). */
-static void timer_closed(uv_handle_t *h)
+/* r goes when its handles have closed and no resolution is out. */
+static void maybe_free(mg_redis_t *r)
+{
+    if (r->handles > 0 || r->resolving)
+        return;
+    SSL_CTX_free(r->tls);
+    mg__buf_free(&r->out);
+    free(r);
+}
+
+static void handle_closed(uv_handle_t *h)
 {
     mg_redis_t *r = h->data;
-    r->timer_closed = true;
-    if (!r->resolving)
-        free(r);
+    r->handles--;
+    maybe_free(r);
 }
 
 void mg__redis_free(mg_redis_t *r)
@@ -454,14 +843,13 @@ void mg__redis_free(mg_redis_t *r)
     if (r == NULL)
         return;
     r->freeing = true;
-    if (r->ac != NULL) {
-        redisAsyncContext *ac = r->ac;
-        r->ac = NULL;
-        redisAsyncFree(ac); /* pending operations hear of it with no reply */
-    }
+    r->state = R_DOWN;
+    r->stats.up = false;
+    conn_drop(r); /* pending operations hear of it with no reply */
     if (r->resolving)
         uv_cancel((uv_req_t *)&r->gai);
-    uv_close((uv_handle_t *)&r->timer, timer_closed);
+    uv_close((uv_handle_t *)&r->timer, handle_closed);
+    uv_close((uv_handle_t *)&r->flusher, handle_closed);
 }
 
 const char *mg__redis_name(const mg_redis_t *r)
@@ -593,12 +981,9 @@ static int push_results(lua_State *L, mg__rdict_op_t op, const redisReply *rep)
     return 2;
 }
 
-static void on_reply(redisAsyncContext *ac, void *reply, void *arg)
+/* o's answer (NULL: the connection closed first) goes to the coroutine, unless cancelled. */
+static void finish_op(mg_redis_t *r, mg__redis_op_t *o, redisReply *rep)
 {
-    (void)ac;
-    mg__redis_op_t *o = arg;
-    mg_redis_t *r = o->r;
-    redisReply *rep = reply;
     r->in_flight--;
     if (rep != NULL && rep->type != REDIS_REPLY_ERROR) {
         if (r->slow && o->done != NULL) {
@@ -627,7 +1012,7 @@ int mg__redis_dict_start(mg_redis_t *r, const mg__rdict_req_t *q, lua_State *co,
                          size_t errlen)
 {
     *out = NULL;
-    if (r->freeing || r->state == R_DOWN || r->state == R_RESOLVING || r->ac == NULL) {
+    if (r->freeing || r->state == R_DOWN || r->state == R_RESOLVING || r->c == NULL) {
         r->stats.unavailable++;
         snprintf(err, errlen, "redis unavailable: not connected to %s", r->a.name);
         return MG_ECONNECT;
@@ -727,21 +1112,23 @@ int mg__redis_dict_start(mg_redis_t *r, const mg__rdict_req_t *q, lua_State *co,
 #undef ARGS
 
     mg__redis_op_t *o = calloc(1, sizeof(*o));
-    int rc = MG_ENOMEM;
-    if (o != NULL) {
-        *o = (mg__redis_op_t){ .r = r, .op = q->op, .co = co, .done = done, .ctx = ctx };
-        /* hiredis copies the arguments into its output buffer before it returns. */
-        if (redisAsyncCommandArgv(r->ac, on_reply, o, argc, argv, lens) == REDIS_OK) {
-            r->in_flight++;
-            r->stats.commands++;
-            *out = o;
-            rc = 0;
-        } else {
-            free(o);
+    int rc = o != NULL ? queue_argv(r, argc, argv, lens) : MG_ENOMEM;
+    if (rc == 0) {
+        *o = (mg__redis_op_t){ .op = q->op, .co = co, .done = done, .ctx = ctx };
+        if (r->tail != NULL)
+            r->tail->next = o;
+        else
+            r->head = o;
+        r->tail = o;
+        r->in_flight++;
+        r->stats.commands++;
+        *out = o;
+    } else {
+        free(o);
+        if (rc == MG_EQUEUEFULL) {
             r->stats.unavailable++;
-            snprintf(err, errlen, "redis unavailable: the connection to %s is closing",
-                     r->a.name);
-            rc = MG_ECONNECT;
+            snprintf(err, errlen, "redis unavailable: %d MiB of commands not yet written",
+                     OUT_MAX >> 20);
         }
     }
     free(key);
@@ -753,4 +1140,46 @@ void mg__redis_op_cancel(mg__redis_op_t *o)
 {
     if (o != NULL)
         o->done = NULL;
+}
+
+/* ---- a probe, for moongate -t ---- */
+
+static void probe_tick(uv_timer_t *t)
+{
+    mg_redis_t *r = t->data;
+    if (r->state == R_UP || uv_now(t->loop) >= *(uint64_t *)r->probe_deadline)
+        uv_stop(t->loop);
+}
+
+int mg_policy_redis_probe(uv_loop_t *loop, const mg_policy_options_t *o, uint32_t timeout_ms,
+                          char *msg, size_t cap)
+{
+    mg__redis_conf_t conf = { .url = o->redis_url, .ca_file = o->redis_ca_file,
+                              .cert_file = o->redis_cert_file, .key_file = o->redis_key_file };
+    mg_redis_t *r = NULL;
+    int rc = mg__redis_new(loop, &conf, &r, msg, cap);
+    if (rc != 0)
+        return rc;
+    r->quiet = true;
+    uint64_t t0 = uv_hrtime();
+    uint64_t deadline = uv_now(loop) + timeout_ms;
+    r->probe_deadline = &deadline;
+    uv_timer_t tick;
+    uv_timer_init(loop, &tick);
+    tick.data = r;
+    uv_timer_start(&tick, probe_tick, 5, 5);
+    uv_run(loop, UV_RUN_DEFAULT);
+    uv_close((uv_handle_t *)&tick, NULL);
+    if (r->state == R_UP) {
+        snprintf(msg, cap, "%s answered in %.1f ms", r->a.name,
+                 (double)(uv_hrtime() - t0) / 1e6);
+        rc = 0;
+    } else {
+        snprintf(msg, cap, "%s: %s", r->a.name,
+                 r->why_down[0] ? r->why_down : "no connection yet");
+        rc = MG_ECONNECT;
+    }
+    mg__redis_free(r);
+    uv_run(loop, UV_RUN_NOWAIT);
+    return rc;
 }

@@ -7,6 +7,7 @@
  * reported; and a policy with its own route is not asked for the default route's files.
  */
 #include "gwtest.h"
+#include "redis.h"
 
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -269,6 +270,86 @@ static void test_own_route_needs_no_default_files(void **state)
     free(out);
 }
 
+/* With MOONGATE_REDIS_URL: a Redis that answers is reported with its time; one that does not
+   is a warning (a node must start while Redis is down); a URL or TLS file that cannot work is a
+   problem. */
+static void test_redis(void **state)
+{
+    world_t *w = *state;
+    mg_test_redis_t redis;
+    assert_int_equal(mg_test_redis_start(&redis, "pw"), 0);
+    char url[128], wrong[128], refused[128], *out = NULL;
+    snprintf(url, sizeof(url), "MOONGATE_REDIS_URL=redis://:pw@127.0.0.1:%u/3",
+             (unsigned)redis.port);
+    snprintf(wrong, sizeof(wrong), "MOONGATE_REDIS_URL=redis://:nope@127.0.0.1:%u",
+             (unsigned)redis.port);
+    uint16_t free_port;
+    assert_int_equal(mg_test_free_port(&free_port), 0);
+    snprintf(refused, sizeof(refused), "MOONGATE_REDIS_URL=redis://127.0.0.1:%u",
+             (unsigned)free_port);
+
+    const char *good_vars[] = { url, NULL };
+    int code = check(w, NULL, good_vars, &out);
+    expect(code, 0, out, "moongate: redis redis://127.0.0.1:");
+    expect(code, 0, out, "/3 answered in ");
+    expect(code, 0, out, "moongate: ready to start\n");
+    assert_null(strstr(out, "pw@")); /* the password is never shown */
+    free(out);
+
+    const char *wrong_vars[] = { wrong, NULL };
+    code = check(w, NULL, wrong_vars, &out);
+    expect(code, 0, out, "moongate: warning: redis redis://127.0.0.1:");
+    expect(code, 0, out, "WRONGPASS");
+    expect(code, 0, out, "the gateway starts anyway");
+    expect(code, 0, out, "moongate: ready to start\n");
+    assert_null(strstr(out, "nope"));
+    free(out);
+
+    const char *refused_vars[] = { refused, NULL };
+    code = check(w, NULL, refused_vars, &out);
+    expect(code, 0, out, "connection refused; the gateway starts anyway");
+    free(out);
+
+    /* TLS where there is none, and none where there is. */
+    char tls_on_plain[128];
+    snprintf(tls_on_plain, sizeof(tls_on_plain), "MOONGATE_REDIS_URL=rediss://:pw@127.0.0.1:%u",
+             (unsigned)redis.port);
+    const char *tp_vars[] = { tls_on_plain, NULL };
+    code = check(w, NULL, tp_vars, &out);
+    expect(code, 0, out, "no TLS handshake within 1 s: is it a plain redis:// port?");
+    free(out);
+    mg_test_redis_t tls;
+    assert_int_equal(mg_test_redis_start_tls(&tls, NULL, true), 0);
+    char tv[4][MG_TEST_PATH_MAX + 64];
+    snprintf(tv[0], sizeof(tv[0]), "MOONGATE_REDIS_URL=redis://127.0.0.1:%u", (unsigned)tls.port);
+    const char *pt_vars[] = { tv[0], NULL };
+    code = check(w, NULL, pt_vars, &out);
+    expect(code, 0, out, "before it answered: is it a TLS port (rediss://)?");
+    free(out);
+    snprintf(tv[0], sizeof(tv[0]), "MOONGATE_REDIS_URL=rediss://127.0.0.1:%u", (unsigned)tls.port);
+    snprintf(tv[1], sizeof(tv[1]), "MOONGATE_REDIS_CA=%s", tls.ca);
+    snprintf(tv[2], sizeof(tv[2]), "MOONGATE_REDIS_CERT=%s", tls.client_cert);
+    snprintf(tv[3], sizeof(tv[3]), "MOONGATE_REDIS_KEY=%s", tls.client_key);
+    const char *tls_vars[] = { tv[0], tv[1], tv[2], tv[3], NULL };
+    code = check(w, NULL, tls_vars, &out);
+    expect(code, 0, out, "moongate: redis rediss://127.0.0.1:");
+    expect(code, 0, out, "/0 answered in ");
+    assert_null(strstr(out, "warning"));
+    free(out);
+    mg_test_redis_stop(&tls);
+
+    const char *bad_vars[] = { "MOONGATE_REDIS_URL=rediss://127.0.0.1",
+                               "MOONGATE_REDIS_CA=/nonexistent/ca.pem", NULL };
+    code = check(w, NULL, bad_vars, &out);
+    expect(code, 1, out, "problem: MOONGATE_REDIS_CA: ");
+    free(out);
+    const char *url_vars[] = { "MOONGATE_REDIS_URL=http://127.0.0.1", NULL };
+    code = check(w, NULL, url_vars, &out);
+    expect(code, 1, out, "problem: MOONGATE_REDIS_URL: must start with redis://");
+    free(out);
+    mg_test_redis_stop(&redis);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -277,6 +358,7 @@ int main(void)
         cmocka_unit_test(test_port_in_use_is_not_a_problem),
         cmocka_unit_test(test_every_problem_is_reported),
         cmocka_unit_test(test_own_route_needs_no_default_files),
+        cmocka_unit_test(test_redis),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

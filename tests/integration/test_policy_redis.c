@@ -4,11 +4,21 @@
  * counts against the hook's budget; a hook that fails after waiting fails as any other; the
  * contexts that cannot wait say so; a request's hooks share one table even while other requests
  * wait between them; a call still waiting when the policy is freed or reloaded finishes.
+ * Over TLS (rediss://, a client certificate): it works with the right CA and names what is
+ * wrong otherwise (an untrusted server, another address than the certificate's, no client
+ * certificate), and TLS settings that do not fit are refused at start. A hostile "Redis" (a
+ * raw socket) that breaks the protocol or sends an endless answer loses its connection; the
+ * calls waiting fail with a message and the policy keeps running.
  */
 #include "test_policy_util.h"
 #include "redis.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <pthread.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 static mg_test_redis_t redis;
 static char redis_url[128];
@@ -294,6 +304,249 @@ static void test_reload_while_waiting(void **state)
     tp_free(p);
 }
 
+/* ---- a hostile server ---- */
+
+typedef struct fake {
+    int lfd;
+    uint16_t port;
+    const char *answer;   /* sent after the first command that is not the PING */
+    size_t answer_len;
+    pthread_t thread;
+} fake_t;
+
+static void *fake_serve(void *arg)
+{
+    fake_t *f = arg;
+    int fd = accept(f->lfd, NULL, NULL);
+    if (fd < 0)
+        return NULL;
+    char buf[4096];
+    /* The PING; then the operation's command. */
+    if (read(fd, buf, sizeof(buf)) > 0 && write(fd, "+PONG\r\n", 7) == 7 &&
+        read(fd, buf, sizeof(buf)) > 0) {
+        /* All of it, or until the gateway hangs up. */
+        for (size_t off = 0; off < f->answer_len;) {
+            ssize_t n = write(fd, f->answer + off, f->answer_len - off);
+            if (n <= 0)
+                break;
+            off += (size_t)n;
+        }
+    }
+    /* Wait for the gateway to hang up. */
+    while (read(fd, buf, sizeof(buf)) > 0)
+        ;
+    close(fd);
+    return NULL;
+}
+
+static void fake_start(fake_t *f)
+{
+    f->lfd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t sl = sizeof(sa);
+    assert_int_equal(bind(f->lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    assert_int_equal(listen(f->lfd, 1), 0);
+    assert_int_equal(getsockname(f->lfd, (struct sockaddr *)&sa, &sl), 0);
+    f->port = ntohs(sa.sin_port);
+    assert_int_equal(pthread_create(&f->thread, NULL, fake_serve, f), 0);
+}
+
+static void fake_stop(fake_t *f)
+{
+    pthread_join(f->thread, NULL);
+    close(f->lfd);
+}
+
+static void test_hostile_server(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *answer;
+        size_t len;
+        const char *says;
+    } cases[] = {
+        { "?what\r\n", 7, "protocol error" },
+        /* A bulk string of 2 MB (its body is made below). */
+        { "$2000000\r\n", 11, "an answer over 1 MiB" },
+        /* An answer to a question never asked, after the one asked. */
+        { "$1\r\n5\r\n$1\r\n6\r\n", 14, "an answer to no question" },
+    };
+    static const char src[] =
+        "local mg = require 'moongate'\n"
+        "return { authenticate = function()\n"
+        "  local v, err = mg.dict.get('k')\n"
+        "  if err then return nil, 503, err end\n"
+        "  return 'a'\n"
+        "end }\n";
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        fake_t f = { .answer = cases[i].answer, .answer_len = cases[i].len };
+        char *payload = NULL;
+        if (i == 1) {
+            payload = malloc(11 + 2000000);
+            assert_non_null(payload);
+            memcpy(payload, cases[i].answer, 11);
+            memset(payload + 11, 'x', 2000000);
+            f.answer = payload;
+            f.answer_len = 11 + 2000000;
+        }
+        fake_start(&f);
+        snprintf(redis_url, sizeof(redis_url), "redis://127.0.0.1:%u", (unsigned)f.port);
+        tp_capture_begin();
+        mg_policy_t *p = connected_policy("hostile.lua", src);
+        mg_policy_state_t *st = mg_policy_acquire(p);
+        tp_req_t r;
+        tp_request(&r, NULL);
+        mg_policy_decision_t d;
+        waiter_t w = { 0 };
+        hook_timeout = 1000;
+        assert_int_equal(mg_policy_authenticate_wait(st, &r.req, &d, on_done, &w), MG_EAGAIN);
+        wait_for(&w, 1);
+        tp_run_for(20);
+        mg_policy_release(st);
+        tp_free(p);
+        char *log = tp_capture_end();
+        fake_stop(&f);
+        free(payload);
+        if (strstr(log, cases[i].says) == NULL)
+            fail_msg("case %zu: the log does not say \"%s\":\n%s", i, cases[i].says, log);
+        free(log);
+        if (i < 2) {
+            /* The call that waited hears the connection close. */
+            assert_false(d.allow);
+            assert_int_equal(d.status, 503);
+            assert_non_null(strstr(d.message, "redis unavailable"));
+        } else {
+            assert_true(d.allow); /* its own answer came first */
+        }
+    }
+    snprintf(redis_url, sizeof(redis_url), "redis://127.0.0.1:%u/2", (unsigned)redis.port);
+}
+
+/* ---- TLS ---- */
+
+static mg_test_redis_t tls_redis;
+static char tls_url[128];
+static const char *tls_ca, *tls_cert, *tls_key;
+
+static void with_tls(mg_policy_options_t *o)
+{
+    o->redis_url = tls_url;
+    o->redis_ca_file = tls_ca;
+    o->redis_cert_file = tls_cert;
+    o->redis_key_file = tls_key;
+}
+
+static const char tls_src[] =
+    "local mg = require 'moongate'\n"
+    "return { authenticate = function()\n"
+    "  local n, err = mg.dict.incr('tls', 1)\n"
+    "  if not n then return nil, 503, err end\n"
+    "  return 'u' .. n\n"
+    "end }\n";
+
+/* One authenticate through a policy with the TLS settings above: its decision and the log. */
+static char *tls_try(mg_policy_decision_t *d)
+{
+    tp_capture_begin();
+    mg_policy_t *p = tp_policy_opts(tp_write("tls.lua", tls_src), with_tls);
+    mg_redis_stats_t rs = { 0 };
+    for (int i = 0; i < 100 && !rs.up; i++) {
+        tp_run_for(5);
+        mg_policy_redis_stats(p, &rs);
+    }
+    mg_policy_state_t *st = mg_policy_acquire(p);
+    tp_req_t r;
+    tp_request(&r, NULL);
+    waiter_t w = { 0 };
+    if (mg_policy_authenticate_wait(st, &r.req, d, on_done, &w) == MG_EAGAIN)
+        wait_for(&w, 1);
+    mg_policy_release(st);
+    tp_free(p);
+    return tp_capture_end();
+}
+
+static void test_tls(void **state)
+{
+    (void)state;
+    int rc = mg_test_redis_start_tls(&tls_redis, NULL, true);
+    assert_int_equal(rc, 0);
+    unsigned port = tls_redis.port;
+    mg_policy_decision_t d;
+
+    /* The CA that signed the server's certificate, and a client certificate it signed. */
+    snprintf(tls_url, sizeof(tls_url), "rediss://127.0.0.1:%u", port);
+    tls_ca = tls_redis.ca;
+    tls_cert = tls_redis.client_cert;
+    tls_key = tls_redis.client_key;
+    char *log = tls_try(&d);
+    assert_non_null(strstr(log, "rediss://127.0.0.1:"));
+    assert_non_null(strstr(log, "connected; the shared dictionary is cluster-wide"));
+    free(log);
+    assert_true(d.allow);
+    assert_string_equal(d.user, "u1");
+    char out[64];
+    assert_int_equal(mg_test_redis_cmd(&tls_redis, out, sizeof(out), "get", "moongate:tls",
+                                       NULL), 0);
+    assert_string_equal(out, "1");
+
+    /* A CA that did not sign it: the server is not trusted, and every call fails at once. */
+    tls_ca = tls_redis.other_ca;
+    log = tls_try(&d);
+    assert_non_null(strstr(log, "cannot connect (TLS: the server's certificate is not trusted"));
+    assert_int_equal(tp_count(log, "cannot connect"), 1);
+    free(log);
+    assert_false(d.allow);
+    assert_int_equal(d.status, 503);
+    assert_non_null(strstr(d.message, "redis unavailable: not connected"));
+
+    /* The right CA, but an address the certificate does not name. */
+    tls_ca = tls_redis.ca;
+    snprintf(tls_url, sizeof(tls_url), "rediss://127.0.0.2:%u", port);
+    log = tls_try(&d);
+    assert_non_null(strstr(log, "not trusted: IP address mismatch"));
+    free(log);
+    assert_false(d.allow);
+
+    /* No client certificate where Redis asks for one. In TLS 1.3 the client's handshake is
+       over before the server judges its certificate: Redis says no (an alert, or a reset when
+       our PING is still unread there), and the log says what to set. */
+    snprintf(tls_url, sizeof(tls_url), "rediss://127.0.0.1:%u", port);
+    tls_cert = tls_key = NULL;
+    log = tls_try(&d);
+    assert_non_null(strstr(log, "cannot connect ("));
+    assert_non_null(strstr(log, "Redis may want a client certificate (tls-auth-clients): set "
+                                "MOONGATE_REDIS_CERT and MOONGATE_REDIS_KEY"));
+    assert_int_equal(tp_count(log, "connected;"), 0);
+    free(log);
+    assert_false(d.allow);
+
+    /* Settings that do not fit are refused at start, each named. */
+    static const struct {
+        const char *url, *ca, *cert, *key, *says;
+    } bad[] = {
+        { "redis://127.0.0.1", "/etc/hostname", NULL, NULL, "must then start with rediss://" },
+        { "rediss://127.0.0.1", NULL, "/etc/hostname", NULL, "give both or neither" },
+        { "rediss://127.0.0.1", "/nonexistent/ca.pem", NULL, NULL, "MOONGATE_REDIS_CA: " },
+        { "rediss://127.0.0.1", NULL, "/etc/hostname", "/etc/hostname", "MOONGATE_REDIS_CERT: " },
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        mg_policy_options_t o;
+        mg_policy_options_init(&o, NULL);
+        o.lua_dir = MG_SOURCE_DIR "/lua";
+        o.redis_url = bad[i].url;
+        o.redis_ca_file = bad[i].ca;
+        o.redis_cert_file = bad[i].cert;
+        o.redis_key_file = bad[i].key;
+        mg_policy_t *p = NULL;
+        char err[512] = "";
+        assert_int_equal(mg_policy_new(&tp_loop, &o, &p, err, sizeof(err)), MG_ECONFIG);
+        assert_null(p);
+        if (strstr(err, bad[i].says) == NULL)
+            fail_msg("case %zu: \"%s\" does not say \"%s\"", i, err, bad[i].says);
+    }
+    mg_test_redis_stop(&tls_redis);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -302,6 +555,8 @@ int main(void)
                                         tp_teardown),
         cmocka_unit_test_setup_teardown(test_wait_is_bounded, setup, tp_teardown),
         cmocka_unit_test_setup_teardown(test_reload_while_waiting, setup, tp_teardown),
+        cmocka_unit_test_setup_teardown(test_hostile_server, setup, tp_teardown),
+        cmocka_unit_test_setup_teardown(test_tls, setup, tp_teardown),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -60,22 +60,31 @@ static void start_example(gw_t *g, const world_t *w, const char *example,
     assert_int_equal(mg_test_read_file(path, &text, &len), 0);
     assert_int_equal(mg_test_write_file(g->policy, text, len, 0600), 0);
     free(text);
-    static char e[7][MG_TEST_PATH_MAX + 64];
+    static char e[9][MG_TEST_PATH_MAX + 64];
     snprintf(e[0], sizeof(e[0]), "MOONGATE_SSH_PORT=%u", (unsigned)w->sshd.port);
     snprintf(e[1], sizeof(e[1]), "MOONGATE_SSH_USER=%s", w->sshd.user);
     snprintf(e[2], sizeof(e[2]), "MOONGATE_SSH_KEY=%s", w->sshd.client_key);
     snprintf(e[3], sizeof(e[3]), "MOONGATE_KNOWN_HOSTS=%s", w->sshd.known_hosts);
     snprintf(e[4], sizeof(e[4]), "MOONGATE_TARGET_PORT=%u", (unsigned)w->up.port);
+    const char *scheme = redis->tls ? "rediss" : "redis";
     if (redis->password[0])
-        snprintf(e[5], sizeof(e[5]), "MOONGATE_REDIS_URL=redis://:%s@127.0.0.1:%u/1",
+        snprintf(e[5], sizeof(e[5]), "MOONGATE_REDIS_URL=%s://:%s@127.0.0.1:%u/1", scheme,
                  redis->password, (unsigned)redis->port);
     else
-        snprintf(e[5], sizeof(e[5]), "MOONGATE_REDIS_URL=redis://127.0.0.1:%u/1",
+        snprintf(e[5], sizeof(e[5]), "MOONGATE_REDIS_URL=%s://127.0.0.1:%u/1", scheme,
                  (unsigned)redis->port);
-    const char *env[16] = { e[0], e[1], e[2], e[3], e[4], e[5], "MOONGATE_SSH_HOST=127.0.0.1",
+    const char *env[20] = { e[0], e[1], e[2], e[3], e[4], e[5], "MOONGATE_SSH_HOST=127.0.0.1",
                             "MOONGATE_TOKENS=alice:alice-token,bob:bob-token" };
     int n = 8;
-    for (int i = 0; more != NULL && more[i] != NULL && n < 15; i++)
+    if (redis->tls) {
+        snprintf(e[6], sizeof(e[6]), "MOONGATE_REDIS_CA=%s", redis->ca);
+        snprintf(e[7], sizeof(e[7]), "MOONGATE_REDIS_CERT=%s", redis->client_cert);
+        snprintf(e[8], sizeof(e[8]), "MOONGATE_REDIS_KEY=%s", redis->client_key);
+        env[n++] = e[6];
+        env[n++] = e[7];
+        env[n++] = e[8];
+    }
+    for (int i = 0; more != NULL && more[i] != NULL && n < 19; i++)
         env[n++] = more[i];
     env[n] = NULL;
     gw_launch(g, "127.0.0.1:0", env);
@@ -133,12 +142,15 @@ static void run_load(load_t *l)
 
 static const char hello_alice[] = "GET /hello HTTP/1.1\r\nHost: gw\r\n" GW_AUTH_ALICE "\r\n";
 
-/* examples/policies/rate_limit.lua, unchanged: 100 a minute per user, whichever node serves. */
+/* examples/policies/rate_limit.lua, unchanged: 100 a minute per user, whichever node serves;
+   Redis over TLS with client certificates (rediss://, MOONGATE_REDIS_CA/CERT/KEY). */
 static void test_rate_limit_holds_across_nodes(void **state)
 {
     world_t *w = *state;
     mg_test_redis_t redis;
-    start_redis(&redis, NULL);
+    int rc = mg_test_redis_start_tls(&redis, NULL, true);
+    if (rc != 0)
+        fail_msg("redis-server with TLS did not start (%d)", rc);
     gw_t nodes[2];
     for (int i = 0; i < 2; i++)
         start_example(&nodes[i], w, "rate_limit.lua", &redis, NULL);

@@ -16,13 +16,29 @@ static int spawn(mg_test_redis_t *r)
 {
     char port[8];
     snprintf(port, sizeof(port), "%u", (unsigned)r->port);
-    char *argv[16];
+    char *argv[32];
     int n = 0;
     argv[n++] = REDIS_SERVER;
     argv[n++] = "--bind";
     argv[n++] = "127.0.0.1";
-    argv[n++] = "--port";
-    argv[n++] = port;
+    if (r->tls) {
+        argv[n++] = "127.0.0.2"; /* an address its certificate does not name */
+        argv[n++] = "--port";
+        argv[n++] = "0";
+        argv[n++] = "--tls-port";
+        argv[n++] = port;
+        argv[n++] = "--tls-cert-file";
+        argv[n++] = r->cert;
+        argv[n++] = "--tls-key-file";
+        argv[n++] = r->key;
+        argv[n++] = "--tls-ca-cert-file";
+        argv[n++] = r->ca;
+        argv[n++] = "--tls-auth-clients";
+        argv[n++] = r->auth_clients ? "yes" : "no";
+    } else {
+        argv[n++] = "--port";
+        argv[n++] = port;
+    }
     argv[n++] = "--save";
     argv[n++] = "";
     argv[n++] = "--appendonly";
@@ -46,14 +62,44 @@ static int spawn(mg_test_redis_t *r)
     return 0;
 }
 
-int mg_test_redis_start(mg_test_redis_t *r, const char *password)
+/* The CA, the server's and the client's keys and certificates, and another CA, in r->dir. */
+static int make_certs(mg_test_redis_t *r)
+{
+    static const char script[] =
+        "set -e; cd \"$1\"\n"
+        "ca() { openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+        "-keyout \"$1.key\" -out \"$1.crt\" -days 2 -subj \"/CN=$1\" 2>/dev/null; }\n"
+        "leaf() { openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+        "-keyout \"$1.key\" -out \"$1.csr\" -subj \"/CN=$1\" 2>/dev/null\n"
+        "  printf 'subjectAltName=%s\\n' \"$2\" > \"$1.ext\"\n"
+        "  openssl x509 -req -in \"$1.csr\" -CA ca.crt -CAkey ca.key -CAcreateserial "
+        "-days 2 -extfile \"$1.ext\" -out \"$1.crt\" 2>/dev/null; }\n"
+        "ca ca; ca other-ca\n"
+        "leaf server 'IP:127.0.0.1,DNS:localhost'\n"
+        "leaf client 'DNS:moongate-node'\n";
+    char *argv[] = { "/bin/sh", "-c", (char *)script, "sh", r->dir, NULL };
+    int code = -1;
+    if (mg_test_proc_run(argv, NULL, 30000, &code) != 0 || code != 0)
+        return MG_EINVAL;
+    snprintf(r->ca, sizeof(r->ca), "%s/ca.crt", r->dir);
+    snprintf(r->other_ca, sizeof(r->other_ca), "%s/other-ca.crt", r->dir);
+    snprintf(r->cert, sizeof(r->cert), "%s/server.crt", r->dir);
+    snprintf(r->key, sizeof(r->key), "%s/server.key", r->dir);
+    snprintf(r->client_cert, sizeof(r->client_cert), "%s/client.crt", r->dir);
+    snprintf(r->client_key, sizeof(r->client_key), "%s/client.key", r->dir);
+    return 0;
+}
+
+static int start(mg_test_redis_t *r, const char *password, bool tls, bool auth_clients)
 {
     memset(r, 0, sizeof(*r));
     if (access(REDIS_SERVER, X_OK) != 0)
         return MG_EINVAL;
     snprintf(r->password, sizeof(r->password), "%s", password ? password : "");
+    r->tls = tls;
+    r->auth_clients = auth_clients;
     int rc = mg_test_mkdtemp(r->dir, sizeof(r->dir), "mg-redis");
-    if (rc != 0)
+    if (rc != 0 || (tls && (rc = make_certs(r)) != 0))
         return rc;
     snprintf(r->log, sizeof(r->log), "%s/redis.log", r->dir);
     /* A free port may be taken before redis binds it: try a few. */
@@ -64,6 +110,16 @@ int mg_test_redis_start(mg_test_redis_t *r, const char *password)
             return 0;
     }
     return rc;
+}
+
+int mg_test_redis_start(mg_test_redis_t *r, const char *password)
+{
+    return start(r, password, false, false);
+}
+
+int mg_test_redis_start_tls(mg_test_redis_t *r, const char *password, bool auth_clients)
+{
+    return start(r, password, true, auth_clients);
 }
 
 int mg_test_redis_restart(mg_test_redis_t *r)
@@ -83,11 +139,20 @@ int mg_test_redis_cmd(const mg_test_redis_t *r, char *out, size_t cap, ...)
 {
     char port[8];
     snprintf(port, sizeof(port), "%u", (unsigned)r->port);
-    char *argv[24];
+    char *argv[32];
     int n = 0;
     argv[n++] = REDIS_CLI;
     argv[n++] = "-p";
     argv[n++] = port;
+    if (r->tls) {
+        argv[n++] = "--tls";
+        argv[n++] = "--cacert";
+        argv[n++] = (char *)r->ca;
+        argv[n++] = "--cert";
+        argv[n++] = (char *)r->client_cert;
+        argv[n++] = "--key";
+        argv[n++] = (char *)r->client_key;
+    }
     if (r->password[0]) {
         argv[n++] = "--no-auth-warning";
         argv[n++] = "-a";
@@ -96,7 +161,7 @@ int mg_test_redis_cmd(const mg_test_redis_t *r, char *out, size_t cap, ...)
     va_list ap;
     va_start(ap, cap);
     const char *a;
-    while ((a = va_arg(ap, const char *)) != NULL && n < 23)
+    while ((a = va_arg(ap, const char *)) != NULL && n < 31)
         argv[n++] = (char *)a;
     va_end(ap);
     argv[n] = NULL;

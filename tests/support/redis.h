@@ -6,6 +6,12 @@
  * accepts. mg_test_redis_stop() stops it; mg_test_redis_restart() starts it again on the same
  * port, empty. The child also goes when the test process ends. mg_test_redis_cmd() runs one
  * command with redis-cli and returns its output, for checking what a gateway stored.
+ *
+ * mg_test_redis_start_tls() serves TLS only (tls-port; no plain port), with certificates made
+ * here by openssl: a CA, the server's certificate for 127.0.0.1 and localhost signed by it, a
+ * client certificate signed by it, and a second CA that signed neither. It listens on
+ * 127.0.0.2 too, an address the certificate does not name. With auth_clients, Redis asks for a
+ * client certificate (its default).
  */
 #ifndef MG_TEST_REDIS_H
 #define MG_TEST_REDIS_H
@@ -21,10 +27,16 @@ typedef struct mg_test_redis {
     char log[MG_TEST_PATH_MAX + 16];
     mg_test_proc_t proc;
     bool running;
+    bool tls, auth_clients;
+    /* With TLS: PEM files in dir. */
+    char ca[MG_TEST_PATH_MAX + 16], other_ca[MG_TEST_PATH_MAX + 16];
+    char cert[MG_TEST_PATH_MAX + 16], key[MG_TEST_PATH_MAX + 16];
+    char client_cert[MG_TEST_PATH_MAX + 16], client_key[MG_TEST_PATH_MAX + 16];
 } mg_test_redis_t;
 
 /* Returns 0, MG_EINVAL (no redis-server), or what starting it returned. */
 int mg_test_redis_start(mg_test_redis_t *r, const char *password);
+int mg_test_redis_start_tls(mg_test_redis_t *r, const char *password, bool auth_clients);
 int mg_test_redis_restart(mg_test_redis_t *r);
 void mg_test_redis_stop(mg_test_redis_t *r);
 

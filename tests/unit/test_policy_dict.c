@@ -205,8 +205,13 @@ static void test_redis_url(void **state)
         assert_int_equal(mg__redis_parse_url(bad[i], &a, err, sizeof(err)), MG_ECONFIG);
         assert_non_null(strstr(err, "MOONGATE_REDIS_URL"));
     }
-    assert_int_equal(mg__redis_parse_url("rediss://host", &a, err, sizeof(err)), MG_ECONFIG);
-    assert_non_null(strstr(err, "TLS"));
+    assert_int_equal(mg__redis_parse_url("rediss://:pw@cache.internal:6380/1", &a, err,
+                                         sizeof(err)), 0);
+    assert_true(a.tls);
+    assert_string_equal(a.host, "cache.internal");
+    assert_string_equal(a.name, "rediss://cache.internal:6380/1");
+    assert_int_equal(mg__redis_parse_url("redis://host", &a, err, sizeof(err)), 0);
+    assert_false(a.tls);
 }
 
 int main(void)

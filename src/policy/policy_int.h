@@ -7,6 +7,7 @@
  *   policy_lib.c   the `moongate` Lua module (log, clock, stats, timers, dict, env)
  *   policy_dict.c  the shared dictionary, plain C (no Lua)
  *   policy_redis.c the dictionary's Redis back end (its own connection on the loop)
+ *   policy_redis_answer.c  Redis's answers as Lua values
  *   policy_jwt.c   HS256 JWT verification and the small JSON reader it needs
  *   policy_pattern.c  string.find/match/gmatch/gsub with a bound on their work
  */
@@ -155,6 +156,11 @@ int mg__redis_dict_start(mg_redis_t *r, const mg__rdict_req_t *q, lua_State *co,
                          size_t errlen);
 /* The reply, when it comes, is dropped. */
 void mg__redis_op_cancel(mg__redis_op_t *op);
+
+/* Pushes op's results from Redis's answer rep (NULL: the connection closed first): the value,
+   or nil and a message (policy_redis_answer.c). Returns how many, 1 or 2. */
+struct redisReply;
+int mg__redis_push_results(lua_State *L, mg__rdict_op_t op, const struct redisReply *rep);
 
 /* ---- the engine ---- */
 

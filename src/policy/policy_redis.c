@@ -897,90 +897,6 @@ static const char take_script[] =
     "redis.call('SET', KEYS[1], string.format('%.17g', new_full_at), 'PX', ttl)\n"
     "return {1, string.format('%.17g', new_full_at)}\n";
 
-static bool parse_number(const char *s, size_t n, double *out)
-{
-    char buf[64];
-    if (n == 0 || n >= sizeof(buf))
-        return false;
-    memcpy(buf, s, n);
-    buf[n] = '\0';
-    char *end;
-    *out = strtod(buf, &end);
-    return *end == '\0';
-}
-
-/* Pushes a stored value: a number, a string, or nil. */
-static void push_value(lua_State *L, const redisReply *rep)
-{
-    if (rep->type != REDIS_REPLY_STRING) {
-        lua_pushnil(L);
-        return;
-    }
-    double d;
-    if (rep->len >= 2 && rep->str[0] == 's' && rep->str[1] == ':')
-        lua_pushlstring(L, rep->str + 2, rep->len - 2);
-    else if (parse_number(rep->str, rep->len, &d))
-        lua_pushnumber(L, d);
-    else
-        lua_pushlstring(L, rep->str, rep->len); /* written by someone else: as it is */
-}
-
-/* Pushes an operation's results from its reply; returns how many. */
-static int push_results(lua_State *L, mg__rdict_op_t op, const redisReply *rep)
-{
-    if (rep == NULL) {
-        lua_pushnil(L);
-        lua_pushliteral(L, "redis unavailable: the connection closed");
-        return 2;
-    }
-    if (rep->type == REDIS_REPLY_ERROR) {
-        lua_pushnil(L);
-        if (op == MG_RDICT_INCR && strstr(rep->str, "not a valid float") != NULL)
-            lua_pushliteral(L, "not a number");
-        else
-            lua_pushfstring(L, "redis error: %s", rep->str);
-        return 2;
-    }
-    double d;
-    switch (op) {
-    case MG_RDICT_GET:
-        push_value(L, rep);
-        return 1;
-    case MG_RDICT_SET:
-    case MG_RDICT_DELETE:
-        lua_pushboolean(L, 1);
-        return 1;
-    case MG_RDICT_INCR:
-        if (rep->type == REDIS_REPLY_STRING && parse_number(rep->str, rep->len, &d)) {
-            lua_pushnumber(L, d);
-            return 1;
-        }
-        break;
-    case MG_RDICT_TTL:
-        if (rep->type == REDIS_REPLY_INTEGER) {
-            if (rep->integer == -2)
-                lua_pushnil(L);
-            else
-                lua_pushnumber(L, (lua_Number)rep->integer);
-            return 1;
-        }
-        break;
-    case MG_RDICT_TAKE_BUCKET:
-        if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 &&
-            rep->element[0]->type == REDIS_REPLY_INTEGER &&
-            rep->element[1]->type == REDIS_REPLY_STRING &&
-            parse_number(rep->element[1]->str, rep->element[1]->len, &d)) {
-            lua_pushboolean(L, rep->element[0]->integer == 1);
-            lua_pushnumber(L, d);
-            return 2;
-        }
-        break;
-    }
-    lua_pushnil(L);
-    lua_pushliteral(L, "redis error: an answer of the wrong type");
-    return 2;
-}
-
 /* o's answer (NULL: the connection closed first) goes to the coroutine, unless cancelled. */
 static void finish_op(mg_redis_t *r, mg__redis_op_t *o, redisReply *rep)
 {
@@ -999,7 +915,7 @@ static void finish_op(mg_redis_t *r, mg__redis_op_t *o, redisReply *rep)
     mg__rdict_op_t op = o->op;
     free(o);
     if (done != NULL)
-        done(ctx, push_results(co, op, rep));
+        done(ctx, mg__redis_push_results(co, op, rep));
 }
 
 static void fmt_num(char *buf, size_t cap, double v)

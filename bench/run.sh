@@ -445,47 +445,74 @@ row "MB/s (10^6 B)" "${MBS[direct]}" "${MBS[sshl]}" "$(mgcell "${MBS[mg]:-}")" "
 [ $have_mg = 1 ] && note "$res" "100 MB: moongate ${MBS[mg]:-fail} MB/s = $r of ssh -L ${MBS[sshl]} (target >= 0.75x)"
 [ $have_mg = 1 ] && stop_mg a
 
-# 4. The policy's cost: two gateways, measured alternately (nothing, default-like, twice).
+# 4. The policy's cost: gateways measured alternately (nothing, default-like, and default-like
+# with its dictionary in Redis when redis-server is installed), twice each.
 echo
 echo "bench: 4/6 policy cost"
+redis_port=0
+if [ $have_mg = 1 ] && command -v redis-server >/dev/null; then
+    redis_port=$(free_port)
+    redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no --dir "$dir" \
+        >"$dir/redis.log" 2>&1 &
+    pids+=($!)
+    wait_port "$redis_port" "${pids[-1]}" || { echo "   note: redis-server did not start: $(tail -3 "$dir/redis.log")"; redis_port=0; }
+fi
 echo
 echo "== 4. policy cost: small POST as in 1, do-nothing vs default-like policy (mean of 2 runs each)"
-printf "%-${W1}s %${W}s %${W}s %8s %-22s %s\n" "" "do-nothing" "default-like" "cost" "target" "result"
+printf "%-${W1}s %${W}s %${W}s %8s %${W}s %8s %-14s %s\n" "" "do-nothing" "default-like" "cost" "with Redis" "cost" "target" "result"
 if [ $have_mg = 1 ]; then
     start_mg n nothing.lua
     start_mg d default_like.lua
-    declare -A SUM=([n]=0 [d]=0) P4=()
+    v4=(n d)
+    if [ "$redis_port" != 0 ]; then
+        saved_env=("${mg_env[@]}")
+        mg_env+=(MOONGATE_REDIS_URL="redis://127.0.0.1:$redis_port/0")
+        start_mg r default_like.lua
+        mg_env=("${saved_env[@]}")
+        v4+=(r)
+    fi
+    declare -A SUM=([n]=0 [d]=0 [r]=0) P4=()
     ok4=1
-    if [ "$mg_pid_n" != 0 ] && [ "$mg_pid_d" != 0 ]; then
-        run_wrk "$mg_port_n" 1; run_wrk "$mg_port_d" 1
+    for v in "${v4[@]}"; do pv="mg_pid_$v"; [ "${!pv}" != 0 ] || ok4=0; done
+    if [ $ok4 = 1 ]; then
+        for v in "${v4[@]}"; do pv="mg_port_$v"; run_wrk "${!pv}" 1; done
         for round in 1 2; do
-            for v in n d; do
+            for v in "${v4[@]}"; do
                 pv="mg_port_$v"
                 run_wrk "${!pv}" "$duration"
                 if num "$rps"; then SUM[$v]=$(calc "${SUM[$v]} + $rps"); P4[$v]=$p99; else ok4=0; echo "   note ($v): $werr"; fi
             done
         done
-    else
-        ok4=0
     fi
     if [ $ok4 = 1 ]; then
         rn=$(calc "sprintf(\"%.0f\", ${SUM[n]} / 2)") rd=$(calc "sprintf(\"%.0f\", ${SUM[d]} / 2)")
         cost=$(calc "sprintf(\"%.1f\", 100 * (1 - $rd / $rn))")
         res=$(verdict "$cost" "$cost <= 10" MISS)
-        printf "%-${W1}s %${W}s %${W}s %8s %-22s %s\n" "requests/s" "$rn" "$rd" "$cost%" "<= 10% slower" "$res"
-        printf "%-${W1}s %${W}s %${W}s\n" "p99 latency (ms), last run" "${P4[n]}" "${P4[d]}"
+        rr="n/a" rcost="-" rres="n/a"
+        if [ "$redis_port" != 0 ]; then
+            rr=$(calc "sprintf(\"%.0f\", ${SUM[r]} / 2)")
+            rcost=$(calc "sprintf(\"%.1f\", 100 * (1 - $rr / $rd))")
+            rres=$(verdict "$rcost" "$rcost <= 15" MISS)
+        fi
+        printf "%-${W1}s %${W}s %${W}s %8s %${W}s %8s %-14s %s\n" "requests/s" "$rn" "$rd" "$cost%" "$rr" "$rcost%" "<= 10%, 15%" "$res, $rres"
+        printf "%-${W1}s %${W}s %${W}s %8s %${W}s\n" "p99 latency (ms), last run" "${P4[n]}" "${P4[d]}" "" "${P4[r]:-n/a}"
         note "$res" "policy cost: default-like $rd req/s vs do-nothing $rn req/s: $cost% slower (target <= 10%)"
+        if [ "$redis_port" != 0 ]; then
+            note "$rres" "shared limits: default-like with mg.dict in Redis $rr req/s vs in-process $rd req/s: $rcost% fewer (target <= 15%)"
+        else
+            note "n/a" "shared limits in Redis: redis-server is not installed"
+        fi
     else
-        printf "%-${W1}s %${W}s %${W}s %8s %-22s %s\n" "requests/s" fail fail "-" "<= 10% slower" MISS
+        printf "%-${W1}s %${W}s %${W}s %8s %${W}s %8s %-14s %s\n" "requests/s" fail fail "-" fail "-" "<= 10%, 15%" MISS
         note MISS "policy cost: a moongate run failed (see notes above)"
     fi
-    stop_mg n
-    stop_mg d
+    for v in "${v4[@]}"; do stop_mg "$v"; done
 else
     printf "%-${W1}s %${W}s %${W}s %8s %-22s %s\n" "requests/s" "$NA" "" "" "<= 10% slower" "n/a"
 fi
 echo "   do-nothing: authenticate returns \"bench\"; every other hook the built-in default (route, limits from the environment)"
 echo "   default-like: bearer token of lua/moongate/default.lua + admit through lua/moongate/token_bucket.lua (never refusing)"
+echo "   with Redis: default-like with MOONGATE_REDIS_URL (a redis-server on loopback, on the same 2 cores): one take_bucket script per request"
 
 # 5. Memory with 100 idle SSH connections.
 echo

@@ -143,7 +143,12 @@ struct mg__pcall {
     bool wait_is_budget;  /* the wait ends at the budget, not at the Redis timeout */
     uv_timer_t timer;
     bool timer_init;
+    mg__pcall_t *next_free; /* in st->pc_pool */
 };
+
+/* Finished calls kept per state: most hooks never wait, and a call's coroutine, registry
+   reference and timer cost more to make than to keep. */
+#define PCALL_POOL_MAX 32
 
 /* ---- memory and time bounds ---- */
 
@@ -395,6 +400,16 @@ static void pcall_closed(uv_handle_t *h)
 
 static void pcall_free(mg__pcall_t *pc)
 {
+    mg_policy_state_t *st = pc->st;
+    /* A coroutine that returned can run another function; one that failed, or still waits
+       (its budget ended the wait), cannot. */
+    if (lua_status(pc->co) == 0 && st->pc_pooled < PCALL_POOL_MAX) {
+        lua_settop(pc->co, 0);
+        pc->next_free = st->pc_pool;
+        st->pc_pool = pc;
+        st->pc_pooled++;
+        return;
+    }
     if (pc->co_ref != LUA_NOREF)
         luaL_unref(pc->st->L, LUA_REGISTRYINDEX, pc->co_ref);
     if (pc->timer_init)
@@ -508,20 +523,32 @@ int mg__policy_pcall_wait(mg_policy_state_t *st, const char *what, const char *w
     lua_State *L = st->L;
     if (st->policy->redis == NULL || done == NULL || st->in_call)
         return mg__policy_pcall(st, what, where, nargs, nres, budget_ms);
-    mg__pcall_t *pc = calloc(1, sizeof(*pc));
-    if (pc == NULL) {
-        lua_pop(L, nargs + 1);
-        return MG_ENOMEM;
+    mg__pcall_t *pc = st->pc_pool;
+    if (pc != NULL) {
+        st->pc_pool = pc->next_free;
+        st->pc_pooled--;
+        /* What the last call left: everything but the coroutine and the timer (a libuv
+           handle, which must stay where it is). */
+        pc->timed_out = pc->waited = pc->wait_is_budget = false;
+        pc->op = NULL;
+        pc->wait_ms = 0;
+        pc->next_free = NULL;
+    } else {
+        pc = calloc(1, sizeof(*pc));
+        if (pc == NULL) {
+            lua_pop(L, nargs + 1);
+            return MG_ENOMEM;
+        }
+        pc->st = st;
+        pc->co = lua_newthread(L);
+        pc->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     }
-    pc->st = st;
-    pc->co = lua_newthread(L);
-    pc->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_xmove(L, pc->co, nargs + 1);
     pc->nres = nres;
     pc->budget_ms = budget_ms;
     pc->deadline_ns = uv_hrtime() + (uint64_t)budget_ms * 1000000u;
-    snprintf(pc->what, sizeof(pc->what), "%s", what);
-    snprintf(pc->where, sizeof(pc->where), "%s", where);
+    copy_str(pc->what, sizeof(pc->what), what);
+    copy_str(pc->where, sizeof(pc->where), where);
     pc->done = done;
     pc->ctx = ctx;
     int rc = pcall_run(pc, nargs);
@@ -631,6 +658,14 @@ static const char sandbox_lua[] =
 static void state_free(mg_policy_state_t *st)
 {
     mg_policy_t *p = st->policy;
+    while (st->pc_pool != NULL) {
+        mg__pcall_t *pc = st->pc_pool;
+        st->pc_pool = pc->next_free;
+        if (pc->timer_init)
+            uv_close((uv_handle_t *)&pc->timer, pcall_closed);
+        else
+            free(pc);
+    }
     if (st->L != NULL)
         lua_close(st->L);
     free(st);

@@ -227,6 +227,8 @@ struct mg_policy_state {
     uint32_t budget_ms;
     const char *call_what, *call_where; /* the current call's, for the watchdog */
     mg__pcall_t *running; /* the coroutine call now running, when it is one (it may wait) */
+    mg__pcall_t *pc_pool; /* finished calls kept with their coroutine and timer, for reuse */
+    int pc_pooled;
 
     bool rebuild;         /* memory stays high after a failed call: replace the state */
     char last_error[512]; /* the first line of the last failure, for load errors */

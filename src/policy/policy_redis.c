@@ -5,13 +5,13 @@
  * The connection is ours: a libuv TCP handle, OpenSSL over memory BIOs for rediss://, and
  * hiredis only to format commands and read answers (Debian 12's hiredis 0.14 has no TLS, and
  * its libuv adapter ignores the poll error by which libuv reports a refused connect). The host
- * is resolved with uv_getaddrinfo; AUTH, SELECT and a PING go first, and the connection is up
- * when the PING answers. One that fails or drops is retried with a backoff from 100 ms to 2 s
+ * is resolved with uv_getaddrinfo; AUTH, SELECT, SCRIPT LOAD of the scripts below and a PING
+ * go first, and the connection is up when the PING answers. One that fails or drops is retried with a backoff from 100 ms to 2 s
  * for as long as the gateway runs; while it is down, every operation fails at once (no wait),
  * so an unreachable Redis costs a request nothing but the policy's fallback.
  *
- * Operations. Each one is a command (GET, SET, DEL, PTTL) or a server-side script (incr with a
- * time to live, the token bucket), so that every change a rate limit needs is one atomic round
+ * Operations. Each one is a command (GET, SET, DEL, PTTL) or a server-side script run by its
+ * SHA-1 (EVALSHA: incr with a time to live, the token bucket), so that every change a rate limit needs is one atomic round
  * trip, exact across nodes. Redis answers in order, so the operations out wait in a FIFO, at
  * most MAX_IN_FLIGHT of them, and commands queued in one loop iteration go in one write (in the
  * prepare phase, before the loop polls), at most OUT_MAX bytes queued. The waiting side (policy.c) bounds each wait and
@@ -37,6 +37,7 @@
 #include <hiredis/hiredis.h>
 #include <lauxlib.h>
 #include <openssl/err.h>
+#include <openssl/sha.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 #include <stdio.h>
@@ -62,6 +63,8 @@ typedef enum conn_state {
 
 typedef struct rconn rconn_t;
 
+enum { SCRIPT_INCR, SCRIPT_TAKE, SCRIPTS };
+
 struct mg_redis {
     uv_loop_t *loop;
     mg__redis_addr_t a;
@@ -84,7 +87,8 @@ struct mg_redis {
     bool freeing;
 
     mg__buf_t out;        /* commands queued, not yet written */
-    int setup_left;       /* answers to AUTH/SELECT/PING still to come */
+    int setup_left;       /* answers to AUTH/SELECT/SCRIPT LOAD/PING still to come */
+    char sha[SCRIPTS][41]; /* of script_text, in hex */
     mg__redis_op_t *head, *tail; /* operations waiting for their answer, in order */
 
     int in_flight;
@@ -101,6 +105,32 @@ struct mg__redis_op {
 
 static void finish_op(mg_redis_t *r, mg__redis_op_t *o, redisReply *rep);
 static void maybe_free(mg_redis_t *r);
+
+static const char incr_script[] =
+    "local new = redis.call('EXISTS', KEYS[1]) == 0\n"
+    "local v = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])\n"
+    "local ttl = tonumber(ARGV[2])\n"
+    "if new and ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end\n"
+    "return v\n";
+
+/* The token bucket of lua/moongate/token_bucket.lua in one step; the same arithmetic as
+   mg__dict_take_bucket() (doubles both), so both back ends give the same answers. */
+static const char take_script[] =
+    "local now, n = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
+    "local interval, burst = tonumber(ARGV[3]), tonumber(ARGV[4])\n"
+    "local full_at = tonumber(redis.call('GET', KEYS[1]) or '') or now\n"
+    "if full_at < now then full_at = now end\n"
+    "local new_full_at = full_at + n * interval\n"
+    "local over = new_full_at - now - burst * interval\n"
+    "if over > interval * 0.01 then return {0, string.format('%.17g', over)} end\n"
+    "local ttl = math.ceil((new_full_at - now) * 1000)\n"
+    "if ttl < 1 then ttl = 1 end\n"
+    "redis.call('SET', KEYS[1], string.format('%.17g', new_full_at), 'PX', ttl)\n"
+    "return {1, string.format('%.17g', new_full_at)}\n";
+
+/* The scripts go to Redis once per connection (SCRIPT LOAD); operations name them by SHA-1. */
+static const char *const script_text[SCRIPTS] = { incr_script, take_script };
+
 
 /* ---- the URL ---- */
 
@@ -428,30 +458,58 @@ static void on_flush(uv_prepare_t *h)
     flush(h->data);
 }
 
-/* Queues a formatted command (to go at the loop's prepare phase). */
-static int queue_command(mg_redis_t *r, const char *cmd, size_t len)
+/* Writes v in decimal at p; returns the end. */
+static char *put_uint(char *p, size_t v)
 {
+    char tmp[24];
+    int n = 0;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v != 0);
+    while (n > 0)
+        *p++ = tmp[--n];
+    return p;
+}
+
+/* Queues a command in Redis's protocol (*argc, then $len and the bytes of each argument), to
+   go in the loop's prepare phase. */
+static int queue_argv(mg_redis_t *r, int argc, const char **argv, const size_t *lens)
+{
+    size_t len = 16;
+    for (int i = 0; i < argc; i++)
+        len += 32 + lens[i];
     size_t queued = mg__buf_size(&r->out);
     if (r->c != NULL)
         queued += uv_stream_get_write_queue_size((uv_stream_t *)&r->c->tcp);
     if (queued + len > OUT_MAX)
         return MG_EQUEUEFULL;
-    if (mg__buf_append(&r->out, cmd, len) != 0)
-        return MG_ENOMEM;
+    size_t before = r->out.len;
+    char head[32], *p = head;
+    *p++ = '*';
+    p = put_uint(p, (size_t)argc);
+    *p++ = '\r';
+    *p++ = '\n';
+    int rc = mg__buf_append(&r->out, head, (size_t)(p - head));
+    for (int i = 0; i < argc && rc == 0; i++) {
+        p = head;
+        *p++ = '$';
+        p = put_uint(p, lens[i]);
+        *p++ = '\r';
+        *p++ = '\n';
+        rc = mg__buf_append(&r->out, head, (size_t)(p - head));
+        if (rc == 0)
+            rc = mg__buf_append(&r->out, argv[i], lens[i]);
+        if (rc == 0)
+            rc = mg__buf_append(&r->out, "\r\n", 2);
+    }
+    if (rc != 0) {
+        r->out.len = before; /* none of it */
+        return rc;
+    }
     if (r->c != NULL && r->c->ready)
         uv_prepare_start(&r->flusher, on_flush);
     return 0;
-}
-
-static int queue_argv(mg_redis_t *r, int argc, const char **argv, const size_t *lens)
-{
-    char *cmd = NULL;
-    int len = redisFormatCommandArgv(&cmd, argc, argv, lens);
-    if (len < 0)
-        return MG_ENOMEM;
-    int rc = queue_command(r, cmd, (size_t)len);
-    redisFreeCommand(cmd);
-    return rc;
 }
 
 static void went_up(mg_redis_t *r)
@@ -498,7 +556,10 @@ static void answer(mg_redis_t *r, redisReply *rep)
     r->head = o->next;
     if (r->head == NULL)
         r->tail = NULL;
+    bool flushed = rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "NOSCRIPT", 8) == 0;
     finish_op(r, o, rep);
+    if (flushed && r->c != NULL) /* a new connection loads them again */
+        conn_lost(r, "its scripts were flushed (SCRIPT FLUSH); loading them again");
 }
 
 /* Hands the plain text read to the reader and every whole answer on. */
@@ -731,6 +792,16 @@ static int conn_open(mg_redis_t *r, const struct sockaddr *addr)
         rc |= queue_argv(r, 2, argv, lens);
         r->setup_left++;
     }
+    for (int i = 0; i < SCRIPTS; i++) {
+        argv[0] = "SCRIPT";
+        argv[1] = "LOAD";
+        argv[2] = script_text[i];
+        lens[0] = 6;
+        lens[1] = 4;
+        lens[2] = strlen(script_text[i]);
+        rc |= queue_argv(r, 3, argv, lens);
+        r->setup_left++;
+    }
     argv[0] = "PING";
     lens[0] = 4;
     rc |= queue_argv(r, 1, argv, lens);
@@ -809,6 +880,12 @@ int mg__redis_new(uv_loop_t *loop, const mg__redis_conf_t *conf, mg_redis_t **ou
         free(r);
         return rc;
     }
+    for (int i = 0; i < SCRIPTS; i++) {
+        unsigned char md[SHA_DIGEST_LENGTH];
+        SHA1((const unsigned char *)script_text[i], strlen(script_text[i]), md);
+        for (int k = 0; k < SHA_DIGEST_LENGTH; k++)
+            snprintf(r->sha[i] + 2 * k, 3, "%02x", md[k]);
+    }
     r->loop = loop;
     r->backoff_ms = BACKOFF_MIN_MS;
     uv_timer_init(loop, &r->timer);
@@ -874,28 +951,6 @@ void mg__redis_note_timeout(mg_redis_t *r, uint32_t ms)
 }
 
 /* ---- operations ---- */
-
-static const char incr_script[] =
-    "local new = redis.call('EXISTS', KEYS[1]) == 0\n"
-    "local v = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])\n"
-    "local ttl = tonumber(ARGV[2])\n"
-    "if new and ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end\n"
-    "return v\n";
-
-/* The token bucket of lua/moongate/token_bucket.lua in one step; the same arithmetic as
-   mg__dict_take_bucket() (doubles both), so both back ends give the same answers. */
-static const char take_script[] =
-    "local now, n = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
-    "local interval, burst = tonumber(ARGV[3]), tonumber(ARGV[4])\n"
-    "local full_at = tonumber(redis.call('GET', KEYS[1]) or '') or now\n"
-    "if full_at < now then full_at = now end\n"
-    "local new_full_at = full_at + n * interval\n"
-    "local over = new_full_at - now - burst * interval\n"
-    "if over > interval * 0.01 then return {0, string.format('%.17g', over)} end\n"
-    "local ttl = math.ceil((new_full_at - now) * 1000)\n"
-    "if ttl < 1 then ttl = 1 end\n"
-    "redis.call('SET', KEYS[1], string.format('%.17g', new_full_at), 'PX', ttl)\n"
-    "return {1, string.format('%.17g', new_full_at)}\n";
 
 /* o's answer (NULL: the connection closed first) goes to the coroutine, unless cancelled. */
 static void finish_op(mg_redis_t *r, mg__redis_op_t *o, redisReply *rep)
@@ -1000,8 +1055,8 @@ int mg__redis_dict_start(mg_redis_t *r, const mg__rdict_req_t *q, lua_State *co,
         }
         break;
     case MG_RDICT_INCR:
-        ARGS("EVAL");
-        ARGS(incr_script);
+        ARGS("EVALSHA");
+        ARG(r->sha[SCRIPT_INCR], 40);
         ARGS("1");
         ARG(key, klen);
         fmt_num(n1, sizeof(n1), q->by);
@@ -1010,8 +1065,8 @@ int mg__redis_dict_start(mg_redis_t *r, const mg__rdict_req_t *q, lua_State *co,
         ARGS(n2);
         break;
     case MG_RDICT_TAKE_BUCKET:
-        ARGS("EVAL");
-        ARGS(take_script);
+        ARGS("EVALSHA");
+        ARG(r->sha[SCRIPT_TAKE], 40);
         ARGS("1");
         ARG(key, klen);
         fmt_num(n1, sizeof(n1), q->now);

@@ -304,6 +304,94 @@ static void test_reload_while_waiting(void **state)
     tp_free(p);
 }
 
+/* The scripts run by SHA-1: after a SCRIPT FLUSH the call that meets NOSCRIPT fails, the
+   connection is made again with the scripts loaded, and the next call works. */
+static void test_script_flush(void **state)
+{
+    (void)state;
+    static const char src[] =
+        "local mg = require 'moongate'\n"
+        "return { authenticate = function()\n"
+        "  local n, err = mg.dict.incr('flush', 1)\n"
+        "  if not n then return nil, 503, err end\n"
+        "  return 'u' .. n\n"
+        "end }\n";
+    char out[256];
+    mg_test_redis_cmd(&redis, out, sizeof(out), "-n", "2", "del", "moongate:flush", NULL);
+    tp_capture_begin();
+    mg_policy_t *p = connected_policy("flush.lua", src);
+    mg_policy_state_t *st = mg_policy_acquire(p);
+    tp_req_t r;
+    tp_request(&r, NULL);
+    mg_policy_decision_t d;
+    const char *want[] = { "u1", NULL, "u2" };
+    for (int i = 0; i < 3; i++) {
+        if (i == 1)
+            assert_int_equal(mg_test_redis_cmd(&redis, out, sizeof(out), "script", "flush", NULL),
+                             0);
+        if (i == 2)
+            tp_run_for(300); /* the reconnect's backoff starts at 100 ms */
+        waiter_t w = { 0 };
+        assert_int_equal(mg_policy_authenticate_wait(st, &r.req, &d, on_done, &w), MG_EAGAIN);
+        wait_for(&w, 1);
+        if (want[i] != NULL) {
+            assert_true(d.allow);
+            assert_string_equal(d.user, want[i]);
+        } else {
+            assert_false(d.allow);
+            assert_non_null(strstr(d.message, "NOSCRIPT"));
+        }
+    }
+    mg_policy_release(st);
+    tp_free(p);
+    char *log = tp_capture_end();
+    assert_int_equal(tp_count(log, "its scripts were flushed (SCRIPT FLUSH); loading them again"),
+                     1);
+    assert_int_equal(tp_count(log, "connected again"), 1);
+    free(log);
+}
+
+/* The ACL user of docs/scale-out.md may do everything the dictionary does, and no more. */
+static void test_acl_user_of_the_docs(void **state)
+{
+    (void)state;
+    mg_test_redis_t acl;
+    assert_int_equal(mg_test_redis_start_acl(&acl, "moongate on >pw ~moongate:* +@read +@write "
+                                                   "+evalsha +script|load +ping +select"), 0);
+    snprintf(redis_url, sizeof(redis_url), "redis://moongate:pw@127.0.0.1:%u/2",
+             (unsigned)acl.port);
+    static const char src[] =
+        "local mg = require 'moongate'\n"
+        "local bucket = require('moongate.token_bucket').new{ limit = 2, per = 60 }\n"
+        "return { authenticate = function()\n"
+        "  local function must(v, err) if err then error(err) end return v end\n"
+        "  must(mg.dict.set('s', 'text', 60))\n"
+        "  if must(mg.dict.get('s')) ~= 'text' then error('get') end\n"
+        "  if must(mg.dict.incr('n', 2, 60)) ~= 2 then error('incr') end\n"
+        "  if (must(mg.dict.ttl('n')) or 0) <= 0 then error('ttl') end\n"
+        "  must(mg.dict.delete('s'))\n"
+        "  if bucket:take('alice') then return 'alice' end\n"
+        "  return nil, 429, 'rate limit'\n"
+        "end }\n";
+    mg_policy_t *p = connected_policy("acl.lua", src);
+    mg_policy_state_t *st = mg_policy_acquire(p);
+    tp_req_t r;
+    tp_request(&r, NULL);
+    mg_policy_decision_t d;
+    for (int i = 0; i < 3; i++) {
+        waiter_t w = { 0 };
+        mg_test_redis_cmd(&acl, (char[64]){ 0 }, 64, "-n", "2", "del", "moongate:n", NULL);
+        assert_int_equal(mg_policy_authenticate_wait(st, &r.req, &d, on_done, &w), MG_EAGAIN);
+        wait_for(&w, 1);
+        assert_int_equal(w.rc, 0);
+        assert_int_equal(d.allow, i < 2); /* the third is over the bucket's 2 */
+    }
+    mg_policy_release(st);
+    tp_free(p);
+    mg_test_redis_stop(&acl);
+    snprintf(redis_url, sizeof(redis_url), "redis://127.0.0.1:%u/2", (unsigned)redis.port);
+}
+
 /* ---- a hostile server ---- */
 
 typedef struct fake {
@@ -320,16 +408,26 @@ static void *fake_serve(void *arg)
     int fd = accept(f->lfd, NULL, NULL);
     if (fd < 0)
         return NULL;
-    char buf[4096];
-    /* The PING; then the operation's command. */
-    if (read(fd, buf, sizeof(buf)) > 0 && write(fd, "+PONG\r\n", 7) == 7 &&
+    char buf[8192];
+    /* The set-up (two SCRIPT LOADs, then PING: answered as if loaded); then the operation. */
+    size_t got = 0;
+    ssize_t n;
+    while (got < sizeof(buf) - 1 && (n = read(fd, buf + got, sizeof(buf) - 1 - got)) > 0) {
+        got += (size_t)n;
+        buf[got] = '\0';
+        if (strstr(buf, "PING\r\n") != NULL)
+            break;
+    }
+    static const char setup[] = "+OK\r\n+OK\r\n+PONG\r\n";
+    if (strstr(buf, "PING\r\n") != NULL &&
+        write(fd, setup, sizeof(setup) - 1) == (ssize_t)sizeof(setup) - 1 &&
         read(fd, buf, sizeof(buf)) > 0) {
         /* All of it, or until the gateway hangs up. */
         for (size_t off = 0; off < f->answer_len;) {
-            ssize_t n = write(fd, f->answer + off, f->answer_len - off);
-            if (n <= 0)
+            ssize_t w = write(fd, f->answer + off, f->answer_len - off);
+            if (w <= 0)
                 break;
-            off += (size_t)n;
+            off += (size_t)w;
         }
     }
     /* Wait for the gateway to hang up. */
@@ -555,6 +653,8 @@ int main(void)
                                         tp_teardown),
         cmocka_unit_test_setup_teardown(test_wait_is_bounded, setup, tp_teardown),
         cmocka_unit_test_setup_teardown(test_reload_while_waiting, setup, tp_teardown),
+        cmocka_unit_test_setup_teardown(test_script_flush, setup, tp_teardown),
+        cmocka_unit_test_setup_teardown(test_acl_user_of_the_docs, setup, tp_teardown),
         cmocka_unit_test_setup_teardown(test_hostile_server, setup, tp_teardown),
         cmocka_unit_test_setup_teardown(test_tls, setup, tp_teardown),
     };

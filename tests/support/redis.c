@@ -16,7 +16,7 @@ static int spawn(mg_test_redis_t *r)
 {
     char port[8];
     snprintf(port, sizeof(port), "%u", (unsigned)r->port);
-    char *argv[32];
+    char *argv[48];
     int n = 0;
     argv[n++] = REDIS_SERVER;
     argv[n++] = "--bind";
@@ -48,6 +48,15 @@ static int spawn(mg_test_redis_t *r)
     if (r->password[0]) {
         argv[n++] = "--requirepass";
         argv[n++] = r->password;
+    }
+    char acl[sizeof(r->acl)];
+    if (r->acl[0]) {
+        /* redis-server takes the user line's words as separate arguments */
+        memcpy(acl, r->acl, sizeof(acl));
+        argv[n++] = "--user";
+        for (char *save = NULL, *w = strtok_r(acl, " ", &save); w != NULL && n < 46;
+             w = strtok_r(NULL, " ", &save))
+            argv[n++] = w;
     }
     argv[n] = NULL;
     mg_test_spawn_opts_t so = { .stdout_path = r->log, .stderr_path = r->log };
@@ -90,9 +99,11 @@ static int make_certs(mg_test_redis_t *r)
     return 0;
 }
 
-static int start(mg_test_redis_t *r, const char *password, bool tls, bool auth_clients)
+static int start(mg_test_redis_t *r, const char *password, bool tls, bool auth_clients,
+                 const char *acl)
 {
     memset(r, 0, sizeof(*r));
+    snprintf(r->acl, sizeof(r->acl), "%s", acl ? acl : "");
     if (access(REDIS_SERVER, X_OK) != 0)
         return MG_EINVAL;
     snprintf(r->password, sizeof(r->password), "%s", password ? password : "");
@@ -114,12 +125,17 @@ static int start(mg_test_redis_t *r, const char *password, bool tls, bool auth_c
 
 int mg_test_redis_start(mg_test_redis_t *r, const char *password)
 {
-    return start(r, password, false, false);
+    return start(r, password, false, false, NULL);
+}
+
+int mg_test_redis_start_acl(mg_test_redis_t *r, const char *acl)
+{
+    return start(r, NULL, false, false, acl);
 }
 
 int mg_test_redis_start_tls(mg_test_redis_t *r, const char *password, bool auth_clients)
 {
-    return start(r, password, true, auth_clients);
+    return start(r, password, true, auth_clients, NULL);
 }
 
 int mg_test_redis_restart(mg_test_redis_t *r)

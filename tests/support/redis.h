@@ -28,6 +28,7 @@ typedef struct mg_test_redis {
     mg_test_proc_t proc;
     bool running;
     bool tls, auth_clients;
+    char acl[256];                 /* "" for none */
     /* With TLS: PEM files in dir. */
     char ca[MG_TEST_PATH_MAX + 16], other_ca[MG_TEST_PATH_MAX + 16];
     char cert[MG_TEST_PATH_MAX + 16], key[MG_TEST_PATH_MAX + 16];
@@ -37,6 +38,9 @@ typedef struct mg_test_redis {
 /* Returns 0, MG_EINVAL (no redis-server), or what starting it returned. */
 int mg_test_redis_start(mg_test_redis_t *r, const char *password);
 int mg_test_redis_start_tls(mg_test_redis_t *r, const char *password, bool auth_clients);
+/* With an ACL user besides the default one (acl: a `user` line's rules, e.g.
+   "moongate on >pw ~moongate:* +get"); redis-cli stays the default user. */
+int mg_test_redis_start_acl(mg_test_redis_t *r, const char *acl);
 int mg_test_redis_restart(mg_test_redis_t *r);
 void mg_test_redis_stop(mg_test_redis_t *r);
 

@@ -3,7 +3,8 @@
  * core library.
  *
  * main_agent_tunnel.c keeps the WebSockets to the gateway (docs/tunnel.md) and bridges each one
- * to a fresh local SSH stream; main_agent_setup.c prepares a private sshd for --sshd-inetd;
+ * to a fresh local SSH stream (its state in main_agent_tunnel.h); main_agent_nodes.c decides
+ * which gateway addresses get WebSockets; main_agent_setup.c prepares a private sshd for --sshd-inetd;
  * main_agent_check.c checks --sshd-inetd at start; main_agent_probe.c says why a connection to
  * the gateway failed; main_agent_resolve.c looks up a --gateway name's addresses, its nodes.
  */

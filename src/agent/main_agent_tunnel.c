@@ -5,7 +5,8 @@
  * the local streams (a TCP connection to sshd, or the pipes of a child `sshd -i`), the reconnect
  * and stop timers, and the signals.
  *
- * One conn_t per WebSocket. Its WebSocket ends in two steps: ws_gone (lws said CLIENT_CLOSED or
+ * The nodes (which gateway addresses get WebSockets) are main_agent_nodes.c. One conn_t per
+ * WebSocket. Its WebSocket ends in two steps: ws_gone (lws said CLIENT_CLOSED or
  * CONNECTION_ERROR: the conn stops using it and closes its local stream), then WSI_DESTROY (lws
  * has freed the wsi, after sending our close frame). The conn is freed once lws has destroyed
  * the wsi and every libuv handle of its local stream is closed. The agent stops only when lws
@@ -17,15 +18,11 @@
  *   sshd -> gateway   bytes read from sshd and not yet given to lws_write; above HIGH the local
  *                     reads stop (uv_read_stop), below LOW they resume.
  */
-#include "main_agent.h"
+#include "main_agent_tunnel.h"
 
-#include "core/buf.h"
 #include "moongate/error.h"
-#include "moongate/list.h"
 #include "moongate/log.h"
 #include "moongate/tunnel_protocol.h"
-
-#include <libwebsockets.h>
 
 #include <netdb.h>
 #include <openssl/x509.h>
@@ -41,13 +38,10 @@
 
 extern char **environ;
 
-#define COMP "agent"
 #define HIGH_WATER (1024 * 1024)
 #define LOW_WATER (256 * 1024)
-#define FRAME_MAX (64 * 1024)
 #define FRAMES_PER_WRITEABLE 16
 #define STOP_BOUND_MS 2000
-#define CONTROL_MAX 4096
 /* Our pings; overridable at build time only so a test can make them short. */
 #ifndef PING_AFTER_S
 #define PING_AFTER_S 30
@@ -55,121 +49,6 @@ extern char **environ;
 #ifndef HANGUP_AFTER_S
 #define HANGUP_AFTER_S 75
 #endif
-/* A node whose address left its name's answer drains: a WebSocket that carries no SSH stream
-   closes at once, one that does once no byte went either way for RETIRE_QUIET_MS (the stream
-   is taken as finished; the gateway's SSH keepalives come every 60 s), and any at the latest
-   RETIRE_MAX_MS after the address left. */
-#define RETIRE_QUIET_MS 10000
-#define RETIRE_MAX_MS (10 * 60 * 1000)
-#define RETIRE_TICK_MS 1000
-#define RETIRE_REASON "gateway node left DNS"
-
-typedef struct conn conn_t;
-typedef struct gateway gateway_t;
-
-/*
- * One gateway node: its own WebSockets, backoff and reconnects, so a node that goes away costs
- * only its own tunnels. A --gateway with an address literal is one node; one with a name has a
- * node per address the name resolves to (agent_addrs.h), dialled directly with the name kept
- * for the Host header, the TLS SNI and the certificate check. Such a node is retired when its
- * address leaves the answer: it drains (RETIRE_QUIET_MS) and is freed once its last conn is.
- */
-typedef struct node {
-    mg_agent_t *a;
-    gateway_t *gw;
-    mg_list_t link;             /* in gw->nodes */
-    const mg_agent_url_t *url;
-    mg_agent_addr_t addr;       /* a name's node: its address */
-    const char *connect_host;   /* what lws dials: the URL's literal, or addr.text */
-    mg_agent_backoff_t backoff;
-    uv_timer_t reconnect_timer; /* reconnects; once retired, the drain's tick */
-    int n_ws;                   /* WebSockets to it opening or open */
-    unsigned attempt;           /* attempts since one last stayed up (the backoff's count) */
-    bool probing;               /* a failed connect is being looked into (main_agent_probe.c) */
-    bool retired;               /* its address left the answer: no reconnects, draining */
-    bool timer_closed;
-    uint64_t retired_ms;
-    int refs;                   /* conns that point at it */
-    char gateway[];             /* for the logs: the URL, or "URL at ADDRESS" for a name */
-} node_t;
-
-/* One --gateway. */
-struct gateway {
-    mg_agent_t *a;
-    const char *text;           /* as given */
-    const mg_agent_url_t *url;
-    mg_list_t nodes;            /* node_t, live and retired */
-    mg_agent_resolver_t *resolver; /* NULL for an address literal */
-    mg_agent_backoff_t backoff; /* resolve retries while the name has no node */
-    int resolve_status;         /* the last resolve's failure, 0 after a success */
-    int left_out;               /* addresses over the cap in the last answer */
-};
-
-struct mg_agent {
-    uv_loop_t *loop;
-    const mg_agent_args_t *args;
-    char id[MG_AGENT_ID_HEX_LEN + 1];
-    char **inetd_argv;
-    char **child_env;      /* this process's environment minus MOONGATE_TOKEN */
-    struct sockaddr_storage ssh_addr;
-    struct lws_context *ctx;
-    lws_retry_bo_t idle_policy;
-    gateway_t gateways[MG_AGENT_GATEWAYS_MAX];
-    int n_gateways;
-    uv_timer_t stop_timer;
-    uv_signal_t sigterm, sigint;
-    conn_t *conns;
-    int n_wsi;             /* wsis lws has not destroyed yet */
-    unsigned seq;          /* numbers WebSockets in the logs */
-    bool stopping;
-    bool finished;
-    int exit_code;
-    char sendbuf[LWS_PRE + FRAME_MAX];
-    char readbuf[FRAME_MAX];
-};
-
-struct conn {
-    mg_agent_t *a;
-    node_t *node;          /* the gateway node it goes to */
-    conn_t *next, **pprev;
-    unsigned n;
-    bool extra;            /* opened for an "open" message: not reopened when it closes */
-    struct lws *wsi;       /* NULL once the WebSocket is gone */
-    bool ws_done;          /* ws_gone ran */
-    bool wsi_alive;        /* lws still holds the wsi (until WSI_DESTROY) */
-    bool established;
-    bool refused;          /* the gateway answered the upgrade with 401 or 403 */
-    uint64_t last_io_ms;   /* a byte last went either way (a retired node's drain) */
-    char tls_why[1024];    /* why the gateway's certificate was not trusted, or "" */
-    uint64_t opened_ms;
-
-    /* gateway -> sshd */
-    size_t local_queued;
-    bool ws_rx_paused;
-    /* sshd -> gateway */
-    mg__buf_t out;
-    bool local_paused;
-    /* the WebSocket is to close (code, reason) once out is empty */
-    bool close_pending;
-    bool close_sent;       /* our close frame is out; the gateway's echo ends the WebSocket */
-    int close_code;
-    const char *close_reason;
-
-    char control[CONTROL_MAX];
-    size_t control_n;
-    bool control_overflow;
-
-    /* the local stream: rd and wr are the same TCP handle, or the child's stdout and stdin */
-    uv_tcp_t tcp;
-    uv_pipe_t child_in, child_out;
-    uv_process_t proc;
-    uv_stream_t *rd, *wr;
-    bool local_started;
-    bool local_closing;
-    bool proc_running;
-    int handles;           /* local libuv handles not yet closed */
-    int hold;              /* > 0 while a call that may end the conn is on the stack */
-};
 
 typedef struct wreq {
     uv_write_t req;
@@ -178,19 +57,17 @@ typedef struct wreq {
     char data[];
 } wreq_t;
 
-static void open_ws(node_t *nd, bool extra);
 static void on_reconnect_timer(uv_timer_t *t);
 static void stop(mg_agent_t *a, const char *why);
 static void close_local(conn_t *c, const char *why);
 static void maybe_finish(mg_agent_t *a);
-static void node_maybe_free(node_t *nd);
 
-static uint64_t now_ms(const mg_agent_t *a)
+uint64_t mg__agent_now_ms(const mg_agent_t *a)
 {
     return uv_now(a->loop);
 }
 
-static uint32_t random_u32(void *ctx)
+uint32_t mg__agent_random_u32(void *ctx)
 {
     uint32_t v = 0;
     if (uv_random(NULL, NULL, &v, sizeof(v), 0, NULL) != 0)
@@ -210,7 +87,7 @@ static void maybe_free(conn_t *c)
     node_t *nd = c->node;
     free(c);
     nd->refs--;
-    node_maybe_free(nd);
+    mg__agent_node_maybe_free(nd);
     maybe_finish(a);
 }
 
@@ -232,6 +109,14 @@ static void ws_close_soon(conn_t *c, int code, const char *reason)
        kill from outside an lws callback waits for lws's next wake-up. The kill comes back
        through ws_gone before this returns: callers hold c (c->hold) around the call. */
     lws_set_timeout(c->wsi, PENDING_TIMEOUT_CLOSE_ACK, LWS_TO_KILL_SYNC);
+}
+
+void mg__agent_conn_close(conn_t *c, int code, const char *reason)
+{
+    c->hold++;
+    ws_close_soon(c, code, reason);
+    c->hold--;
+    maybe_free(c);
 }
 
 static void schedule_reconnect(node_t *nd, bool refused)
@@ -256,7 +141,7 @@ static void ws_gone(conn_t *c)
     c->wsi = NULL;
     nd->n_ws--;
     if (c->established) {
-        uint64_t up = now_ms(a) - c->opened_ms;
+        uint64_t up = mg__agent_now_ms(a) - c->opened_ms;
         mg_log_info(COMP, "websocket %u closed after %.1f s (%d open to %s)", c->n, up / 1000.0,
                     nd->n_ws, nd->gateway);
         /* A connection that held for a while was a success: the next wait starts small. */
@@ -321,7 +206,7 @@ static void handle_control(conn_t *c)
             return;
         }
         mg_log_info(COMP, "gateway asked for another connection (%s)", nd->gateway);
-        open_ws(nd, true);
+        mg__agent_open_ws(nd, true);
     } else if (kind == MG_AGENT_CONTROL_UNKNOWN) {
         mg_log_debug(COMP, "ignoring an unknown control message");
     } else {
@@ -384,7 +269,7 @@ static int on_writeable(conn_t *c, struct lws *wsi)
 static int on_receive(conn_t *c, struct lws *wsi, const char *in, size_t len)
 {
     if (lws_frame_is_binary(wsi)) {
-        c->last_io_ms = now_ms(c->a);
+        c->last_io_ms = mg__agent_now_ms(c->a);
         if (!c->local_started && !c->close_pending)
             start_local(c);
         if (c->local_started && !c->local_closing && !c->close_pending)
@@ -438,7 +323,7 @@ static void on_probed(void *arg, const char *why)
     node_t *nd = arg;
     nd->probing = false;
     mg_log_warn(COMP, "cannot connect to %s: %s", nd->gateway, why);
-    node_maybe_free(nd);
+    mg__agent_node_maybe_free(nd);
 }
 
 /* Says why a connect failed: a look at host:port first when libwebsockets gave no reason. */
@@ -507,7 +392,7 @@ static int callback_tunnel(struct lws *wsi, enum lws_callback_reasons reason, vo
         mg_agent_t *a = c->a;
         c->wsi = wsi;
         c->established = true;
-        c->opened_ms = c->last_io_ms = now_ms(a);
+        c->opened_ms = c->last_io_ms = mg__agent_now_ms(a);
         mg_log_info(COMP, "connected: websocket %u open to %s (%d open)", c->n, c->node->gateway,
                     c->node->n_ws);
         if (a->stopping) {
@@ -550,7 +435,7 @@ static const struct lws_protocols protocols[] = {
     { NULL, NULL, 0, 0, 0, NULL, 0 },
 };
 
-static void open_ws(node_t *nd, bool extra)
+void mg__agent_open_ws(node_t *nd, bool extra)
 {
     mg_agent_t *a = nd->a;
     conn_t *c = calloc(1, sizeof(*c));
@@ -613,203 +498,7 @@ static void on_reconnect_timer(uv_timer_t *t)
 {
     node_t *nd = t->data;
     if (!nd->a->stopping && nd->n_ws == 0 && !nd->retired)
-        open_ws(nd, false);
-}
-
-/* ---- nodes: one per address literal, one per address of a name ---- */
-
-static void on_node_timer_closed(uv_handle_t *h)
-{
-    node_t *nd = h->data;
-    nd->timer_closed = true;
-    node_maybe_free(nd);
-}
-
-/* A retired node goes once nothing points at it; the others live as long as the agent. */
-static void node_maybe_free(node_t *nd)
-{
-    if (nd->refs > 0 || nd->probing || (!nd->retired && !nd->a->finished))
-        return;
-    if (!nd->timer_closed) {
-        if (!uv_is_closing((uv_handle_t *)&nd->reconnect_timer))
-            uv_close((uv_handle_t *)&nd->reconnect_timer, on_node_timer_closed);
-        return;
-    }
-    mg_list_remove(&nd->link);
-    free(nd);
-}
-
-/* addr NULL: the URL's own host, an address literal. Returns the node, or NULL (no memory). */
-static node_t *node_add(gateway_t *gw, const mg_agent_addr_t *addr)
-{
-    mg_agent_t *a = gw->a;
-    size_t cap = strlen(gw->text) + sizeof(addr->text) + 8;
-    node_t *nd = calloc(1, sizeof(*nd) + cap);
-    if (nd == NULL)
-        return NULL;
-    nd->a = a;
-    nd->gw = gw;
-    nd->url = gw->url;
-    if (addr != NULL) {
-        nd->addr = *addr;
-        nd->connect_host = nd->addr.text;
-        snprintf(nd->gateway, cap, "%s at %s", gw->text, addr->text);
-    } else {
-        nd->connect_host = gw->url->host;
-        snprintf(nd->gateway, cap, "%s", gw->text);
-    }
-    mg_agent_backoff_init(&nd->backoff, MG_AGENT_BACKOFF_BASE_MS, MG_AGENT_BACKOFF_MAX_MS,
-                          random_u32, NULL);
-    uv_timer_init(a->loop, &nd->reconnect_timer);
-    nd->reconnect_timer.data = nd;
-    mg_list_insert_tail(&gw->nodes, &nd->link);
-    return nd;
-}
-
-/* Closes the retired node's WebSockets that are done: see RETIRE_QUIET_MS. */
-static void node_drain(node_t *nd)
-{
-    mg_agent_t *a = nd->a;
-    uint64_t now = now_ms(a);
-    bool overdue = now - nd->retired_ms >= RETIRE_MAX_MS;
-    for (conn_t *c = a->conns, *next; c != NULL; c = next) {
-        next = c->next;
-        if (c->node != nd || c->ws_done || c->close_pending)
-            continue;
-        bool idle = !c->established || !c->local_started ||
-                    now - c->last_io_ms >= RETIRE_QUIET_MS;
-        if (!idle && !overdue)
-            continue;
-        if (!idle)
-            mg_log_warn(COMP, "websocket %u: still busy %d s after %s left DNS; closing it",
-                        c->n, RETIRE_MAX_MS / 1000, nd->gateway);
-        c->hold++;
-        ws_close_soon(c, MG_TUNNEL_CLOSE_NORMAL, RETIRE_REASON);
-        c->hold--;
-        maybe_free(c);
-    }
-}
-
-static void on_drain_tick(uv_timer_t *t)
-{
-    node_drain(t->data);
-}
-
-static void node_retire(node_t *nd)
-{
-    nd->retired = true;
-    nd->retired_ms = now_ms(nd->a);
-    mg_log_info(COMP, "gateway node removed: %s (%s no longer resolves to it); its %d "
-                      "WebSocket(s) close once idle", nd->gateway, nd->url->host, nd->n_ws);
-    uv_timer_stop(&nd->reconnect_timer);
-    nd->refs++; /* node_drain may free the last conn */
-    node_drain(nd);
-    nd->refs--;
-    if (nd->refs > 0)
-        uv_timer_start(&nd->reconnect_timer, on_drain_tick, RETIRE_TICK_MS, RETIRE_TICK_MS);
-    node_maybe_free(nd);
-}
-
-/* The address came back before its retired node was gone: the node serves again. */
-static void node_unretire(node_t *nd)
-{
-    nd->retired = false;
-    uv_timer_stop(&nd->reconnect_timer);
-    mg_log_info(COMP, "gateway node added: %s (back in %s's addresses)", nd->gateway,
-                nd->url->host);
-    mg_agent_backoff_reset(&nd->backoff);
-    nd->attempt = 0;
-    if (nd->n_ws == 0)
-        open_ws(nd, false);
-}
-
-static int live_nodes(const gateway_t *gw)
-{
-    int n = 0;
-    mg_list_t *l;
-    mg_list_foreach(l, &gw->nodes)
-        n += !mg_list_entry(l, node_t, link)->retired;
-    return n;
-}
-
-/* A retired node of gw for addr that can still serve again, or NULL. */
-static node_t *find_retired(gateway_t *gw, const mg_agent_addr_t *addr)
-{
-    mg_list_t *l;
-    mg_list_foreach(l, &gw->nodes) {
-        node_t *nd = mg_list_entry(l, node_t, link);
-        if (nd->retired && !uv_is_closing((uv_handle_t *)&nd->reconnect_timer) &&
-            mg_agent_addr_equal(&nd->addr, addr))
-            return nd;
-    }
-    return NULL;
-}
-
-/* The name of gw resolved (or did not): its node set follows the answer (agent_addrs.h). */
-static void on_gateway_resolved(void *arg, int status, const mg_agent_addr_t *addrs, int n)
-{
-    gateway_t *gw = arg;
-    mg_agent_t *a = gw->a;
-    uint64_t interval = (uint64_t)a->args->resolve_interval_s * 1000;
-    if (a->stopping)
-        return;
-    int live = live_nodes(gw);
-    if (status != 0) {
-        /* A failed lookup says nothing about the nodes: they keep their tunnels. */
-        if (status != gw->resolve_status) {
-            if (live > 0)
-                mg_log_warn(COMP, "cannot resolve %s (%s): keeping its %d node(s)",
-                            gw->url->host, uv_strerror(status), live);
-            else
-                mg_log_warn(COMP, "cannot connect to %s: cannot resolve %s (%s)", gw->text,
-                            gw->url->host, uv_strerror(status));
-        }
-        gw->resolve_status = status;
-        mg_agent_resolver_next(gw->resolver, live > 0 ? interval
-                                                      : mg_agent_backoff_next(&gw->backoff));
-        return;
-    }
-    if (gw->resolve_status != 0)
-        mg_log_info(COMP, "%s resolves again", gw->url->host);
-    gw->resolve_status = 0;
-    mg_agent_backoff_reset(&gw->backoff);
-
-    node_t *cur[MG_AGENT_ADDRS_MAX];
-    mg_agent_addr_t cur_addr[MG_AGENT_ADDRS_MAX], add[MG_AGENT_ADDRS_MAX];
-    bool keep[MG_AGENT_ADDRS_MAX];
-    int n_cur = 0, n_add = 0;
-    mg_list_t *l;
-    mg_list_foreach(l, &gw->nodes) {
-        node_t *nd = mg_list_entry(l, node_t, link);
-        if (!nd->retired && n_cur < MG_AGENT_ADDRS_MAX) {
-            cur[n_cur] = nd;
-            cur_addr[n_cur++] = nd->addr;
-        }
-    }
-    int left_out = mg_agent_addrs_plan(cur_addr, n_cur, addrs, n, MG_AGENT_ADDRS_MAX, keep,
-                                       add, &n_add);
-    if (left_out != gw->left_out && left_out > 0)
-        mg_log_warn(COMP, "%s resolves to more than %d addresses: %d of them get no tunnel "
-                          "(at most %d nodes per name; give the others their own --gateway)",
-                    gw->url->host, MG_AGENT_ADDRS_MAX, left_out, MG_AGENT_ADDRS_MAX);
-    gw->left_out = left_out;
-    for (int i = 0; i < n_cur; i++)
-        if (!keep[i])
-            node_retire(cur[i]);
-    for (int k = 0; k < n_add; k++) {
-        node_t *nd = find_retired(gw, &add[k]);
-        if (nd != NULL) {
-            node_unretire(nd);
-            continue;
-        }
-        if ((nd = node_add(gw, &add[k])) == NULL) {
-            mg_log_error(COMP, "out of memory adding a gateway node");
-            break;
-        }
-        mg_log_info(COMP, "gateway node added: %s", nd->gateway);
-        open_ws(nd, false);
-    }
-    mg_agent_resolver_next(gw->resolver, interval);
+        mg__agent_open_ws(nd, false);
 }
 
 /* ---- the local side ---- */
@@ -887,7 +576,7 @@ static void on_local_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         if (uv_fileno((uv_handle_t *)s, &fd) == 0)
             setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one));
     }
-    c->last_io_ms = now_ms(c->a);
+    c->last_io_ms = mg__agent_now_ms(c->a);
     if (c->wsi == NULL || c->close_pending)
         return;
     if (mg__buf_append(&c->out, buf->base, (size_t)nread) != 0) {
@@ -1082,15 +771,7 @@ static void on_stop_timer(uv_timer_t *t)
                     a->n_wsi, STOP_BOUND_MS);
     a->finished = true;
     mg_log_info(COMP, "stopped");
-    for (int i = 0; i < a->n_gateways; i++) {
-        mg_list_t *l, *tmp;
-        /* A node with no conn left is freed by its timer's close. */
-        mg_list_foreach_safe(l, tmp, &a->gateways[i].nodes) {
-            node_t *nd = mg_list_entry(l, node_t, link);
-            if (!uv_is_closing((uv_handle_t *)&nd->reconnect_timer))
-                uv_close((uv_handle_t *)&nd->reconnect_timer, on_node_timer_closed);
-        }
-    }
+    mg__agent_nodes_close(a);
     uv_close((uv_handle_t *)&a->stop_timer, on_handle_closed_noop);
     uv_close((uv_handle_t *)&a->sigterm, on_handle_closed_noop);
     uv_close((uv_handle_t *)&a->sigint, on_handle_closed_noop);
@@ -1102,16 +783,7 @@ static void stop(mg_agent_t *a, const char *why)
 {
     mg_log_info(COMP, "shutting down (%s)", why);
     a->stopping = true;
-    for (int i = 0; i < a->n_gateways; i++) {
-        gateway_t *gw = &a->gateways[i];
-        if (gw->resolver != NULL) {
-            mg_agent_resolver_close(gw->resolver);
-            gw->resolver = NULL;
-        }
-        mg_list_t *l;
-        mg_list_foreach(l, &gw->nodes)
-            uv_timer_stop(&mg_list_entry(l, node_t, link)->reconnect_timer);
-    }
+    mg__agent_nodes_stop(a);
     uv_timer_start(&a->stop_timer, on_stop_timer, STOP_BOUND_MS, 0);
     for (conn_t *c = a->conns, *next; c != NULL; c = next) {
         next = c->next;
@@ -1189,7 +861,7 @@ int mg_agent_start(uv_loop_t *loop, const mg_agent_args_t *args, mg_agent_t **ou
         gw->url = &args->urls[i];
         mg_list_init(&gw->nodes);
         mg_agent_backoff_init(&gw->backoff, MG_AGENT_BACKOFF_BASE_MS, MG_AGENT_BACKOFF_MAX_MS,
-                              random_u32, NULL);
+                              mg__agent_random_u32, NULL);
     }
     if (args->sshd_inetd != NULL) {
         int argc = 0;
@@ -1262,15 +934,7 @@ int mg_agent_start(uv_loop_t *loop, const mg_agent_args_t *args, mg_agent_t **ou
        answer (on_gateway_resolved). */
     for (int i = 0; i < a->n_gateways && !a->stopping; i++) {
         gateway_t *gw = &a->gateways[i];
-        node_t *nd = NULL;
-        if (mg_agent_host_is_literal(gw->url->host))
-            nd = node_add(gw, NULL);
-        else if (mg_agent_resolver_start(loop, gw->url->host, on_gateway_resolved, gw,
-                                         &gw->resolver) != 0)
-            gw->resolver = NULL;
-        if (nd != NULL) {
-            open_ws(nd, false);
-        } else if (gw->resolver == NULL) {
+        if (mg__agent_gateway_start(gw) != 0) {
             mg_log_error(COMP, "out of memory starting %s", gw->text);
             a->exit_code = 1;
             stop(a, "out of memory");
@@ -1300,13 +964,7 @@ int mg_agent_free(mg_agent_t *a)
         mg__buf_free(&c->out);
         free(c);
     }
-    for (int i = 0; i < a->n_gateways; i++) {
-        mg_list_t *l, *tmp;
-        mg_list_foreach_safe(l, tmp, &a->gateways[i].nodes) {
-            mg_list_remove(l);
-            free(mg_list_entry(l, node_t, link));
-        }
-    }
+    mg__agent_nodes_free(a);
     int code = a->exit_code;
     free(a->inetd_argv);
     free(a->child_env);

@@ -286,19 +286,26 @@ static bool wait_no_tunnel(gw_t *g, int timeout_ms)
  * same port): the agent keeps tunnels to both. The name then loses 127.0.0.2: after the next
  * resolve that node's tunnels close (a stream in flight through it first finishes), one log
  * line says so, and the other node keeps serving. The address comes back: so does the node.
- * The name lives in a private /etc/hosts, bind-mounted in the agent's own mount namespace
- * (unshare -m), so the machine's is never touched.
+ * The name stops resolving altogether: both nodes keep their tunnels.
+ * The name lives in a private /etc/hosts (and nsswitch.conf: files only, no DNS),
+ * bind-mounted in the agent's own mount namespace (unshare -m), so the machine's are never
+ * touched.
  */
 static void test_agent_on_every_address_of_a_name(void **state)
 {
     world_t *w = *state;
-    if (geteuid() != 0 || gw_sh(w->dir, "unshare -m true", 5000, NULL) != 0) {
-        print_message("skipped: needs root and unshare -m (a private /etc/hosts for the "
-                      "agent)\n");
+    if (geteuid() != 0 || gw_sh(w->dir, "unshare -m true", 5000, NULL) != 0 ||
+        access("/etc/hosts", F_OK) != 0 || access("/etc/nsswitch.conf", F_OK) != 0) {
+        print_message("skipped: needs root, unshare -m, and /etc/hosts and /etc/nsswitch.conf "
+                      "to mount private ones over for the agent\n");
         skip();
     }
-    char hosts[MG_TEST_PATH_MAX];
+    char hosts[MG_TEST_PATH_MAX], nss[MG_TEST_PATH_MAX];
     assert_int_equal(mg_test_path_join(hosts, sizeof(hosts), w->dir, "hosts"), 0);
+    /* Names from that file only: a name missing from it must not become a DNS query. */
+    assert_int_equal(mg_test_path_join(nss, sizeof(nss), w->dir, "nsswitch.conf"), 0);
+    static const char files_only[] = "hosts: files\n";
+    assert_int_equal(mg_test_write_file(nss, files_only, strlen(files_only), 0644), 0);
     const char *both[] = { "127.0.0.2", "127.0.0.1", NULL }, *one[] = { "127.0.0.1", NULL };
     write_hosts(hosts, both);
 
@@ -314,9 +321,10 @@ static void test_agent_on_every_address_of_a_name(void **state)
     gw_launch(&nodes[1], listen, NULL);
     assert_int_equal(nodes[1].port, nodes[0].port);
 
-    char url[128], mount[2 * MG_TEST_PATH_MAX], at[2][200], removed[256];
+    char url[128], mount[3 * MG_TEST_PATH_MAX], at[2][200], removed[256];
     snprintf(url, sizeof(url), "ws://" NODES_NAME ":%u/tunnel", (unsigned)nodes[0].port);
-    snprintf(mount, sizeof(mount), "mount --bind '%s' /etc/hosts && exec \"$@\"", hosts);
+    snprintf(mount, sizeof(mount), "mount --bind '%s' /etc/hosts && "
+             "mount --bind '%s' /etc/nsswitch.conf && exec \"$@\"", hosts, nss);
     for (int i = 0; i < 2; i++)
         snprintf(at[i], sizeof(at[i]), "open to %s at 127.0.0.%d (", url, i + 1);
     snprintf(removed, sizeof(removed), "gateway node removed: %s at 127.0.0.2 ", url);
@@ -381,6 +389,20 @@ static void test_agent_on_every_address_of_a_name(void **state)
     assert_int_equal(gw_agent_log_count(&ag, "gateway node added: "), 3);
     assert_int_equal(hello_via(&nodes[1]), 200);
     assert_int_equal(hello_via(&nodes[0]), 200);
+
+    /* The name stops resolving: a failed lookup says nothing about the nodes, both keep
+       their tunnels, one line says so however many lookups fail, one when it works again. */
+    const char *none[] = { NULL };
+    write_hosts(hosts, none);
+    assert_true(gw_agent_wait_log(&ag, "cannot resolve " NODES_NAME, 1, 10000));
+    mg_test_sleep_ms(2500);
+    assert_int_equal(gw_agent_log_count(&ag, "cannot resolve " NODES_NAME), 1);
+    assert_int_equal(gw_agent_log_count(&ag, "gateway node removed: "), 1);
+    assert_int_equal(hello_via(&nodes[1]), 200);
+    assert_int_equal(hello_via(&nodes[0]), 200);
+    write_hosts(hosts, both);
+    assert_true(gw_agent_wait_log(&ag, NODES_NAME " resolves again", 1, 10000));
+    assert_int_equal(gw_agent_log_count(&ag, "gateway node added: "), 3);
     gw_agent_stop(&ag);
     gw_agent_assert_log_clean(&ag);
     for (int i = 0; i < 2; i++)

@@ -336,10 +336,12 @@ int mg_agent_args_parse(int argc, char **argv, const char *env_token, mg_agent_a
 {
     static const char *const valued[] = {
         "--gateway", "--token", "--ssh", "--sshd-inetd", "--ca-file", "--max-connections",
+        "--resolve-interval",
     };
     memset(out, 0, sizeof(*out));
     out->max_connections = MG_AGENT_MAX_CONNECTIONS_DEFAULT;
-    const char *maxconn = NULL;
+    out->resolve_interval_s = MG_AGENT_RESOLVE_INTERVAL_DEFAULT_S;
+    const char *maxconn = NULL, *interval = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
@@ -365,6 +367,7 @@ int mg_agent_args_parse(int argc, char **argv, const char *env_token, mg_agent_a
         const char *gateway = NULL;
         const char **slots[] = {
             &gateway, &out->token, &out->ssh, &out->sshd_inetd, &out->ca_file, &maxconn,
+            &interval,
         };
         bool matched = false;
         for (size_t k = 0; k < sizeof(valued) / sizeof(valued[0]) && !matched; k++) {
@@ -429,6 +432,10 @@ int mg_agent_args_parse(int argc, char **argv, const char *env_token, mg_agent_a
     if (maxconn != NULL && parse_int(maxconn, 1, 1000, &out->max_connections) != 0)
         return fail(err, errlen, "--max-connections wants a number from 1 to 1000 (got \"%s\")",
                     maxconn);
+    if (interval != NULL && parse_int(interval, 1, MG_AGENT_RESOLVE_INTERVAL_MAX_S,
+                                      &out->resolve_interval_s) != 0)
+        return fail(err, errlen, "--resolve-interval wants seconds from 1 to %d (got \"%s\")",
+                    MG_AGENT_RESOLVE_INTERVAL_MAX_S, interval);
     return 0;
 }
 

@@ -25,6 +25,9 @@
 /* A WebSocket that stayed open this long resets the schedule (see mg_agent_backoff_reset). */
 #define MG_AGENT_BACKOFF_STABLE_MS 10000u
 #define MG_AGENT_MAX_CONNECTIONS_DEFAULT 10
+/* Seconds between two looks at what a --gateway name resolves to (--resolve-interval). */
+#define MG_AGENT_RESOLVE_INTERVAL_DEFAULT_S 30
+#define MG_AGENT_RESOLVE_INTERVAL_MAX_S 86400
 #define MG_AGENT_ID_HEX_LEN 32   /* 16 random bytes (moongate/tunnel_protocol.h: 16 to 64) */
 #define MG_AGENT_TOKEN_MAX 4096
 
@@ -116,6 +119,7 @@ typedef struct mg_agent_args {
     const char *sshd_inetd;     /* --sshd-inetd CMD */
     const char *ca_file;
     int max_connections;
+    int resolve_interval_s;     /* --resolve-interval: seconds between resolves of a name */
     bool once;
     int verbose;                /* -v: debug, -vv: trace */
     bool help;

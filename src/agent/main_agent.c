@@ -28,7 +28,7 @@ static void usage(FILE *out)
     fprintf(out,
         "usage: MOONGATE_TOKEN=TOKEN moongate-agent --gateway ws[s]://HOST[:PORT]/tunnel\n"
         "           [--ssh HOST:PORT | --sshd-inetd 'CMD'] [--ca-file PEM]\n"
-        "           [--max-connections N] [--once] [-v]\n"
+        "           [--max-connections N] [--resolve-interval S] [--once] [-v]\n"
         "       moongate-agent setup [--dir DIR] --gateway-key 'ssh-ed25519 AAAA...' "
         "[--llm-port PORT]\n"
         "       moongate-agent --version | --help\n"
@@ -39,14 +39,19 @@ static void usage(FILE *out)
         "\n"
         "  --gateway URL          the gateway's tunnel endpoint (ws:// or wss://; path "
         "default /tunnel);\n"
-        "                         once per node of a cluster: each keeps its own tunnels\n"
+        "                         once per node of a cluster: each keeps its own tunnels;\n"
+        "                         a HOST name with several addresses is a node per address\n"
+        "                         (at most %d per name), dialled with HOST kept for TLS\n"
         "  --token TOKEN          the agent token; better in $MOONGATE_TOKEN (argv shows in ps)\n"
         "  --ssh HOST:PORT        the local sshd to connect to (default 127.0.0.1:22)\n"
         "  --sshd-inetd 'CMD'     instead, run CMD (split on spaces, no shell) per connection,\n"
         "                         speaking SSH on its stdin/stdout, e.g.\n"
         "                         '/usr/sbin/sshd -i -e -f ~/.config/moongate-agent/sshd_config'\n"
         "  --ca-file PEM          trust these CAs for wss:// instead of the system's store\n"
-        "  --max-connections N    WebSockets at most (default %d); the gateway asks for more\n"
+        "  --max-connections N    WebSockets at most per node (default %d); the gateway asks\n"
+        "                         for more\n"
+        "  --resolve-interval S   look up each --gateway name again every S seconds (default\n"
+        "                         %d): nodes come and go with its addresses\n"
         "  --once                 exit when the first connection ends (tests, debugging)\n"
         "  -v, -vv                debug, trace logs (else $MOONGATE_LOG_LEVEL, default info)\n"
         "  -V, --version          print the version\n"
@@ -58,7 +63,8 @@ static void usage(FILE *out)
         "It reconnects forever with backoff (1 s doubling to 60 s, jittered). Exit status: 0\n"
         "after a signal, 1 on a runtime error (or --once without a connection), 2 on bad\n"
         "arguments.\n",
-        MG_AGENT_MAX_CONNECTIONS_DEFAULT);
+        MG_AGENT_ADDRS_MAX, MG_AGENT_MAX_CONNECTIONS_DEFAULT,
+        MG_AGENT_RESOLVE_INTERVAL_DEFAULT_S);
 }
 
 int main(int argc, char **argv)

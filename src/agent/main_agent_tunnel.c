@@ -5,7 +5,8 @@
  * the local streams (a TCP connection to sshd, or the pipes of a child `sshd -i`), the reconnect
  * and stop timers, and the signals.
  *
- * One conn_t per WebSocket. Its WebSocket ends in two steps: ws_gone (lws said CLIENT_CLOSED or
+ * The nodes (which gateway addresses get WebSockets) are main_agent_nodes.c. One conn_t per
+ * WebSocket. Its WebSocket ends in two steps: ws_gone (lws said CLIENT_CLOSED or
  * CONNECTION_ERROR: the conn stops using it and closes its local stream), then WSI_DESTROY (lws
  * has freed the wsi, after sending our close frame). The conn is freed once lws has destroyed
  * the wsi and every libuv handle of its local stream is closed. The agent stops only when lws
@@ -17,14 +18,11 @@
  *   sshd -> gateway   bytes read from sshd and not yet given to lws_write; above HIGH the local
  *                     reads stop (uv_read_stop), below LOW they resume.
  */
-#include "main_agent.h"
+#include "main_agent_tunnel.h"
 
-#include "core/buf.h"
 #include "moongate/error.h"
 #include "moongate/log.h"
 #include "moongate/tunnel_protocol.h"
-
-#include <libwebsockets.h>
 
 #include <netdb.h>
 #include <openssl/x509.h>
@@ -40,13 +38,10 @@
 
 extern char **environ;
 
-#define COMP "agent"
 #define HIGH_WATER (1024 * 1024)
 #define LOW_WATER (256 * 1024)
-#define FRAME_MAX (64 * 1024)
 #define FRAMES_PER_WRITEABLE 16
 #define STOP_BOUND_MS 2000
-#define CONTROL_MAX 4096
 /* Our pings; overridable at build time only so a test can make them short. */
 #ifndef PING_AFTER_S
 #define PING_AFTER_S 30
@@ -55,86 +50,6 @@ extern char **environ;
 #define HANGUP_AFTER_S 75
 #endif
 
-typedef struct conn conn_t;
-
-/* One gateway node (one --gateway): its own WebSockets, backoff and reconnects, so a node that
-   goes away costs only its own tunnels. */
-typedef struct node {
-    mg_agent_t *a;
-    const char *gateway;        /* as given */
-    const mg_agent_url_t *url;
-    mg_agent_backoff_t backoff;
-    uv_timer_t reconnect_timer;
-    int n_ws;                   /* WebSockets to it opening or open */
-    unsigned attempt;           /* attempts since one last stayed up (the backoff's count) */
-    bool probing;               /* a failed connect is being looked into (main_agent_probe.c) */
-} node_t;
-
-struct mg_agent {
-    uv_loop_t *loop;
-    const mg_agent_args_t *args;
-    char id[MG_AGENT_ID_HEX_LEN + 1];
-    char **inetd_argv;
-    char **child_env;      /* this process's environment minus MOONGATE_TOKEN */
-    struct sockaddr_storage ssh_addr;
-    struct lws_context *ctx;
-    lws_retry_bo_t idle_policy;
-    node_t nodes[MG_AGENT_GATEWAYS_MAX];
-    int n_nodes;
-    uv_timer_t stop_timer;
-    uv_signal_t sigterm, sigint;
-    conn_t *conns;
-    int n_wsi;             /* wsis lws has not destroyed yet */
-    unsigned seq;          /* numbers WebSockets in the logs */
-    bool stopping;
-    bool finished;
-    int exit_code;
-    char sendbuf[LWS_PRE + FRAME_MAX];
-    char readbuf[FRAME_MAX];
-};
-
-struct conn {
-    mg_agent_t *a;
-    node_t *node;          /* the gateway node it goes to */
-    conn_t *next, **pprev;
-    unsigned n;
-    bool extra;            /* opened for an "open" message: not reopened when it closes */
-    struct lws *wsi;       /* NULL once the WebSocket is gone */
-    bool ws_done;          /* ws_gone ran */
-    bool wsi_alive;        /* lws still holds the wsi (until WSI_DESTROY) */
-    bool established;
-    bool refused;          /* the gateway answered the upgrade with 401 or 403 */
-    char tls_why[1024];    /* why the gateway's certificate was not trusted, or "" */
-    uint64_t opened_ms;
-
-    /* gateway -> sshd */
-    size_t local_queued;
-    bool ws_rx_paused;
-    /* sshd -> gateway */
-    mg__buf_t out;
-    bool local_paused;
-    /* the WebSocket is to close (code, reason) once out is empty */
-    bool close_pending;
-    bool close_sent;       /* our close frame is out; the gateway's echo ends the WebSocket */
-    int close_code;
-    const char *close_reason;
-
-    char control[CONTROL_MAX];
-    size_t control_n;
-    bool control_overflow;
-
-    /* the local stream: rd and wr are the same TCP handle, or the child's stdout and stdin */
-    uv_tcp_t tcp;
-    uv_pipe_t child_in, child_out;
-    uv_process_t proc;
-    uv_stream_t *rd, *wr;
-    bool local_started;
-    bool local_closing;
-    bool proc_running;
-    int handles;           /* local libuv handles not yet closed */
-    int hold;              /* > 0 while a call that may end the conn is on the stack */
-};
-
 typedef struct wreq {
     uv_write_t req;
     conn_t *c;
@@ -142,18 +57,17 @@ typedef struct wreq {
     char data[];
 } wreq_t;
 
-static void open_ws(node_t *nd, bool extra);
 static void on_reconnect_timer(uv_timer_t *t);
 static void stop(mg_agent_t *a, const char *why);
 static void close_local(conn_t *c, const char *why);
 static void maybe_finish(mg_agent_t *a);
 
-static uint64_t now_ms(const mg_agent_t *a)
+uint64_t mg__agent_now_ms(const mg_agent_t *a)
 {
     return uv_now(a->loop);
 }
 
-static uint32_t random_u32(void *ctx)
+uint32_t mg__agent_random_u32(void *ctx)
 {
     uint32_t v = 0;
     if (uv_random(NULL, NULL, &v, sizeof(v), 0, NULL) != 0)
@@ -170,7 +84,10 @@ static void maybe_free(conn_t *c)
         c->next->pprev = c->pprev;
     mg__buf_free(&c->out);
     mg_agent_t *a = c->a;
+    node_t *nd = c->node;
     free(c);
+    nd->refs--;
+    mg__agent_node_maybe_free(nd);
     maybe_finish(a);
 }
 
@@ -192,6 +109,14 @@ static void ws_close_soon(conn_t *c, int code, const char *reason)
        kill from outside an lws callback waits for lws's next wake-up. The kill comes back
        through ws_gone before this returns: callers hold c (c->hold) around the call. */
     lws_set_timeout(c->wsi, PENDING_TIMEOUT_CLOSE_ACK, LWS_TO_KILL_SYNC);
+}
+
+void mg__agent_conn_close(conn_t *c, int code, const char *reason)
+{
+    c->hold++;
+    ws_close_soon(c, code, reason);
+    c->hold--;
+    maybe_free(c);
 }
 
 static void schedule_reconnect(node_t *nd, bool refused)
@@ -216,7 +141,7 @@ static void ws_gone(conn_t *c)
     c->wsi = NULL;
     nd->n_ws--;
     if (c->established) {
-        uint64_t up = now_ms(a) - c->opened_ms;
+        uint64_t up = mg__agent_now_ms(a) - c->opened_ms;
         mg_log_info(COMP, "websocket %u closed after %.1f s (%d open to %s)", c->n, up / 1000.0,
                     nd->n_ws, nd->gateway);
         /* A connection that held for a while was a success: the next wait starts small. */
@@ -231,7 +156,7 @@ static void ws_gone(conn_t *c)
     if (a->args->once && !a->stopping) {
         a->exit_code = c->established ? 0 : 1;
         stop(a, "--once: the first connection ended");
-    } else if (!a->stopping && nd->n_ws == 0) {
+    } else if (!a->stopping && nd->n_ws == 0 && !nd->retired) {
         schedule_reconnect(nd, c->refused);
     }
     c->hold--;
@@ -271,13 +196,17 @@ static void handle_control(conn_t *c)
         node_t *nd = c->node;
         if (a->stopping)
             return;
+        if (nd->retired) {
+            mg_log_debug(COMP, "%s left DNS: not opening another connection", nd->gateway);
+            return;
+        }
         if (nd->n_ws >= a->args->max_connections) {
             mg_log_info(COMP, "gateway asked for another connection (%s); already at "
                               "--max-connections %d", nd->gateway, a->args->max_connections);
             return;
         }
         mg_log_info(COMP, "gateway asked for another connection (%s)", nd->gateway);
-        open_ws(nd, true);
+        mg__agent_open_ws(nd, true);
     } else if (kind == MG_AGENT_CONTROL_UNKNOWN) {
         mg_log_debug(COMP, "ignoring an unknown control message");
     } else {
@@ -340,6 +269,7 @@ static int on_writeable(conn_t *c, struct lws *wsi)
 static int on_receive(conn_t *c, struct lws *wsi, const char *in, size_t len)
 {
     if (lws_frame_is_binary(wsi)) {
+        c->last_io_ms = mg__agent_now_ms(c->a);
         if (!c->local_started && !c->close_pending)
             start_local(c);
         if (c->local_started && !c->local_closing && !c->close_pending)
@@ -393,12 +323,13 @@ static void on_probed(void *arg, const char *why)
     node_t *nd = arg;
     nd->probing = false;
     mg_log_warn(COMP, "cannot connect to %s: %s", nd->gateway, why);
+    mg__agent_node_maybe_free(nd);
 }
 
 /* Says why a connect failed: a look at host:port first when libwebsockets gave no reason. */
 static void explain_failure(node_t *nd, const char *said)
 {
-    if (!nd->probing && mg_agent_probe_start(nd->a->loop, nd->url->host, nd->url->port,
+    if (!nd->probing && mg_agent_probe_start(nd->a->loop, nd->connect_host, nd->url->port,
                                              nd->url->tls, said, on_probed, nd) == 0)
         nd->probing = true; /* it logs the line */
     else
@@ -461,7 +392,7 @@ static int callback_tunnel(struct lws *wsi, enum lws_callback_reasons reason, vo
         mg_agent_t *a = c->a;
         c->wsi = wsi;
         c->established = true;
-        c->opened_ms = now_ms(a);
+        c->opened_ms = c->last_io_ms = mg__agent_now_ms(a);
         mg_log_info(COMP, "connected: websocket %u open to %s (%d open)", c->n, c->node->gateway,
                     c->node->n_ws);
         if (a->stopping) {
@@ -504,7 +435,7 @@ static const struct lws_protocols protocols[] = {
     { NULL, NULL, 0, 0, 0, NULL, 0 },
 };
 
-static void open_ws(node_t *nd, bool extra)
+void mg__agent_open_ws(node_t *nd, bool extra)
 {
     mg_agent_t *a = nd->a;
     conn_t *c = calloc(1, sizeof(*c));
@@ -516,6 +447,7 @@ static void open_ws(node_t *nd, bool extra)
     }
     c->a = a;
     c->node = nd;
+    nd->refs++;
     c->n = ++a->seq;
     c->extra = extra;
     c->next = a->conns;
@@ -535,7 +467,7 @@ static void open_ws(node_t *nd, bool extra)
     struct lws_client_connect_info i;
     memset(&i, 0, sizeof(i));
     i.context = a->ctx;
-    i.address = u->host;
+    i.address = nd->connect_host;
     i.port = u->port;
     i.path = u->path;
     i.host = u->host_header;
@@ -565,8 +497,8 @@ static void open_ws(node_t *nd, bool extra)
 static void on_reconnect_timer(uv_timer_t *t)
 {
     node_t *nd = t->data;
-    if (!nd->a->stopping && nd->n_ws == 0)
-        open_ws(nd, false);
+    if (!nd->a->stopping && nd->n_ws == 0 && !nd->retired)
+        mg__agent_open_ws(nd, false);
 }
 
 /* ---- the local side ---- */
@@ -644,6 +576,7 @@ static void on_local_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         if (uv_fileno((uv_handle_t *)s, &fd) == 0)
             setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one));
     }
+    c->last_io_ms = mg__agent_now_ms(c->a);
     if (c->wsi == NULL || c->close_pending)
         return;
     if (mg__buf_append(&c->out, buf->base, (size_t)nread) != 0) {
@@ -838,8 +771,7 @@ static void on_stop_timer(uv_timer_t *t)
                     a->n_wsi, STOP_BOUND_MS);
     a->finished = true;
     mg_log_info(COMP, "stopped");
-    for (int i = 0; i < a->n_nodes; i++)
-        uv_close((uv_handle_t *)&a->nodes[i].reconnect_timer, on_handle_closed_noop);
+    mg__agent_nodes_close(a);
     uv_close((uv_handle_t *)&a->stop_timer, on_handle_closed_noop);
     uv_close((uv_handle_t *)&a->sigterm, on_handle_closed_noop);
     uv_close((uv_handle_t *)&a->sigint, on_handle_closed_noop);
@@ -851,8 +783,7 @@ static void stop(mg_agent_t *a, const char *why)
 {
     mg_log_info(COMP, "shutting down (%s)", why);
     a->stopping = true;
-    for (int i = 0; i < a->n_nodes; i++)
-        uv_timer_stop(&a->nodes[i].reconnect_timer);
+    mg__agent_nodes_stop(a);
     uv_timer_start(&a->stop_timer, on_stop_timer, STOP_BOUND_MS, 0);
     for (conn_t *c = a->conns, *next; c != NULL; c = next) {
         next = c->next;
@@ -922,14 +853,15 @@ int mg_agent_start(uv_loop_t *loop, const mg_agent_args_t *args, mg_agent_t **ou
         goto fail;
     }
     mg_agent_hex(idbytes, sizeof(idbytes), a->id);
-    a->n_nodes = args->n_gateways;
-    for (int i = 0; i < a->n_nodes; i++) {
-        node_t *nd = &a->nodes[i];
-        nd->a = a;
-        nd->gateway = args->gateways[i];
-        nd->url = &args->urls[i];
-        mg_agent_backoff_init(&nd->backoff, MG_AGENT_BACKOFF_BASE_MS, MG_AGENT_BACKOFF_MAX_MS,
-                              random_u32, NULL);
+    a->n_gateways = args->n_gateways;
+    for (int i = 0; i < a->n_gateways; i++) {
+        gateway_t *gw = &a->gateways[i];
+        gw->a = a;
+        gw->text = args->gateways[i];
+        gw->url = &args->urls[i];
+        mg_list_init(&gw->nodes);
+        mg_agent_backoff_init(&gw->backoff, MG_AGENT_BACKOFF_BASE_MS, MG_AGENT_BACKOFF_MAX_MS,
+                              mg__agent_random_u32, NULL);
     }
     if (args->sshd_inetd != NULL) {
         int argc = 0;
@@ -980,10 +912,6 @@ int mg_agent_start(uv_loop_t *loop, const mg_agent_args_t *args, mg_agent_t **ou
         goto fail;
     }
 
-    for (int i = 0; i < a->n_nodes; i++) {
-        uv_timer_init(loop, &a->nodes[i].reconnect_timer);
-        a->nodes[i].reconnect_timer.data = &a->nodes[i];
-    }
     uv_timer_init(loop, &a->stop_timer);
     a->stop_timer.data = a;
     uv_signal_init(loop, &a->sigterm);
@@ -993,17 +921,25 @@ int mg_agent_start(uv_loop_t *loop, const mg_agent_args_t *args, mg_agent_t **ou
     uv_signal_start(&a->sigint, on_signal, SIGINT);
 
     char gateways[MG_AGENT_GATEWAYS_MAX * 300] = "";
-    for (int i = 0, o = 0; i < a->n_nodes && o >= 0 && (size_t)o < sizeof(gateways); i++)
+    for (int i = 0, o = 0; i < a->n_gateways && o >= 0 && (size_t)o < sizeof(gateways); i++)
         o += snprintf(gateways + o, sizeof(gateways) - (size_t)o, "%s%s", i ? ", " : "",
                       args->gateways[i]);
     if (args->sshd_inetd != NULL)
         mg_log_info(COMP, "agent %s: gateway%s %s, local ssh via `%s`", a->id,
-                    a->n_nodes > 1 ? "s" : "", gateways, args->sshd_inetd);
+                    a->n_gateways > 1 ? "s" : "", gateways, args->sshd_inetd);
     else
         mg_log_info(COMP, "agent %s: gateway%s %s, local ssh tcp %s:%d", a->id,
-                    a->n_nodes > 1 ? "s" : "", gateways, args->ssh_host, args->ssh_port);
-    for (int i = 0; i < a->n_nodes; i++)
-        open_ws(&a->nodes[i], false);
+                    a->n_gateways > 1 ? "s" : "", gateways, args->ssh_host, args->ssh_port);
+    /* An address literal is its one node, dialled now; a name's nodes come with its first
+       answer (on_gateway_resolved). */
+    for (int i = 0; i < a->n_gateways && !a->stopping; i++) {
+        gateway_t *gw = &a->gateways[i];
+        if (mg__agent_gateway_start(gw) != 0) {
+            mg_log_error(COMP, "out of memory starting %s", gw->text);
+            a->exit_code = 1;
+            stop(a, "out of memory");
+        }
+    }
     *out = a;
     return 0;
 fail:
@@ -1028,6 +964,7 @@ int mg_agent_free(mg_agent_t *a)
         mg__buf_free(&c->out);
         free(c);
     }
+    mg__agent_nodes_free(a);
     int code = a->exit_code;
     free(a->inetd_argv);
     free(a->child_env);

@@ -228,11 +228,193 @@ static void test_agent_on_every_node(void **state)
         gw_stop(&nodes[i]);
 }
 
+
+/* ---- one name, several addresses ---- */
+
+#define NODES_NAME "mg-nodes.test"
+
+/* The agent's private /etc/hosts: NAME on each of ips. Rewritten in place (same inode), so the
+   bind mount over /etc/hosts in the agent's mount namespace shows each version. */
+static void write_hosts(const char *path, const char *const *ips)
+{
+    char text[512];
+    int o = snprintf(text, sizeof(text), "127.0.0.1 localhost\n");
+    for (; *ips != NULL; ips++)
+        o += snprintf(text + o, sizeof(text) - (size_t)o, "%s " NODES_NAME "\n", *ips);
+    assert_int_equal(mg_test_write_file(path, text, strlen(text), 0644), 0);
+}
+
+typedef struct slow_stream {
+    gw_t *g;
+    atomic_bool done;
+    int status;
+    int lines;
+    bool complete;
+} slow_stream_t;
+
+/* 16 lines, 250 ms apart: in flight through the node while its address leaves DNS. */
+static void *slow_stream_thread(void *arg)
+{
+    slow_stream_t *s = arg;
+    mg_test_http_response_t r;
+    int rc = gw_request(s->g, "GET", "/stream?chunks=16&interval_ms=250&size=8", GW_AUTH_ALICE,
+                        NULL, 0, &r, 20000);
+    s->status = rc == 0 ? r.status : rc;
+    s->complete = rc == 0 && r.complete;
+    for (size_t k = 0; k < r.body_len; k++)
+        s->lines += r.body[k] == '\n';
+    mg_test_http_response_free(&r);
+    atomic_store(&s->done, true);
+    return NULL;
+}
+
+/* Waits until every agent WebSocket node g saw has gone. */
+static bool wait_no_tunnel(gw_t *g, int timeout_ms)
+{
+    double end = mg_test_now_ms() + timeout_ms;
+    while (gw_log_count(g, "agent=") == 0 ||
+           gw_log_count(g, " disconnected") < gw_log_count(g, " connected (")) {
+        if (mg_test_now_ms() > end)
+            return false;
+        mg_test_sleep_ms(50);
+    }
+    return true;
+}
+
+/*
+ * --gateway ws://NAME:PORT/tunnel where NAME resolves to two nodes (127.0.0.1 and 127.0.0.2,
+ * same port): the agent keeps tunnels to both. The name then loses 127.0.0.2: after the next
+ * resolve that node's tunnels close (a stream in flight through it first finishes), one log
+ * line says so, and the other node keeps serving. The address comes back: so does the node.
+ * The name stops resolving altogether: both nodes keep their tunnels.
+ * The name lives in a private /etc/hosts (and nsswitch.conf: files only, no DNS),
+ * bind-mounted in the agent's own mount namespace (unshare -m), so the machine's are never
+ * touched.
+ */
+static void test_agent_on_every_address_of_a_name(void **state)
+{
+    world_t *w = *state;
+    if (geteuid() != 0 || gw_sh(w->dir, "unshare -m true", 5000, NULL) != 0 ||
+        access("/etc/hosts", F_OK) != 0 || access("/etc/nsswitch.conf", F_OK) != 0) {
+        print_message("skipped: needs root, unshare -m, and /etc/hosts and /etc/nsswitch.conf "
+                      "to mount private ones over for the agent\n");
+        skip();
+    }
+    char hosts[MG_TEST_PATH_MAX], nss[MG_TEST_PATH_MAX];
+    assert_int_equal(mg_test_path_join(hosts, sizeof(hosts), w->dir, "hosts"), 0);
+    /* Names from that file only: a name missing from it must not become a DNS query. */
+    assert_int_equal(mg_test_path_join(nss, sizeof(nss), w->dir, "nsswitch.conf"), 0);
+    static const char files_only[] = "hosts: files\n";
+    assert_int_equal(mg_test_write_file(nss, files_only, strlen(files_only), 0644), 0);
+    const char *both[] = { "127.0.0.2", "127.0.0.1", NULL }, *one[] = { "127.0.0.1", NULL };
+    write_hosts(hosts, both);
+
+    char policy[4096];
+    agent_policy(w, policy, sizeof(policy));
+    gw_t nodes[2];
+    gw_start_policy(&nodes[0], policy, 0, NULL);
+    gw_prepare(&nodes[1]);
+    assert_int_equal(mg_test_write_file(nodes[1].policy, policy, strlen(policy), 0600), 0);
+    nodes[1].ip = "127.0.0.2";
+    char listen[32];
+    snprintf(listen, sizeof(listen), "127.0.0.2:%u", (unsigned)nodes[0].port);
+    gw_launch(&nodes[1], listen, NULL);
+    assert_int_equal(nodes[1].port, nodes[0].port);
+
+    char url[128], mount[3 * MG_TEST_PATH_MAX], at[2][200], removed[256];
+    snprintf(url, sizeof(url), "ws://" NODES_NAME ":%u/tunnel", (unsigned)nodes[0].port);
+    snprintf(mount, sizeof(mount), "mount --bind '%s' /etc/hosts && "
+             "mount --bind '%s' /etc/nsswitch.conf && exec \"$@\"", hosts, nss);
+    for (int i = 0; i < 2; i++)
+        snprintf(at[i], sizeof(at[i]), "open to %s at 127.0.0.%d (", url, i + 1);
+    snprintf(removed, sizeof(removed), "gateway node removed: %s at 127.0.0.2 ", url);
+    const char *prefix[] = { "unshare", "-m", "--", "sh", "-c", mount, "sh", NULL };
+    const char *args[] = { "--sshd-inetd", w->inetd, "--resolve-interval", "1", NULL };
+    gw_agent_t ag;
+    gw_agent_start_prefixed(&ag, prefix, url, AGENT_TOKEN, args);
+    for (int i = 0; i < 2; i++)
+        if (!gw_agent_wait_log(&ag, at[i], 1, 15000)) {
+            gw_print_file_tail(ag.log, 40);
+            fail_msg("the agent did not reach the node at 127.0.0.%d", i + 1);
+        }
+    /* Each node is the right one: its own log shows the agent and the request. */
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(hello_via(&nodes[i]), 200);
+        assert_true(gw_log_count(&nodes[i], " connected (") >= 1);
+    }
+    for (int i = 0; i < 2; i++) {
+        /* (The access line may follow the response by a moment.) */
+        assert_true(gw_wait_log(&nodes[i], "GET /hello -> 200", 1, 5000));
+        assert_int_equal(gw_log_count(&nodes[i], "GET /hello -> 200"), 1);
+    }
+    assert_int_equal(gw_agent_log_count(&ag, "gateway node added: "), 2);
+
+    /* 127.0.0.2 leaves the name while a stream runs through it: the stream finishes. */
+    int opened = gw_agent_log_count(&ag, at[1]);
+    slow_stream_t s = { .g = &nodes[1] };
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, slow_stream_thread, &s), 0);
+    mg_test_sleep_ms(500);
+    write_hosts(hosts, one);
+    double t0 = mg_test_now_ms();
+    if (!gw_agent_wait_log(&ag, removed, 1, 10000))
+        fail_msg("the agent did not notice 127.0.0.2 leaving the name");
+    double noticed_ms = mg_test_now_ms() - t0;
+    bool was_in_flight = !atomic_load(&s.done);
+    pthread_join(t, NULL);
+    assert_int_equal(s.status, 200);
+    assert_true(s.complete);
+    assert_int_equal(s.lines, 16);
+    if (!was_in_flight)
+        fail_msg("the stream ended before the agent noticed (%.0f ms): nothing was tested in "
+                 "flight", noticed_ms);
+    /* Then its tunnels close, and only its own. */
+    if (!wait_no_tunnel(&nodes[1], 45000))
+        fail_msg("the tunnels to the retired node did not close");
+    double gone_ms = mg_test_now_ms() - t0;
+    assert_int_not_equal(hello_via(&nodes[1]), 200);
+    assert_int_equal(hello_via(&nodes[0]), 200);
+    /* One line for the change, not one per resolve (the name resolved again since). */
+    mg_test_sleep_ms(2500);
+    assert_int_equal(gw_agent_log_count(&ag, "gateway node removed: "), 1);
+    assert_int_equal(gw_agent_log_count(&ag, "gateway node added: "), 2);
+    assert_int_equal(gw_agent_log_count(&ag, at[1]), opened); /* not reconnected to it */
+    print_message("127.0.0.2 left the name: noticed after %.0f ms, its tunnels gone after "
+                  "%.0f ms\n", noticed_ms, gone_ms);
+
+    /* It comes back: a node again, with a tunnel that serves. */
+    write_hosts(hosts, both);
+    if (!gw_agent_wait_log(&ag, at[1], opened + 1, 10000))
+        fail_msg("the agent did not return to 127.0.0.2 when it was back in the name");
+    assert_int_equal(gw_agent_log_count(&ag, "gateway node added: "), 3);
+    assert_int_equal(hello_via(&nodes[1]), 200);
+    assert_int_equal(hello_via(&nodes[0]), 200);
+
+    /* The name stops resolving: a failed lookup says nothing about the nodes, both keep
+       their tunnels, one line says so however many lookups fail, one when it works again. */
+    const char *none[] = { NULL };
+    write_hosts(hosts, none);
+    assert_true(gw_agent_wait_log(&ag, "cannot resolve " NODES_NAME, 1, 10000));
+    mg_test_sleep_ms(2500);
+    assert_int_equal(gw_agent_log_count(&ag, "cannot resolve " NODES_NAME), 1);
+    assert_int_equal(gw_agent_log_count(&ag, "gateway node removed: "), 1);
+    assert_int_equal(hello_via(&nodes[1]), 200);
+    assert_int_equal(hello_via(&nodes[0]), 200);
+    write_hosts(hosts, both);
+    assert_true(gw_agent_wait_log(&ag, NODES_NAME " resolves again", 1, 10000));
+    assert_int_equal(gw_agent_log_count(&ag, "gateway node added: "), 3);
+    gw_agent_stop(&ag);
+    gw_agent_assert_log_clean(&ag);
+    for (int i = 0; i < 2; i++)
+        gw_stop(&nodes[i]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_drain_under_load_fails_nothing),
         cmocka_unit_test(test_agent_on_every_node),
+        cmocka_unit_test(test_agent_on_every_address_of_a_name),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

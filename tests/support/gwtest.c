@@ -133,7 +133,8 @@ void gw_launch(gw_t *g, const char *listen, const char *const *extra_env)
     g->running = true;
 
     /* ASan builds start slowly; 15 s is far above what a healthy start takes. */
-    const char *needle = "://127.0.0.1:"; /* "listening on http(s)://127.0.0.1:PORT" */
+    char needle[32]; /* "listening on http(s)://127.0.0.1:PORT" */
+    snprintf(needle, sizeof(needle), "://%s:", g->ip != NULL ? g->ip : "127.0.0.1");
     double end = mg_test_now_ms() + 15000;
     for (;;) {
         char *data = NULL;
@@ -155,7 +156,7 @@ void gw_launch(gw_t *g, const char *listen, const char *const *extra_env)
     /* Not mg_test_wait_port(): that reads /proc/net/tcp, and lws may listen on an AF_INET6
        socket (see /proc/net/tcp6). A connection proves it listens. */
     for (;;) {
-        int fd = gw_connect(g->port, 1000);
+        int fd = gw_connect_ip(g->ip, g->port, 1000);
         if (fd >= 0) {
             close(fd);
             break;
@@ -267,9 +268,16 @@ int gw_poll(int fd, short ev, double deadline)
 
 int gw_connect(uint16_t port, int timeout_ms)
 {
+    return gw_connect_ip(NULL, port, timeout_ms);
+}
+
+int gw_connect_ip(const char *ip, uint16_t port, int timeout_ms)
+{
     double deadline = mg_test_now_ms() + timeout_ms;
     struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(port),
                               .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    if (ip != NULL && inet_pton(AF_INET, ip, &sa.sin_addr) != 1)
+        return MG_ECONNECT;
     int one = 1, soerr = 0;
     socklen_t slen = sizeof(soerr);
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -346,7 +354,12 @@ int gw_request(gw_t *g, const char *method, const char *path, const char *header
     assert_int_equal(mg_test_http_request(&req, &len, method, path, headers, body, body_len), 0);
     mg_test_http_response_init(r);
     r->keep_body = true;
-    int rc = gw_exchange(g->port, req, len, r, timeout_ms, NULL);
+    double t0 = mg_test_now_ms();
+    int rc = gw_connect_ip(g->ip, g->port, timeout_ms);
+    if (rc >= 0) {
+        int left = timeout_ms - (int)(mg_test_now_ms() - t0);
+        rc = gw_exchange_fd(rc, req, len, r, left > 0 ? left : 1, NULL);
+    }
     free(req);
     if (rc == 0 && r->status >= 200 && r->status < 300)
         g->ok_responses++;
@@ -578,6 +591,12 @@ void gw_agent_start(gw_agent_t *a, uint16_t gw_port, const char *token,
 void gw_agent_start_url(gw_agent_t *a, const char *url, const char *token,
                         const char *const *args)
 {
+    gw_agent_start_prefixed(a, NULL, url, token, args);
+}
+
+void gw_agent_start_prefixed(gw_agent_t *a, const char *const *prefix, const char *url,
+                             const char *token, const char *const *args)
+{
     memset(a, 0, sizeof(*a));
     assert_int_equal(mg_test_mkdtemp(a->dir, sizeof(a->dir), "mg-agent"), 0);
     assert_int_equal(mg_test_path_join(a->log, sizeof(a->log), a->dir, "agent.log"), 0);
@@ -588,9 +607,14 @@ void gw_agent_start_url(gw_agent_t *a, const char *url, const char *token,
     const char *env[] = { tok, NULL };
     static char *envp[1024];
     gw_env_merge(envp, sizeof(envp) / sizeof(envp[0]), env);
-    char *argv[32] = { bin, "--gateway", (char *)url };
-    size_t n = 3;
-    for (const char *const *x = args; x && *x && n < 31; x++)
+    char *argv[48];
+    size_t n = 0;
+    for (const char *const *x = prefix; x && *x && n < 12; x++)
+        argv[n++] = (char *)*x;
+    argv[n++] = bin;
+    argv[n++] = "--gateway";
+    argv[n++] = (char *)url;
+    for (const char *const *x = args; x && *x && n < 47; x++)
         argv[n++] = (char *)*x;
     argv[n] = NULL;
     mg_test_spawn_opts_t so = { .stdout_path = a->out, .stderr_path = a->log, .envp = envp };

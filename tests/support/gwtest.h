@@ -49,6 +49,8 @@ typedef struct gw {
     const char *program;        /* set before gw_launch(): the moongate to run (NULL: gw_binary) */
     const char *const *exec_prefix; /* set before gw_launch(): words run before the program
                                        (ending in one that execs "$@"), or NULL */
+    const char *ip;             /* set before gw_launch(): the loopback address its listen
+                                   names, which gw_request() then dials (NULL: 127.0.0.1) */
 } gw_t;
 
 /* ---- files ---- */
@@ -133,6 +135,9 @@ int gw_poll(int fd, short ev, double deadline);
 
 /* A non-blocking socket connected to 127.0.0.1:port, or a negative code. */
 int gw_connect(uint16_t port, int timeout_ms);
+
+/* The same to ip:port (an IPv4 address such as "127.0.0.2"). */
+int gw_connect_ip(const char *ip, uint16_t port, int timeout_ms);
 
 /* Moments (mg_test_now_ms) at which reads delivered body bytes. */
 typedef struct gw_arrivals {
@@ -251,6 +256,11 @@ void gw_agent_start(gw_agent_t *a, uint16_t gw_port, const char *token,
 
 void gw_agent_start_url(gw_agent_t *a, const char *url, const char *token,
                         const char *const *args);
+
+/* The same, run through prefix (words before the program, ending in one that execs "$@", as
+   `unshare -m -- sh -c '...; exec "$@"' sh`), or NULL. */
+void gw_agent_start_prefixed(gw_agent_t *a, const char *const *prefix, const char *url,
+                             const char *token, const char *const *args);
 
 int gw_agent_log_count(const gw_agent_t *a, const char *needle);
 

@@ -318,6 +318,7 @@ static void test_args(void **state)
     assert_string_equal(a.ssh_host, "127.0.0.1");
     assert_int_equal(a.ssh_port, 22);
     assert_int_equal(a.max_connections, MG_AGENT_MAX_CONNECTIONS_DEFAULT);
+    assert_int_equal(a.resolve_interval_s, MG_AGENT_RESOLVE_INTERVAL_DEFAULT_S);
     assert_false(a.once);
     assert_int_equal(a.n_gateways, 1);
     assert_true(a.urls[0].tls);
@@ -342,7 +343,7 @@ static void test_args(void **state)
 
     assert_int_equal(parse("envtok", &a, err, sizeof(err), "--gateway=ws://gw:81/t",
                            "--token", "argtok", "--ssh=[::1]:2222", "--max-connections", "3",
-                           "--once", "-vv", NULL), 0);
+                           "--once", "-vv", "--resolve-interval", "5", NULL), 0);
     assert_string_equal(a.token, "argtok");
     assert_true(a.token_from_argv);
     assert_string_equal(a.ssh_host, "::1");
@@ -350,6 +351,7 @@ static void test_args(void **state)
     assert_int_equal(a.max_connections, 3);
     assert_true(a.once);
     assert_int_equal(a.verbose, 2);
+    assert_int_equal(a.resolve_interval_s, 5);
 
     assert_int_equal(parse(NULL, &a, err, sizeof(err), "--gateway", "wss://gw/t",
                            "--token", "t", "--sshd-inetd", "/usr/sbin/sshd -i -f /x",
@@ -381,6 +383,8 @@ static void test_args(void **state)
         { "t", { "--gateway", "ws://gw/t", "--ca-file", "x.pem", NULL }, "wss://" },
         { "t", { "--gateway", "ws://gw/t", "--max-connections", "0", NULL }, "1 to 1000" },
         { "t", { "--gateway", "ws://gw/t", "--max-connections", "5x", NULL }, "1 to 1000" },
+        { "t", { "--gateway", "ws://gw/t", "--resolve-interval", "0", NULL }, "seconds" },
+        { "t", { "--gateway", "ws://gw/t", "--resolve-interval", "86401", NULL }, "seconds" },
         { "t", { "--gateway", "ws://gw/t", "--insecure", NULL }, "unknown option" },
         { "t", { "--gateway", "ws://gw/t", "extra", NULL }, "unexpected argument" },
     };

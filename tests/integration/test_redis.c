@@ -384,6 +384,9 @@ static void test_redis_down_slow_and_back(void **state)
     assert_int_equal(gw_log_count(&g, "connection lost"), 1);
     assert_int_equal(gw_log_count(&g, "slow: no answer within 20 ms"), 1);
     assert_true(gw_log_count(&g, "redis: redis://") <= 6);
+    /* The example says it refuses at most every 10 s, not per request (down and frozen are
+       both within one 10 s). */
+    assert_int_equal(gw_log_count(&g, "rate limiter unavailable (refusing with 503"), 1);
     gw_stop(&g);
     mg_test_redis_stop(&redis);
 }

@@ -435,13 +435,20 @@ static int pcall_run(mg__pcall_t *pc, int nargs)
     }
     call_enter(st, pc->what, pc->where, pc->budget_ms, pc->deadline_ns, pc->timed_out);
     st->running = pc;
-    pc->op = NULL;
     int rc = lua_resume(co, nargs);
     pc->timed_out = st->timed_out;
     bool waiting = rc == LUA_YIELD && pc->op != NULL;
     call_leave(st);
     if (waiting)
         return MG_EAGAIN;
+    if (pc->op != NULL) {
+        /* An operation started, but the coroutine did not yield for it: nothing may hear its
+           answer or its timer now (mg__policy_redis_call refuses where it cannot yield; this
+           is the guard behind that). */
+        mg__redis_op_cancel(pc->op);
+        pc->op = NULL;
+        uv_timer_stop(&pc->timer);
+    }
     if (rc == 0) {
         lua_settop(co, pc->nres);
         lua_xmove(co, L, pc->nres);
@@ -498,7 +505,7 @@ static void pcall_wait_over(uv_timer_t *t)
     mg_policy_t *p = pc->st->policy;
     mg__redis_op_cancel(pc->op);
     pc->op = NULL;
-    if (p->redis != NULL)
+    if (p->redis != NULL && !pc->wait_is_budget) /* a spent budget is the hook's, not Redis's */
         mg__redis_note_timeout(p->redis, pc->wait_ms);
     if (pc->wait_is_budget) {
         /* The call's budget is spent: it fails as one that ran too long. */
@@ -588,7 +595,20 @@ int mg__policy_redis_call(lua_State *L, const mg__rdict_req_t *q)
                            "moongate.node_dict there", what);
         return 2;
     }
-    char err[256];
+    if (!lua_isyieldable(L)) {
+        /* Inside a C function that called back into Lua (a gsub replacement, a sort
+           comparator): a yield cannot cross it. */
+        lua_pushnil(L);
+        lua_pushliteral(L, "the shared dictionary is in redis and cannot be waited for inside "
+                           "a function called by C (a string.gsub replacement, a table.sort "
+                           "comparator, ...); call it outside");
+        return 2;
+    }
+    if (pc->op != NULL) { /* cannot happen: a call that waits is not running */
+        mg__redis_op_cancel(pc->op);
+        pc->op = NULL;
+    }
+    char err[256] = "redis unavailable: out of memory";
     int rc = mg__redis_dict_start(p->redis, q, L, pcall_answered, pc, &pc->op, err,
                                   sizeof(err));
     if (rc != 0) {

@@ -53,6 +53,7 @@
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 2000
 #define VALUE_MAX (1024 * 1024)
+#define ADDRS_MAX 8
 
 typedef enum conn_state {
     R_DOWN = 0,  /* waiting to retry */
@@ -78,6 +79,8 @@ struct mg_redis {
     rconn_t *c;           /* the connection being made or in use */
     uv_getaddrinfo_t gai;
     bool resolving;
+    struct sockaddr_storage addrs[ADDRS_MAX]; /* what the name resolved to, tried in order */
+    int n_addrs, addr_i;
     uv_timer_t timer;     /* the retry's backoff, and the connect's time limit */
     uv_prepare_t flusher; /* writes what was queued, before the loop polls */
     int handles;          /* of timer and flusher, not yet closed */
@@ -271,6 +274,8 @@ static int tls_ctx_new(const mg__redis_conf_t *conf, SSL_CTX **out, char *err, s
         return MG_ENOMEM;
     }
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    /* Redis never renegotiates; a server that asks would make SSL_write want a read. */
+    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION);
     SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
     int ok = conf->ca_file != NULL ? SSL_CTX_load_verify_locations(ctx, conf->ca_file, NULL)
@@ -312,6 +317,7 @@ struct rconn {
     bool tcp_up;        /* connected */
     bool ready;         /* connected and, with TLS, the handshake done: commands may go */
     redisReader *reader;
+    size_t since_answer; /* bytes read since the last whole answer */
     char in[16384];
 };
 
@@ -323,6 +329,7 @@ typedef struct wreq {
 
 static void connect_start(mg_redis_t *r);
 static void conn_lost(mg_redis_t *r, const char *why);
+static bool try_next_addr(mg_redis_t *r);
 
 static void on_retry(uv_timer_t *t)
 {
@@ -445,6 +452,7 @@ static void flush(mg_redis_t *r)
         /* A memory BIO takes it all: SSL_write returns only when all is written. */
         ERR_clear_error();
         rc = SSL_write(c->ssl, data, (int)n) > 0 ? tls_send(c) : MG_EINVAL;
+        ERR_clear_error(); /* leave the shared queue as we found it */
     } else {
         rc = conn_write(c, data, n);
     }
@@ -570,6 +578,7 @@ static void conn_feed(rconn_t *c, const char *data, size_t len)
         conn_lost(r, "out of memory");
         return;
     }
+    c->since_answer += len;
     for (;;) {
         void *reply = NULL;
         if (redisReaderGetReply(c->reader, &reply) != REDIS_OK) {
@@ -580,13 +589,17 @@ static void conn_feed(rconn_t *c, const char *data, size_t len)
         }
         if (reply == NULL)
             break;
+        /* What follows this answer is still in the reader's buffer. */
+        c->since_answer = c->reader->len - c->reader->pos;
         answer(r, reply);
         freeReplyObject(reply);
         if (c->r == NULL)
             return; /* the answer ended the connection */
     }
-    /* What is left is part of one answer: no answer of ours is that large. */
-    if (c->reader->len - c->reader->pos > VALUE_MAX + 4096)
+    /* The bytes since the last whole answer are one answer in the making (the reader takes
+       an array's elements in as they come, so its buffer alone would not tell): no answer of
+       ours is that large. */
+    if (c->since_answer > VALUE_MAX + 4096)
         conn_lost(r, "protocol error: an answer over 1 MiB");
 }
 
@@ -685,7 +698,8 @@ static void on_connected(uv_connect_t *req, int status)
     if (c->r == NULL)
         return;
     if (status < 0) {
-        conn_lost(c->r, uv_strerror(status));
+        if (!try_next_addr(c->r))
+            conn_lost(c->r, uv_strerror(status));
         return;
     }
     c->tcp_up = true;
@@ -712,7 +726,7 @@ static void on_connect_timeout(uv_timer_t *t)
         conn_lost(r, "no TLS handshake within 1 s: is it a plain redis:// port?");
     else if (c != NULL && c->tcp_up)
         conn_lost(r, "connected, but no answer to PING within 1 s");
-    else
+    else if (!try_next_addr(r))
         conn_lost(r, "no connection within 1 s");
 }
 
@@ -831,12 +845,34 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
         conn_lost(r, why);
         return;
     }
-    struct sockaddr_storage ss;
-    memcpy(&ss, res->ai_addr, res->ai_addrlen);
-    ((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)r->a.port); /* same place in v6 */
+    r->n_addrs = 0;
+    for (struct addrinfo *ai = res; ai != NULL && r->n_addrs < ADDRS_MAX; ai = ai->ai_next) {
+        if ((ai->ai_family != AF_INET && ai->ai_family != AF_INET6) ||
+            ai->ai_addrlen > sizeof(r->addrs[0]))
+            continue;
+        struct sockaddr_storage *ss = &r->addrs[r->n_addrs++];
+        memcpy(ss, ai->ai_addr, ai->ai_addrlen);
+        ((struct sockaddr_in *)ss)->sin_port = htons((uint16_t)r->a.port); /* same in v6 */
+    }
     uv_freeaddrinfo(res);
-    if (conn_open(r, (struct sockaddr *)&ss) != 0)
+    r->addr_i = 0;
+    if (r->n_addrs == 0)
+        conn_lost(r, "its name gives no IPv4 or IPv6 address");
+    else if (conn_open(r, (struct sockaddr *)&r->addrs[0]) != 0)
         conn_lost(r, "out of memory");
+}
+
+/* A connect that failed before reaching Redis tries the name's next address, if it has one
+   (localhost may give ::1 first to a Redis bound to 127.0.0.1). */
+static bool try_next_addr(mg_redis_t *r)
+{
+    if (r->freeing || r->c == NULL || r->c->tcp_up || r->addr_i + 1 >= r->n_addrs)
+        return false;
+    conn_drop(r); /* nothing was taken yet: operations wait for the connect */
+    r->addr_i++;
+    if (conn_open(r, (struct sockaddr *)&r->addrs[r->addr_i]) != 0)
+        conn_lost(r, "out of memory");
+    return true;
 }
 
 static void connect_start(mg_redis_t *r)
@@ -983,7 +1019,12 @@ int mg__redis_dict_start(mg_redis_t *r, const mg__rdict_req_t *q, lua_State *co,
                          size_t errlen)
 {
     *out = NULL;
-    if (r->freeing || r->state == R_DOWN || r->state == R_RESOLVING || r->c == NULL) {
+    snprintf(err, errlen, "redis unavailable: out of memory"); /* unless something else */
+    /* Only a connection that is up, or that reached Redis and is setting up, takes
+       operations: while a connect is still out (a dropped SYN waits the whole connect
+       timeout), every call fails at once. */
+    if (r->freeing || r->state == R_DOWN || r->state == R_RESOLVING || r->c == NULL ||
+        !r->c->tcp_up) {
         r->stats.unavailable++;
         snprintf(err, errlen, "redis unavailable: not connected to %s", r->a.name);
         return MG_ECONNECT;

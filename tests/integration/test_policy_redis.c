@@ -261,7 +261,7 @@ static void test_wait_is_bounded(void **state)
     assert_int_equal(d.status, 500);
     assert_true(ms >= 29 && ms < 60);
     assert_non_null(strstr(log, "time budget of 30 ms exceeded waiting for redis"));
-    assert_int_equal(tp_count(log, "slow: no answer within 30 ms"), 1);
+    assert_int_equal(tp_count(log, "slow"), 0); /* the hook's budget ran out, not Redis's */
     free(log);
 
     /* Freed while a call waits: the call hears the connection close and finishes. */
@@ -301,6 +301,46 @@ static void test_reload_while_waiting(void **state)
     wait_for(&w, 1);
     assert_int_equal(w.rc, 0);
     assert_string_equal(d.user, "old");
+    tp_free(p);
+}
+
+/* Inside a function that C calls back (a gsub replacement, a sort comparator) a coroutine
+   cannot yield: the dictionary says so at once, and nothing is left waiting for its answer
+   (ASan would see a call freed before the answer comes). */
+static void test_cannot_wait_inside_c_callbacks(void **state)
+{
+    (void)state;
+    static const char src[] =
+        "local mg = require 'moongate'\n"
+        "return {\n"
+        "  authenticate = function()\n"
+        "    local said\n"
+        "    ('a'):gsub('.', function() local _, err = mg.dict.get('k'); said = err end)\n"
+        "    local ok = pcall(table.sort, { 2, 1 }, function(a, b)\n"
+        "      local _, err = mg.dict.get('k'); said = said .. ' | ' .. err; return a < b end)\n"
+        "    return nil, 503, said\n"
+        "  end,\n"
+        "  admit = function(req, user)\n"
+        "    local v, err = mg.dict.get('k')\n"
+        "    return err == nil, 503, err\n"
+        "  end,\n"
+        "}\n";
+    mg_policy_t *p = connected_policy("callback.lua", src);
+    mg_policy_state_t *st = mg_policy_acquire(p);
+    tp_req_t r;
+    tp_request(&r, NULL);
+    mg_policy_decision_t d;
+    waiter_t w = { 0 };
+    assert_int_equal(mg_policy_authenticate_wait(st, &r.req, &d, on_done, &w), 0);
+    assert_false(d.allow);
+    assert_non_null(strstr(d.message, "cannot be waited for inside a function called by C"));
+    assert_non_null(strstr(d.message, " | "));
+    /* The pooled coroutine that ran it serves the next call, which waits as it should. */
+    tp_run_for(30);
+    assert_int_equal(mg_policy_admit_wait(st, &r.req, "a", &d, on_done, &w), MG_EAGAIN);
+    wait_for(&w, 1);
+    assert_true(d.allow);
+    mg_policy_release(st);
     tp_free(p);
 }
 
@@ -465,9 +505,12 @@ static void test_hostile_server(void **state)
     } cases[] = {
         { "?what\r\n", 7, "protocol error" },
         /* A bulk string of 2 MB (its body is made below). */
-        { "$2000000\r\n", 11, "an answer over 1 MiB" },
+        { "$2000000\r\n", 10, "an answer over 1 MiB" },
         /* An answer to a question never asked, after the one asked. */
         { "$1\r\n5\r\n$1\r\n6\r\n", 14, "an answer to no question" },
+        /* An array of a million elements (made below): the reader takes them in one by one,
+           so only counting the bytes since the last answer stops it. */
+        { "*1000000\r\n", 10, "an answer over 1 MiB" },
     };
     static const char src[] =
         "local mg = require 'moongate'\n"
@@ -480,12 +523,22 @@ static void test_hostile_server(void **state)
         fake_t f = { .answer = cases[i].answer, .answer_len = cases[i].len };
         char *payload = NULL;
         if (i == 1) {
-            payload = malloc(11 + 2000000);
+            payload = malloc(10 + 2000000);
             assert_non_null(payload);
-            memcpy(payload, cases[i].answer, 11);
-            memset(payload + 11, 'x', 2000000);
+            memcpy(payload, cases[i].answer, 10);
+            memset(payload + 10, 'x', 2000000);
             f.answer = payload;
-            f.answer_len = 11 + 2000000;
+            f.answer_len = 10 + 2000000;
+        }
+        if (i == 3) {
+            size_t n = 10 + 4 * 600000;
+            payload = malloc(n);
+            assert_non_null(payload);
+            memcpy(payload, cases[i].answer, 10);
+            for (size_t k = 10; k < n; k += 4)
+                memcpy(payload + k, ":1\r\n", 4);
+            f.answer = payload;
+            f.answer_len = n;
         }
         fake_start(&f);
         snprintf(redis_url, sizeof(redis_url), "redis://127.0.0.1:%u", (unsigned)f.port);
@@ -499,7 +552,7 @@ static void test_hostile_server(void **state)
         hook_timeout = 1000;
         assert_int_equal(mg_policy_authenticate_wait(st, &r.req, &d, on_done, &w), MG_EAGAIN);
         wait_for(&w, 1);
-        tp_run_for(20);
+        tp_run_for(100);
         mg_policy_release(st);
         tp_free(p);
         char *log = tp_capture_end();
@@ -508,7 +561,7 @@ static void test_hostile_server(void **state)
         if (strstr(log, cases[i].says) == NULL)
             fail_msg("case %zu: the log does not say \"%s\":\n%s", i, cases[i].says, log);
         free(log);
-        if (i < 2) {
+        if (i != 2) {
             /* The call that waited hears the connection close. */
             assert_false(d.allow);
             assert_int_equal(d.status, 503);
@@ -653,6 +706,7 @@ int main(void)
                                         tp_teardown),
         cmocka_unit_test_setup_teardown(test_wait_is_bounded, setup, tp_teardown),
         cmocka_unit_test_setup_teardown(test_reload_while_waiting, setup, tp_teardown),
+        cmocka_unit_test_setup_teardown(test_cannot_wait_inside_c_callbacks, setup, tp_teardown),
         cmocka_unit_test_setup_teardown(test_script_flush, setup, tp_teardown),
         cmocka_unit_test_setup_teardown(test_acl_user_of_the_docs, setup, tp_teardown),
         cmocka_unit_test_setup_teardown(test_hostile_server, setup, tp_teardown),

@@ -1009,8 +1009,20 @@ static void finish_op(mg_redis_t *r, mg__redis_op_t *o, redisReply *rep)
         done(ctx, mg__redis_push_results(co, op, rep));
 }
 
+/* A number as text Redis reads back exactly: whole numbers (counts, bursts) as integers,
+   without printf's cost; the rest with 17 significant digits. */
 static void fmt_num(char *buf, size_t cap, double v)
 {
+    if (v == (double)(int64_t)v && v > -1e15 && v < 1e15 && cap >= 24) {
+        int64_t i = (int64_t)v;
+        char *p = buf;
+        if (i < 0) {
+            *p++ = '-';
+            i = -i;
+        }
+        *put_uint(p, (size_t)i) = '\0';
+        return;
+    }
     snprintf(buf, cap, "%.17g", v);
 }
 

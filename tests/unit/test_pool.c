@@ -1214,6 +1214,183 @@ static void count_conn(const char *user, mg_pool_conn_t *pc, void *arg)
         c->other++;
 }
 
+/* ---- the handshake gate ---- */
+
+/* A pool whose gate runs `running` handshakes at once and queues `queued` more. */
+static int setup_gate(void **state, int running, int queued)
+{
+    fixture_t *f = fixture_new();
+    f->settings.max_handshakes = running;
+    f->settings.handshake_queue_max = queued;
+    fixture_pool(f);
+    *state = f;
+    return 0;
+}
+
+static int setup_gate2(void **state)
+{
+    return setup_gate(state, 2, 3);
+}
+
+static int setup_gate1(void **state)
+{
+    return setup_gate(state, 1, 1);
+}
+
+static int setup_unbounded(void **state)
+{
+    return setup_gate(state, 0, 0);
+}
+
+static void stats_of(fixture_t *f, mg_pool_stats_t *st)
+{
+    mg_pool_stats(f->pool, st);
+}
+
+static void test_gate_bounds_handshakes_in_order(void **state)
+{
+    fixture_t *f = *state;
+    waiter_t w[6];
+    mg_pool_stats_t st;
+    char id[8];
+
+    for (int i = 0; i < 5; i++) {
+        snprintf(id, sizeof(id), "u%d", i);
+        assert_int_equal(acq(f, &w[i], id), MG_EAGAIN);
+    }
+    /* Two handshakes run; three users wait for a slot; the sixth finds the queue full. */
+    assert_int_equal(f->fb.opens, 2);
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes, 2);
+    assert_int_equal(st.handshakes_queued, 3);
+    assert_int_equal(st.total_connections, 5);
+    assert_int_equal(acq(f, &w[5], "u5"), MG_EBUSY);
+    assert_non_null(strstr(w[5].req.error, "Too many SSH connections being opened at once"));
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes_refused, 1);
+
+    /* Each handshake that ends, ready or failed, starts the oldest waiting one. */
+    fake_ready(&f->fb, 0);
+    tick(&f->loop);
+    assert_int_equal(w[0].calls, 1);
+    assert_int_equal(w[0].status, 0);
+    assert_int_equal(f->fb.opens, 3);
+    assert_string_equal(f->fb.conns[2].user, "u2");
+    fake_fail(&f->fb, 1, MG_EAUTH, "refused");
+    tick(&f->loop);
+    assert_int_equal(w[1].status, MG_EAUTH);
+    assert_int_equal(f->fb.opens, 4);
+    assert_string_equal(f->fb.conns[3].user, "u3");
+    fake_ready(&f->fb, 2);
+    tick(&f->loop);
+    assert_string_equal(f->fb.conns[4].user, "u4");
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes, 2);
+    assert_int_equal(st.handshakes_queued, 0);
+    assert_int_equal(fake_ready_all(&f->fb), 2);
+    tick(&f->loop);
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes, 0);
+    assert_int_equal(st.handshakes_peak, 2);
+    for (int i = 0; i < 5; i++) {
+        if (i == 1)
+            continue;
+        assert_int_equal(w[i].status, 0);
+        release(f, &w[i]);
+    }
+}
+
+static void test_gate_deadline_while_queued(void **state)
+{
+    fixture_t *f = *state;
+    waiter_t a, b, c;
+    mg_pool_stats_t st;
+    mg_pool_user_stats_t us;
+
+    assert_int_equal(acq(f, &a, "first"), MG_EAGAIN);
+    assert_int_equal(acq(f, &b, "second"), MG_EAGAIN);
+    assert_int_equal(f->fb.opens, 1);
+    /* The deadline passes while second's connection still waits for the one slot. */
+    advance(f, 250);
+    assert_int_equal(b.calls, 1);
+    assert_int_equal(b.status, MG_ETIMEDOUT);
+    assert_non_null(strstr(b.error, "Timed out after 200 ms waiting for a connection"));
+    assert_non_null(strstr(b.error, "handshake slots"));
+    assert_int_equal(a.status, MG_ETIMEDOUT);
+    /* Its place is free and nothing of it stays: no record, no backoff, no entry. */
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes_queued, 0);
+    assert_int_equal(st.total_connections, 1);
+    assert_int_equal(mg_pool_user_stats(f->pool, "second", &us), MG_EINVAL);
+    /* The slot it never got goes to whoever comes next once the running one ends. */
+    assert_int_equal(acq(f, &c, "second"), MG_EAGAIN);
+    assert_int_equal(f->fb.opens, 1);
+    fake_ready(&f->fb, 0);
+    tick(&f->loop);
+    assert_int_equal(f->fb.opens, 2);
+    assert_string_equal(f->fb.conns[1].user, "second");
+    fake_ready(&f->fb, 1);
+    tick(&f->loop);
+    assert_int_equal(c.status, 0);
+    release(f, &c);
+}
+
+static void test_gate_cancel_frees_place(void **state)
+{
+    fixture_t *f = *state;
+    waiter_t a, b, c;
+    mg_pool_stats_t st;
+
+    assert_int_equal(acq(f, &a, "a"), MG_EAGAIN);
+    assert_int_equal(acq(f, &b, "b"), MG_EAGAIN);
+    assert_int_equal(acq(f, &c, "c"), MG_EBUSY); /* one runs, one waits: full */
+    mg_pool_acquire_cancel(&b.req);
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes_queued, 0);
+    assert_int_equal(acq(f, &c, "c"), MG_EAGAIN);
+    fake_ready(&f->fb, 0);
+    tick(&f->loop);
+    assert_int_equal(b.calls, 0);
+    assert_int_equal(f->fb.opens, 2);
+    assert_string_equal(f->fb.conns[1].user, "c");
+    assert_int_equal(fake_opens_for(&f->fb, "b"), 0);
+    fake_ready(&f->fb, 1);
+    tick(&f->loop);
+    release(f, &a);
+    release(f, &c);
+}
+
+static void test_gate_drain_and_close_drop_queued(void **state)
+{
+    fixture_t *f = *state;
+    waiter_t a, b;
+    mg_pool_stats_t st;
+
+    assert_int_equal(acq(f, &a, "a"), MG_EAGAIN);
+    assert_int_equal(acq(f, &b, "b"), MG_EAGAIN);
+    /* Closing a user whose connection never reached the backend asks the backend nothing. */
+    assert_int_equal(mg_pool_close_user(f->pool, "b", true, "gone"), 1);
+    assert_int_equal(f->fb.closes, 0);
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes_queued, 0);
+    assert_int_equal(st.total_connections, 1);
+    /* Its request still waits, so the pool queues a new connection for it, at the tail. */
+    tick(&f->loop);
+    assert_int_equal(b.calls, 0);
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes_queued, 1);
+
+    /* A drain fails the waiters and takes their queued connections away with them. */
+    mg_pool_drain(f->pool, NULL, NULL);
+    tick(&f->loop);
+    assert_int_equal(a.status, MG_ESHUTDOWN);
+    assert_int_equal(b.status, MG_ESHUTDOWN);
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes_queued, 0);
+    assert_int_equal(st.total_connections, 1); /* a's, still handshaking */
+    assert_int_equal(fake_opens_for(&f->fb, "b"), 0);
+}
+
 static void test_stats(void **state)
 {
     fixture_t *f = *state;
@@ -1368,7 +1545,13 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_idle_leases, setup, teardown),
         cmocka_unit_test_setup_teardown(test_closed_hook, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stats, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_user_entries_freed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_user_entries_freed, setup_unbounded, teardown),
+        cmocka_unit_test_setup_teardown(test_gate_bounds_handshakes_in_order, setup_gate2,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_gate_deadline_while_queued, setup_gate1, teardown),
+        cmocka_unit_test_setup_teardown(test_gate_cancel_frees_place, setup_gate1, teardown),
+        cmocka_unit_test_setup_teardown(test_gate_drain_and_close_drop_queued, setup_gate1,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_release_misuse_is_ignored, setup, teardown),
         cmocka_unit_test_setup_teardown(test_acquire_needs_callback, setup, teardown),
     };

@@ -8,9 +8,10 @@
  * as it needs (each new connection will carry max_channels leases), not one per request.
  *
  * New connections, over all users, go through one gate: at most max_handshakes (a setting) are
- * opening at once (from the backend's open to ready or failed), and the rest wait in arrival
- * order, at most handshake_queue_max of them, for as long as a request of their user waits for
- * them. So a herd of users arriving together is served a few handshakes at a time instead of
+ * opening at once (from the backend's open to ready or failed), at most
+ * max_handshakes_per_server of them with any one SSH server (whose MaxStartups would drop the
+ * rest), and the others wait in arrival order, at most handshake_queue_max of them, for as long
+ * as a request of their user waits for them. So a herd of users arriving together is served a few handshakes at a time instead of
  * all timing out together. A connection given up on while waiting (its requests timed out or
  * were cancelled) leaves the queue at once.
  *
@@ -72,6 +73,13 @@ typedef struct mg_pool_backend {
      * most once per connection.
      */
     void (*close)(void *ctx, mg_pool_conn_t *pc, bool force, const char *reason);
+    /*
+     * Optional: names the server a connection for open_arg would handshake with ("host:port")
+     * into out (cap bytes), so that the pool bounds the handshakes with each server
+     * (max_handshakes_per_server). Returns false when there is none to bound (each agent has
+     * its own sshd); then only the gateway-wide bound applies.
+     */
+    bool (*server)(void *ctx, void *open_arg, char *out, size_t cap);
 } mg_pool_backend_t;
 
 /*
@@ -110,7 +118,8 @@ typedef struct mg_pool_stats {
     int handshakes_queued; /* new connections waiting for a slot */
     int handshakes_peak;   /* the most that were opening at once since the pool was made */
     uint64_t handshakes_refused; /* new connections refused for a full handshake queue */
-    int max_handshakes;    /* the bound (0: none) */
+    int max_handshakes;    /* the bounds (0: none) */
+    int max_handshakes_per_server;
 } mg_pool_stats_t;
 
 typedef struct mg_pool_user_stats {
@@ -124,8 +133,8 @@ typedef struct mg_pool_user_stats {
 
 /*
  * Creates a pool on loop. The default limits come from settings (max_connections_per_user,
- * max_channels, max_idle_ms, queue_max, queue_timeout_ms), the gate's from max_handshakes and
- * handshake_queue_max. Returns 0, MG_EINVAL or MG_ENOMEM.
+ * max_channels, max_idle_ms, queue_max, queue_timeout_ms), the gate's from max_handshakes,
+ * max_handshakes_per_server and handshake_queue_max. Returns 0, MG_EINVAL or MG_ENOMEM.
  */
 int mg_pool_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_pool_backend_t *backend,
                 void *backend_ctx, mg_pool_t **out);

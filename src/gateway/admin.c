@@ -163,6 +163,8 @@ static void render_stats(const mg_admin_env_t *a, mg_json_t *j)
     mg_json_uint(j, ps.handshakes_refused);
     mg_json_key(j, "max");
     mg_json_int(j, ps.max_handshakes);
+    mg_json_key(j, "max_per_server");
+    mg_json_int(j, ps.max_handshakes_per_server);
     mg_json_end_object(j);
     mg_json_key(j, "connections");
     mg_json_begin_array(j);

@@ -13,8 +13,8 @@
  * stays the same; the timer is armed for the head's deadline, or sooner when there is work.
  *
  * New connections pass through one gate for the whole pool (gate.h): at most max_handshakes
- * of them are between the backend's open and ready at once, and the rest wait in arrival
- * order as records in state QUEUED, which the backend has not heard of. They count as opening
+ * of them are between the backend's open and ready at once (max_handshakes_per_server with one
+ * server, as the backend names it), and the rest wait in arrival order as records in state QUEUED, which the backend has not heard of. They count as opening
  * for their user (so a burst opens no more of them than it needs), and a record no waiter
  * needs any more (its requests timed out, were cancelled or were served) leaves the gate at
  * once, so its place goes to the next user. A granted record starts on its user's timer, like
@@ -415,8 +415,9 @@ static void waiter_timeout(mg_pool_user_t *u, mg_pool_acquire_t *req)
     else if (u->nqueued > 0)
         waiter_fail(u, req, MG_ETIMEDOUT,
                     "Timed out after %" PRIu64 " ms waiting for a connection: its SSH "
-                    "handshake was still waiting for one of the gateway's %d handshake slots",
-                    u->limits.queue_timeout_ms, g->max_running);
+                    "handshake was still queued for a handshake slot (%d at once, %d per "
+                    "server; %d queued)",
+                    u->limits.queue_timeout_ms, g->max_running, g->group_max, g->queued);
     else if (u->last_err != 0)
         waiter_fail(u, req, MG_ETIMEDOUT,
                     "Timed out after %" PRIu64 " ms waiting for a connection "
@@ -556,7 +557,11 @@ static int conn_open(mg_pool_user_t *u, void *open_arg, char *err, size_t errlen
         return MG_ENOMEM;
     }
     mg__gate_ticket_init(&pc->ticket);
-    int rc = mg__gate_enter(&pool->gate, &pc->ticket, pool_now(pool));
+    char server[MG__GATE_GROUP_NAME_MAX + 1] = "";
+    if (pool->backend.server != NULL &&
+        !pool->backend.server(pool->backend_ctx, open_arg, server, sizeof(server)))
+        server[0] = '\0';
+    int rc = mg__gate_enter(&pool->gate, &pc->ticket, server, pool_now(pool));
     gate_note_refusal(pool, rc == MG_EQUEUEFULL);
     if (rc == MG_EQUEUEFULL) {
         snprintf(err, errlen, "Too many SSH connections being opened at once (%d handshakes "
@@ -821,13 +826,13 @@ int mg_pool_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_pool_ba
         .queue_timeout_ms = settings->queue_timeout_ms,
     };
     if (!limits_valid(&pool->defaults) || settings->max_handshakes < 0 ||
-        settings->handshake_queue_max < 0) {
+        settings->max_handshakes_per_server < 0 || settings->handshake_queue_max < 0) {
         free(pool->buckets);
         free(pool);
         return MG_EINVAL;
     }
     mg__gate_init(&pool->gate, settings->max_handshakes, settings->handshake_queue_max,
-                  on_gate_grant, pool);
+                  settings->max_handshakes_per_server, on_gate_grant, pool);
     *out = pool;
     return 0;
 }
@@ -852,6 +857,7 @@ void mg_pool_free(mg_pool_t *pool)
         u->nrecords = 0;
         user_free(u);
     }
+    mg__gate_destroy(&pool->gate);
     free(pool->buckets);
     free(pool);
 }
@@ -1116,6 +1122,7 @@ void mg_pool_stats(const mg_pool_t *pool, mg_pool_stats_t *out)
     out->handshakes_peak = pool->gate.peak_running;
     out->handshakes_refused = pool->gate.refused;
     out->max_handshakes = pool->gate.max_running;
+    out->max_handshakes_per_server = pool->gate.group_max;
     const mg_list_t *n;
     mg_list_foreach(n, &pool->users) {
         if (USER_OF(n)->nconns > 0 || USER_OF(n)->nwaiters > 0)

@@ -1,8 +1,8 @@
 /*
  * A herd of users at once, end to end: the moongate program with a real sshd and mg-upstream,
- * and MOONGATE_MAX_HANDSHAKES small enough to see. Twenty users arriving together are all
- * served with never more than two handshakes running (the gateway's own high-water mark, in
- * /stats); a request whose connection is still queued for a handshake slot when its deadline
+ * and MOONGATE_MAX_HANDSHAKES (or _PER_SERVER) small enough to see. Twenty users arriving
+ * together are all served with never more than two handshakes running (the gateway's own
+ * high-water mark, in /stats); a request whose connection is still queued for a handshake slot when its deadline
  * passes gets its 504 and leaves the queue; a full queue answers 503 at once.
  *
  * To hold the one slot for a known time, one user's route points at a loopback port that
@@ -162,13 +162,11 @@ static void *herd_run(void *arg)
     return NULL;
 }
 
-static void test_herd_served_two_at_a_time(void **state)
+/* HERD users at once through a gateway started with env, whose bound for them is two. */
+static void herd_of_twenty(world_t *w, const char *const *env)
 {
-    world_t *w = *state;
     gw_t g = { 0 };
-    const char *env[] = { "MOONGATE_MAX_HANDSHAKES=2", NULL };
     start_gateway(w, &g, env);
-    assert_int_equal(handshake_stat(&g, "max"), 2);
 
     pthread_barrier_t go;
     assert_int_equal(pthread_barrier_init(&go, NULL, HERD), 0);
@@ -203,6 +201,19 @@ static void test_herd_served_two_at_a_time(void **state)
                   waited_none);
     assert_true(waited_none >= 2 && waited_none < HERD);
     gw_stop(&g);
+}
+
+static void test_herd_served_two_at_a_time(void **state)
+{
+    const char *env[] = { "MOONGATE_MAX_HANDSHAKES=2", NULL };
+    herd_of_twenty(*state, env);
+}
+
+/* Every user's route dials the same sshd: the bound per server holds them to two as well. */
+static void test_herd_two_per_server(void **state)
+{
+    const char *env[] = { "MOONGATE_MAX_HANDSHAKES_PER_SERVER=2", NULL };
+    herd_of_twenty(*state, env);
 }
 
 /* ---- a deadline that passes in the queue, and a full queue ---- */
@@ -268,7 +279,7 @@ static void test_deadline_in_queue_and_full_queue(void **state)
     assert_int_equal(late.rc, 0);
     assert_int_equal(late.status, 504);
     assert_non_null(strstr(late.body, "Timed out after 400 ms waiting for a connection"));
-    assert_non_null(strstr(late.body, "handshake slots"));
+    assert_non_null(strstr(late.body, "queued for a handshake slot"));
     assert_true(late.took_ms >= 350 && late.took_ms < 2500);
     /* Its place is given back at once: the queue is empty while mute still holds the slot. */
     assert_int_equal(handshake_stat(&g, "queued"), 0);
@@ -291,6 +302,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_herd_served_two_at_a_time),
+        cmocka_unit_test(test_herd_two_per_server),
         cmocka_unit_test(test_deadline_in_queue_and_full_queue),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);

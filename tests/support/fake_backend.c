@@ -56,9 +56,19 @@ void fake_close(void *ctx, mg_pool_conn_t *pc, bool force,
     }
 }
 
+static bool fake_server(void *ctx, void *open_arg, char *out, size_t cap)
+{
+    const fake_backend_t *fb = ctx;
+    if (!fb->named_servers || open_arg == NULL)
+        return false;
+    snprintf(out, cap, "%s", (const char *)open_arg);
+    return true;
+}
+
 const mg_pool_backend_t fake_backend_ops = {
     .open = fake_open,
     .close = fake_close,
+    .server = fake_server,
 };
 
 void fake_ready(fake_backend_t *fb, int i)

@@ -57,14 +57,21 @@ static void on_acquire(mg_pool_acquire_t *req, int status)
     }
 }
 
-static int acq(fixture_t *f, waiter_t *w, const char *user)
+/* One acquire whose open_arg is server (which the fake backend reads as the server's name when
+   named_servers is set). */
+static int acq_to(fixture_t *f, waiter_t *w, const char *user, const char *server)
 {
     memset(w, 0, sizeof(*w));
     w->req.data = w;
-    w->rc = mg_pool_acquire(f->pool, &w->req, user, NULL, on_acquire);
+    w->rc = mg_pool_acquire(f->pool, &w->req, user, (void *)server, on_acquire);
     if (w->rc == 0)
         w->conn = w->req.conn;
     return w->rc;
+}
+
+static int acq(fixture_t *f, waiter_t *w, const char *user)
+{
+    return acq_to(f, w, user, NULL);
 }
 
 /* The lease a waiter holds, whether it got it at once or through its callback. */
@@ -1222,6 +1229,8 @@ static int setup_gate(void **state, int running, int queued)
     fixture_t *f = fixture_new();
     f->settings.max_handshakes = running;
     f->settings.handshake_queue_max = queued;
+    f->settings.max_handshakes_per_server = 1;
+    f->fb.named_servers = true;
     fixture_pool(f);
     *state = f;
     return 0;
@@ -1315,7 +1324,7 @@ static void test_gate_deadline_while_queued(void **state)
     assert_int_equal(b.calls, 1);
     assert_int_equal(b.status, MG_ETIMEDOUT);
     assert_non_null(strstr(b.error, "Timed out after 200 ms waiting for a connection"));
-    assert_non_null(strstr(b.error, "handshake slots"));
+    assert_non_null(strstr(b.error, "queued for a handshake slot"));
     assert_int_equal(a.status, MG_ETIMEDOUT);
     /* Its place is free and nothing of it stays: no record, no backoff, no entry. */
     stats_of(f, &st);
@@ -1358,6 +1367,39 @@ static void test_gate_cancel_frees_place(void **state)
     tick(&f->loop);
     release(f, &a);
     release(f, &c);
+}
+
+static void test_gate_per_server(void **state)
+{
+    fixture_t *f = *state;
+    waiter_t w[4];
+    mg_pool_stats_t st;
+
+    /* One handshake at once with each server, two in all: b's user overtakes a's second. */
+    assert_int_equal(acq_to(f, &w[0], "u0", "a:22"), MG_EAGAIN);
+    assert_int_equal(acq_to(f, &w[1], "u1", "a:22"), MG_EAGAIN);
+    assert_int_equal(acq_to(f, &w[2], "u2", "b:22"), MG_EAGAIN);
+    assert_int_equal(acq_to(f, &w[3], "u3", "b:22"), MG_EAGAIN);
+    assert_int_equal(f->fb.opens, 2);
+    assert_string_equal(f->fb.conns[0].user, "u0");
+    assert_string_equal(f->fb.conns[1].user, "u2");
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes_queued, 2);
+    assert_int_equal(st.max_handshakes_per_server, 1);
+    /* b's handshake ends: b's next goes, a's stays behind a's running one. */
+    fake_ready(&f->fb, 1);
+    tick(&f->loop);
+    assert_int_equal(f->fb.opens, 3);
+    assert_string_equal(f->fb.conns[2].user, "u3");
+    fake_ready(&f->fb, 0);
+    tick(&f->loop);
+    assert_string_equal(f->fb.conns[3].user, "u1");
+    assert_int_equal(fake_ready_all(&f->fb), 2);
+    tick(&f->loop);
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(w[i].status, 0);
+        release(f, &w[i]);
+    }
 }
 
 static void test_gate_drain_and_close_drop_queued(void **state)
@@ -1550,6 +1592,7 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_gate_deadline_while_queued, setup_gate1, teardown),
         cmocka_unit_test_setup_teardown(test_gate_cancel_frees_place, setup_gate1, teardown),
+        cmocka_unit_test_setup_teardown(test_gate_per_server, setup_gate2, teardown),
         cmocka_unit_test_setup_teardown(test_gate_drain_and_close_drop_queued, setup_gate1,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_release_misuse_is_ignored, setup, teardown),

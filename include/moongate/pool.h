@@ -80,6 +80,11 @@ typedef struct mg_pool_backend {
      * its own sshd); then only the gateway-wide bound applies.
      */
     bool (*server)(void *ctx, void *open_arg, char *out, size_t cap);
+    /*
+     * Optional: pc serves no request now (every lease it holds is idle, or none): give back
+     * memory it can do without until it does (empty buffers). Called by the stale sweep.
+     */
+    void (*trim)(void *ctx, mg_pool_conn_t *pc);
 } mg_pool_backend_t;
 
 /*
@@ -200,8 +205,8 @@ int mg_pool_close_all(mg_pool_t *pool, bool force, const char *reason);
 
 /*
  * Closes connections that hold no lease and have been idle longer than
- * min(max_idle_ms, the user's idle_timeout_ms), and unhealthy ones whatever their leases.
- * Returns how many it closed.
+ * min(max_idle_ms, the user's idle_timeout_ms), and unhealthy ones whatever their leases;
+ * asks the backend to trim the others that serve no request now. Returns how many it closed.
  */
 int mg_pool_cleanup_stale(mg_pool_t *pool, uint64_t max_idle_ms);
 

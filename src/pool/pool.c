@@ -1068,6 +1068,8 @@ int mg_pool_cleanup_stale(mg_pool_t *pool, uint64_t max_idle_ms)
             } else if (pc->leases == 0 && now - pc->last_used > idle) {
                 conn_close(pc, false, "idle");
                 closed++;
+            } else if (pc->leases == pc->idle_leases && pool->backend.trim != NULL) {
+                pool->backend.trim(pool->backend_ctx, pc);
             }
         }
         unext = un->next;

@@ -79,10 +79,18 @@ static bool backend_server(void *ctx, void *open_arg, char *out, size_t cap)
     return n > 0 && (size_t)n < cap;
 }
 
+static void backend_trim(void *ctx, mg_pool_conn_t *pc)
+{
+    mg_ssh_conn_t *c = mg_pool_conn_backend_data(pc);
+    if (c != NULL)
+        mg_ssh_conn_trim(c);
+}
+
 const mg_pool_backend_t mg_ssh_pool_backend = {
     .open = backend_open,
     .close = backend_close,
     .server = backend_server,
+    .trim = backend_trim,
 };
 
 void mg_ssh_backend_init(mg_ssh_backend_t *b, uv_loop_t *loop, const mg_settings_t *settings)

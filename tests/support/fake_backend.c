@@ -65,10 +65,16 @@ static bool fake_server(void *ctx, void *open_arg, char *out, size_t cap)
     return true;
 }
 
+static void fake_trim(void *ctx, mg_pool_conn_t *pc)
+{
+    ((fake_backend_t *)ctx)->trims++;
+}
+
 const mg_pool_backend_t fake_backend_ops = {
     .open = fake_open,
     .close = fake_close,
     .server = fake_server,
+    .trim = fake_trim,
 };
 
 void fake_ready(fake_backend_t *fb, int i)

@@ -45,6 +45,7 @@ typedef struct fake_backend {
     int opens;        /* calls to open, failed ones included */
     int closes;       /* calls to close */
     int force_closes; /* of which with force */
+    int trims;        /* calls to trim */
     int open_rc;      /* < 0: open fails at once with this code and open_err */
     const char *open_err;
     bool close_sync;  /* close reports closed before returning */

@@ -1004,6 +1004,7 @@ static void test_cleanup_stale(void **state)
     assert_true(f->fb.conns[i_sick].close_force);
     assert_string_equal(f->fb.conns[i_sick].close_reason, "unhealthy");
     assert_false(f->fb.conns[i_idle].close_called);
+    assert_int_equal(f->fb.trims, 1); /* the one serving no request gives back what it can */
 
     advance(f, 50);
     assert_int_equal(mg_pool_cleanup_stale(f->pool, 30), 1);
@@ -1011,7 +1012,11 @@ static void test_cleanup_stale(void **state)
     assert_false(f->fb.conns[i_idle].close_force);
     assert_string_equal(f->fb.conns[i_idle].close_reason, "idle");
     assert_false(f->fb.conns[i_busy].close_called); /* has a lease */
+    assert_int_equal(f->fb.trims, 1); /* a busy lease: no trim */
+    mg_pool_lease_set_idle(f->pool, busy, true);
     assert_int_equal(mg_pool_cleanup_stale(f->pool, 30), 0); /* each closed once */
+    assert_int_equal(f->fb.trims, 2); /* a kept-alive channel only: trimmed */
+    mg_pool_lease_set_idle(f->pool, busy, false);
     assert_int_equal(fake_finish_closing(&f->fb), 2);
     mg_pool_stats(f->pool, &st);
     assert_int_equal(st.total_connections, 1);

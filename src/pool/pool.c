@@ -14,11 +14,11 @@
  *
  * New connections pass through one gate for the whole pool (gate.h): at most max_handshakes
  * of them are between the backend's open and ready at once (max_handshakes_per_server with one
- * server, as the backend names it), and the rest wait in arrival order as records in state QUEUED, which the backend has not heard of. They count as opening
- * for their user (so a burst opens no more of them than it needs), and a record no waiter
- * needs any more (its requests timed out, were cancelled or were served) leaves the gate at
- * once, so its place goes to the next user. A granted record starts on its user's timer, like
- * every other completion.
+ * server, as the backend names it), and the rest wait in arrival order as records in state
+ * QUEUED, which the backend has not heard of. They count as opening for their user (so a burst
+ * opens no more of them than it needs), and a record no waiter needs any more (its requests
+ * timed out, were cancelled or were served) leaves the gate at once, so its place goes to the
+ * next user. A granted record starts on its user's timer, like every other completion.
  *
  * Lifetimes. A connection record lives until the backend reports it gone and its last lease is
  * released; until then it stays on its user's list (state CLOSED once gone) and keeps the entry
@@ -720,10 +720,14 @@ static void user_service(mg_pool_user_t *u)
     }
 }
 
-/* Whether the gate would take one more record, running or waiting. */
+/*
+ * Whether the gate is sure to take one more record, running or waiting. With its queue full it
+ * may still run one at once (for a server with room), but a user that has a connection waits
+ * for that one rather than have its timer try the gate again and again.
+ */
 static bool gate_takes(const mg__gate_t *g)
 {
-    return g->max_running == 0 || g->running < g->max_running || g->queued < g->max_queued;
+    return (g->max_running == 0 && g->group_max == 0) || g->queued < g->max_queued;
 }
 
 static bool user_has_work(const mg_pool_user_t *u, uint64_t now)

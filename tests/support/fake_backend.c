@@ -3,6 +3,12 @@
  */
 #include "fake_backend.h"
 
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
 int fake_index(const fake_backend_t *fb, const mg_pool_conn_t *pc)
 {
     for (int i = 0; i < fb->opens; i++) {
@@ -58,7 +64,9 @@ void fake_close(void *ctx, mg_pool_conn_t *pc, bool force,
 
 static bool fake_server(void *ctx, void *open_arg, char *out, size_t cap)
 {
-    const fake_backend_t *fb = ctx;
+    fake_backend_t *fb = ctx;
+    if (++fb->server_calls > fb->server_calls_max && fb->server_calls_max > 0)
+        fail_msg("the pool tried to open %d connections: it keeps retrying", fb->server_calls);
     if (!fb->named_servers || open_arg == NULL)
         return false;
     snprintf(out, cap, "%s", (const char *)open_arg);

@@ -46,6 +46,9 @@ typedef struct fake_backend {
     int closes;       /* calls to close */
     int force_closes; /* of which with force */
     int trims;        /* calls to trim */
+    int server_calls; /* calls to server: one per connection the pool tried to open */
+    int server_calls_max; /* > 0: fail the test past this many (a pool retrying in a loop
+                             would otherwise hang it inside one pass of the loop's timers) */
     int open_rc;      /* < 0: open fails at once with this code and open_err */
     const char *open_err;
     bool close_sync;  /* close reports closed before returning */

@@ -1228,10 +1228,14 @@ static void count_conn(const char *user, mg_pool_conn_t *pc, void *arg)
 
 /* ---- the handshake gate ---- */
 
-/* A pool whose gate runs `running` handshakes at once and queues `queued` more. */
-static int setup_gate(void **state, int running, int queued)
+/*
+ * A pool whose gate runs `running` handshakes at once (one per server) and queues `queued`
+ * more, with `channels` channels a connection.
+ */
+static int setup_gate(void **state, int running, int queued, int channels)
 {
     fixture_t *f = fixture_new();
+    f->settings.max_channels = channels;
     f->settings.max_handshakes = running;
     f->settings.handshake_queue_max = queued;
     f->settings.max_handshakes_per_server = 1;
@@ -1243,17 +1247,22 @@ static int setup_gate(void **state, int running, int queued)
 
 static int setup_gate2(void **state)
 {
-    return setup_gate(state, 2, 3);
+    return setup_gate(state, 2, 3, 10);
+}
+
+static int setup_gate2_one_channel(void **state)
+{
+    return setup_gate(state, 2, 3, 1);
 }
 
 static int setup_gate1(void **state)
 {
-    return setup_gate(state, 1, 1);
+    return setup_gate(state, 1, 1, 10);
 }
 
 static int setup_unbounded(void **state)
 {
-    return setup_gate(state, 0, 0);
+    return setup_gate(state, 0, 0, 10);
 }
 
 static void stats_of(fixture_t *f, mg_pool_stats_t *st)
@@ -1405,6 +1414,42 @@ static void test_gate_per_server(void **state)
         assert_int_equal(w[i].status, 0);
         release(f, &w[i]);
     }
+}
+
+/*
+ * A user that has a connection, wants another, and finds the gate's queue full waits for the
+ * one it has: its timer does not try the gate again and again (the gate has room overall, but
+ * not for this server).
+ */
+static void test_gate_full_queue_does_not_spin(void **state)
+{
+    fixture_t *f = *state;
+    waiter_t a1, a2, x, y[3];
+    char id[8];
+
+    assert_int_equal(acq_to(f, &a1, "a", "s1:22"), MG_EAGAIN);
+    fake_ready(&f->fb, 0);
+    tick(&f->loop);
+    assert_int_equal(a1.status, 0);
+    assert_int_equal(acq_to(f, &x, "x", "s1:22"), MG_EAGAIN); /* s1's one slot */
+    for (int i = 0; i < 3; i++) {
+        snprintf(id, sizeof(id), "y%d", i);
+        assert_int_equal(acq_to(f, &y[i], id, "s1:22"), MG_EAGAIN); /* the queue, full */
+    }
+    /* a's one channel is taken: a wants a second connection. */
+    assert_int_equal(acq_to(f, &a2, "a", "s1:22"), MG_EAGAIN);
+    f->fb.server_calls_max = f->fb.server_calls + 5;
+    run_ms(&f->loop, 30);
+    f->fb.server_calls_max = 0;
+    assert_int_equal(a2.calls, 0);
+    /* a's channel frees: its waiter takes it. */
+    release(f, &a1);
+    tick(&f->loop);
+    assert_int_equal(a2.status, 0);
+    release(f, &a2);
+    mg_pool_acquire_cancel(&x.req);
+    for (int i = 0; i < 3; i++)
+        mg_pool_acquire_cancel(&y[i].req);
 }
 
 static void test_gate_drain_and_close_drop_queued(void **state)
@@ -1598,6 +1643,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_gate_deadline_while_queued, setup_gate1, teardown),
         cmocka_unit_test_setup_teardown(test_gate_cancel_frees_place, setup_gate1, teardown),
         cmocka_unit_test_setup_teardown(test_gate_per_server, setup_gate2, teardown),
+        cmocka_unit_test_setup_teardown(test_gate_full_queue_does_not_spin, setup_gate2_one_channel,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_gate_drain_and_close_drop_queued, setup_gate1,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_release_misuse_is_ignored, setup, teardown),

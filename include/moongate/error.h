@@ -28,6 +28,7 @@ enum mg_error {
     MG_EBACKOFF = -1015,    /* a recent connect for this user failed; not retrying yet */
     MG_EOPEN = -1016,       /* the server refused to open the channel */
     MG_ECONFIG = -1017,     /* a setting is invalid */
+    MG_EBUSY = -1018,       /* the gateway has too many SSH handshakes waiting to take one more */
 };
 
 /* A short, static description of an error code; never NULL. */

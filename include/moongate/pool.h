@@ -7,6 +7,14 @@
  * until a slot frees up or its deadline passes. A burst of requests opens only as many connections
  * as it needs (each new connection will carry max_channels leases), not one per request.
  *
+ * New connections, over all users, go through one gate: at most max_handshakes (a setting) are
+ * opening at once (from the backend's open to ready or failed), at most
+ * max_handshakes_per_server of them with any one SSH server (whose MaxStartups would drop the
+ * rest), and the others wait in arrival order, at most handshake_queue_max of them, for as long
+ * as a request of their user waits for them. So a herd of users arriving together is served a few handshakes at a time instead of
+ * all timing out together. A connection given up on while waiting (its requests timed out or
+ * were cancelled) leaves the queue at once.
+ *
  * The pool does not speak SSH. It drives a backend (mg_pool_backend_t) that opens and closes real
  * connections and reports back through mg_pool_conn_ready(), _failed(), _set_healthy() and
  * _closed(). src/ssh_backend.c is the SSH backend; the unit tests use a fake one.
@@ -65,6 +73,18 @@ typedef struct mg_pool_backend {
      * most once per connection.
      */
     void (*close)(void *ctx, mg_pool_conn_t *pc, bool force, const char *reason);
+    /*
+     * Optional: names the server a connection for open_arg would handshake with ("host:port")
+     * into out (cap bytes), so that the pool bounds the handshakes with each server
+     * (max_handshakes_per_server). Returns false when there is none to bound (each agent has
+     * its own sshd); then only the gateway-wide bound applies.
+     */
+    bool (*server)(void *ctx, void *open_arg, char *out, size_t cap);
+    /*
+     * Optional: pc serves no request now (every lease it holds is idle, or none): give back
+     * memory it can do without until it does (empty buffers). Called by the stale sweep.
+     */
+    void (*trim)(void *ctx, mg_pool_conn_t *pc);
 } mg_pool_backend_t;
 
 /*
@@ -99,6 +119,12 @@ typedef struct mg_pool_stats {
     int idle_leases;       /* of those, held by a kept-alive channel serving no request */
     int waiters;           /* acquires waiting */
     bool draining;
+    int handshakes;        /* new connections opening now (holding a handshake slot) */
+    int handshakes_queued; /* new connections waiting for a slot */
+    int handshakes_peak;   /* the most that were opening at once since the pool was made */
+    uint64_t handshakes_refused; /* new connections refused for a full handshake queue */
+    int max_handshakes;    /* the bounds (0: none) */
+    int max_handshakes_per_server;
 } mg_pool_stats_t;
 
 typedef struct mg_pool_user_stats {
@@ -112,7 +138,8 @@ typedef struct mg_pool_user_stats {
 
 /*
  * Creates a pool on loop. The default limits come from settings (max_connections_per_user,
- * max_channels, max_idle_ms, queue_max, queue_timeout_ms). Returns 0, MG_EINVAL or MG_ENOMEM.
+ * max_channels, max_idle_ms, queue_max, queue_timeout_ms), the gate's from max_handshakes,
+ * max_handshakes_per_server and handshake_queue_max. Returns 0, MG_EINVAL or MG_ENOMEM.
  */
 int mg_pool_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_pool_backend_t *backend,
                 void *backend_ctx, mg_pool_t **out);
@@ -149,9 +176,11 @@ bool mg_pool_user_id_valid(const char *id);
  *   MG_EQUEUEFULL  the user is at the limit and the queue is full (req->error carries
  *                  "Connection limit exceeded. Maximum N concurrent connections allowed.");
  *   MG_EBACKOFF    the user's last connect failed recently; req->error has that failure;
+ *   MG_EBUSY       the user needs a new connection and the handshake queue is full;
  *   another code   the backend failed to start an open; req->error says why.
  * A waiting request completes with 0, MG_ETIMEDOUT (deadline passed; the same limit message when
- * the user was at the limit), the failure of the connect it waited for (MG_ECONNECT, MG_EHOSTKEY,
+ * the user was at the limit; a message naming the handshake queue when its connection was still
+ * waiting there), MG_EBUSY, the failure of the connect it waited for (MG_ECONNECT, MG_EHOSTKEY,
  * MG_EAUTH, ...), or MG_ESHUTDOWN.
  */
 int mg_pool_acquire(mg_pool_t *pool, mg_pool_acquire_t *req, const char *user, void *open_arg,
@@ -176,8 +205,8 @@ int mg_pool_close_all(mg_pool_t *pool, bool force, const char *reason);
 
 /*
  * Closes connections that hold no lease and have been idle longer than
- * min(max_idle_ms, the user's idle_timeout_ms), and unhealthy ones whatever their leases.
- * Returns how many it closed.
+ * min(max_idle_ms, the user's idle_timeout_ms), and unhealthy ones whatever their leases;
+ * asks the backend to trim the others that serve no request now. Returns how many it closed.
  */
 int mg_pool_cleanup_stale(mg_pool_t *pool, uint64_t max_idle_ms);
 
@@ -195,6 +224,13 @@ void mg_pool_drain(mg_pool_t *pool, void (*on_idle)(mg_pool_t *pool, void *arg),
  * call into the pool other than mg_pool_stats(); defer anything else.
  */
 void mg_pool_set_closed_cb(mg_pool_t *pool, void (*fn)(mg_pool_t *pool, void *arg), void *arg);
+
+/*
+ * Sets fn to be called each time a new connection is handed to the backend, with how long it
+ * waited for a handshake slot (0 when one was free). One observer (the gateway's metrics); NULL
+ * removes it. fn must not call into the pool.
+ */
+void mg_pool_set_start_cb(mg_pool_t *pool, void (*fn)(void *arg, uint64_t waited_ms), void *arg);
 
 void mg_pool_stats(const mg_pool_t *pool, mg_pool_stats_t *out);
 

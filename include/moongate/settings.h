@@ -11,6 +11,9 @@
  *   SSH_CONNECTION_TIMEOUT       connect_timeout_ms           30000     100..600000
  *   QUEUE_MAX_PER_USER           queue_max                    100       0..100000
  *   QUEUE_TIMEOUT                queue_timeout_ms             30000     1..600000
+ *   MOONGATE_MAX_HANDSHAKES      max_handshakes               64        0..100000 (0: no bound)
+ *   MOONGATE_MAX_HANDSHAKES_PER_SERVER max_handshakes_per_server 6       0..100000 (0: no bound)
+ *   MOONGATE_HANDSHAKE_QUEUE_MAX handshake_queue_max          4096      0..1000000
  *   SHUTDOWN_GRACE_PERIOD        shutdown_grace_ms            30000     0..3600000
  *   SHUTDOWN_FORCE_AFTER_GRACE   shutdown_force_after_grace   true      true/false/1/0/yes/no
  *   SHUTDOWN_NOTIFY_CLIENTS      shutdown_notify_clients      true      true/false/1/0/yes/no
@@ -42,6 +45,9 @@ typedef struct mg_settings {
     uint64_t connect_timeout_ms;
     int queue_max;
     uint64_t queue_timeout_ms;
+    int max_handshakes;        /* new SSH connections in handshake+auth at once, all users */
+    int max_handshakes_per_server; /* of those, with any one SSH server (host:port) */
+    int handshake_queue_max;   /* new connections waiting for one of those slots */
     uint64_t shutdown_grace_ms;
     bool shutdown_force_after_grace;
     bool shutdown_notify_clients;

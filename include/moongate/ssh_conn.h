@@ -122,6 +122,13 @@ int mg_ssh_conn_start(uv_loop_t *loop, const mg_ssh_conn_opts_t *opts, mg_transp
  */
 void mg_ssh_conn_close(mg_ssh_conn_t *c, const char *reason, uint64_t wait_ms);
 
+/*
+ * Gives back the memory of the connection's empty buffers (its input, its transport's queues):
+ * for a connection that carries no request now, so that an idle tunnel holds little more than
+ * libssh2's session. Whatever arrives or is sent later allocates again.
+ */
+void mg_ssh_conn_trim(mg_ssh_conn_t *c);
+
 mg_ssh_state_t mg_ssh_conn_state(const mg_ssh_conn_t *c);
 bool mg_ssh_conn_healthy(const mg_ssh_conn_t *c);
 /* True once the connection has been ready: a close after that is not a failed connect. */

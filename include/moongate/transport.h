@@ -39,6 +39,7 @@ typedef struct mg_transport_ops {
     int (*write)(mg_transport_t *t, const void *buf, size_t len);
     void (*flush)(mg_transport_t *t);
     void (*close)(mg_transport_t *t, bool graceful);
+    void (*trim)(mg_transport_t *t); /* optional */
     const char *name;
 } mg_transport_ops_t;
 
@@ -67,6 +68,16 @@ static inline int mg_transport_write(mg_transport_t *t, const void *buf, size_t 
 static inline void mg_transport_flush(mg_transport_t *t)
 {
     t->ops->flush(t);
+}
+
+/*
+ * Gives back the memory of buffers that hold nothing now (the next write or read allocates
+ * again): for a transport that is about to sit idle. A no-op for a transport without it.
+ */
+static inline void mg_transport_trim(mg_transport_t *t)
+{
+    if (t->ops->trim != NULL)
+        t->ops->trim(t);
 }
 
 /*

@@ -24,6 +24,7 @@ const char *mg_strerror(int err)
     case MG_EBACKOFF: return "backing off after a failed connect";
     case MG_EOPEN: return "channel open refused";
     case MG_ECONFIG: return "invalid configuration";
+    case MG_EBUSY: return "too many SSH handshakes waiting";
     }
     /* The rest are libuv's and the system's (errno as -errno, getaddrinfo's as UV_EAI_*, UV_EOF):
        libuv names the ones it knows and gives the number of the others. */

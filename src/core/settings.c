@@ -20,6 +20,9 @@ void mg_settings_init(mg_settings_t *s)
         .connect_timeout_ms = 30000,
         .queue_max = 100,
         .queue_timeout_ms = 30000,
+        .max_handshakes = 64,
+        .max_handshakes_per_server = 6,
+        .handshake_queue_max = 4096,
         .shutdown_grace_ms = 30000,
         .shutdown_force_after_grace = true,
         .shutdown_notify_clients = true,
@@ -89,6 +92,11 @@ int mg_settings_from_env(mg_settings_t *s, char *err, size_t errlen)
                        errlen)) ||
         (rc = read_int("QUEUE_MAX_PER_USER", 0, 100000, &n.queue_max, err, errlen)) ||
         (rc = mg_settings_env_u64("QUEUE_TIMEOUT", 1, 600000, &n.queue_timeout_ms, err, errlen)) ||
+        (rc = read_int("MOONGATE_MAX_HANDSHAKES", 0, 100000, &n.max_handshakes, err, errlen)) ||
+        (rc = read_int("MOONGATE_MAX_HANDSHAKES_PER_SERVER", 0, 100000,
+                       &n.max_handshakes_per_server, err, errlen)) ||
+        (rc = read_int("MOONGATE_HANDSHAKE_QUEUE_MAX", 0, 1000000, &n.handshake_queue_max, err,
+                       errlen)) ||
         (rc = mg_settings_env_u64("SHUTDOWN_GRACE_PERIOD", 0, 3600000, &n.shutdown_grace_ms, err,
                        errlen)) ||
         (rc = mg_settings_env_bool("SHUTDOWN_FORCE_AFTER_GRACE", &n.shutdown_force_after_grace, err,

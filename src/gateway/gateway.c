@@ -41,6 +41,7 @@ struct mg_gateway {
     mg_tunnel_t *tunnel;
     mg_metrics_t *metrics_reg;
     mg_gateway_metrics_t metrics;
+    mg_histogram_t *handshake_wait; /* moongate_pool_handshake_wait_seconds */
     mg_llm_metrics_t *llm_metrics;
     mg_req_env_t req_env;
     mg_admin_env_t admin_env;
@@ -231,6 +232,50 @@ static double gauge_queue(void *arg)
     mg_pool_stats_t st;
     mg_pool_stats(((mg_gateway_t *)arg)->pool, &st);
     return st.waiters;
+}
+
+static double handshake_stat(void *arg, int which)
+{
+    mg_pool_stats_t st;
+    mg_pool_stats(((mg_gateway_t *)arg)->pool, &st);
+    switch (which) {
+    case 0: return st.handshakes;
+    case 1: return st.handshakes_queued;
+    default: return (double)st.handshakes_refused;
+    }
+}
+static double handshakes_running(void *arg) { return handshake_stat(arg, 0); }
+static double handshakes_queued(void *arg) { return handshake_stat(arg, 1); }
+static double handshakes_refused(void *arg) { return handshake_stat(arg, 2); }
+
+/* How long a new connection waited for a handshake slot: from none to a herd's worth. */
+static const double handshake_wait_buckets[] = {
+    0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+};
+
+static void on_handshake_start(void *arg, uint64_t waited_ms)
+{
+    mg_histogram_observe(((mg_gateway_t *)arg)->handshake_wait, (double)waited_ms / 1000.0);
+}
+
+/* The pool's handshake gate (MOONGATE_MAX_HANDSHAKES). */
+static int handshake_metrics(mg_gateway_t *gw)
+{
+    mg_metrics_t *m = gw->metrics_reg;
+    const char *name = "moongate_pool_handshakes";
+    const char *help = "New SSH connections opening (running: in the handshake, holding one of "
+                       "MOONGATE_MAX_HANDSHAKES slots) or queued for a slot.";
+    return mg_metrics_gauge_fn(m, name, help, "state", "running", handshakes_running, gw) ||
+           mg_metrics_gauge_fn(m, name, help, "state", "queued", handshakes_queued, gw) ||
+           mg_metrics_counter_fn(m, "moongate_pool_handshakes_refused_total",
+                                 "New SSH connections refused (503) because "
+                                 "MOONGATE_HANDSHAKE_QUEUE_MAX were already queued.", NULL, NULL,
+                                 handshakes_refused, gw) ||
+           mg_metrics_histogram(m, "moongate_pool_handshake_wait_seconds",
+                                "Time a new SSH connection waited for a handshake slot.",
+                                handshake_wait_buckets,
+                                sizeof(handshake_wait_buckets) / sizeof(double),
+                                &gw->handshake_wait);
 }
 
 static double client_bytes(const mg_gateway_t *gw, bool in)
@@ -469,6 +514,12 @@ int mg_gateway_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_gate
         snprintf(err, errlen, "cannot create the pool: %s", mg_strerror(rc));
         goto fail;
     }
+    if (handshake_metrics(gw) != 0) {
+        rc = MG_ENOMEM;
+        snprintf(err, errlen, "cannot register the handshake metrics");
+        goto fail;
+    }
+    mg_pool_set_start_cb(gw->pool, on_handshake_start, gw);
     mg_pool_set_limits_fn(gw->pool, mg_policy_pool_limits_fn, gw->policy);
     mg_policy_set_stats_fn(gw->policy, user_stats, pool_stats, gw->pool);
 

@@ -299,6 +299,7 @@ static int status_for(int err)
 {
     switch (err) {
     case MG_EQUEUEFULL:
+    case MG_EBUSY:
     case MG_ESHUTDOWN:
         return 503;
     case MG_ETIMEDOUT:

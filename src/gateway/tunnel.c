@@ -565,10 +565,18 @@ static void tun_close(mg_transport_t *base, bool graceful)
         uv_timer_start(&tun->defer, on_defer, 0, 0);
 }
 
+static void tun_trim(mg_transport_t *base)
+{
+    tun_t *tun = (tun_t *)base;
+    if (mg__buf_size(&tun->out) == 0)
+        mg__buf_free(&tun->out);
+}
+
 static const mg_transport_ops_t tun_ops = {
     .write = tun_write,
     .flush = tun_flush,
     .close = tun_close,
+    .trim = tun_trim,
     .name = "agent websocket",
 };
 

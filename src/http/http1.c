@@ -23,6 +23,10 @@
 
 #define HEAD_BUF_INITIAL 1024
 #define HEAD_BUF_KEEP 8192  /* a head buffer grown past this is given back between responses */
+/* Header slots a parser starts with: an LLM server's heads carry fewer; more grow on demand
+   up to MG_HTTP1_MAX_HEADERS. A kept-alive channel holds its parser while idle, so this is
+   memory every idle tunnel keeps. */
+#define HEADERS_INITIAL 16
 #define MAX_INTERIM 16      /* 1xx responses before one final response */
 
 /* ---------------------------------------------------------------------------------------------
@@ -59,9 +63,9 @@ struct mg_http1_resp_parser {
     char *buf;         /* reason phrase, then names and values, back to back */
     size_t buf_len, buf_cap;
     size_t reason_len; /* the reason phrase is at buf[0] */
-    hdr_off_t *offs;
+    hdr_off_t *offs;   /* hdr_cap of them, then hdr_cap headers, in one block */
     mg_http1_header_t *headers;
-    size_t nheaders;
+    size_t nheaders, hdr_cap;
     int err;
     char msg[160];
 };
@@ -171,6 +175,27 @@ static int hp_on_status(http_parser *hp, const char *at, size_t len)
     return 0;
 }
 
+/*
+ * One block for both header arrays, reused by every response: HEADERS_INITIAL slots at first,
+ * doubled when a head needs more (the headers half is only filled once the head is complete,
+ * so growing need not keep it). Returns 0, or -1 with the parser failed.
+ */
+static int headers_grow(mg_http1_resp_parser_t *p)
+{
+    size_t cap = p->hdr_cap ? p->hdr_cap * 2 : HEADERS_INITIAL;
+    if (cap > MG_HTTP1_MAX_HEADERS)
+        cap = MG_HTTP1_MAX_HEADERS;
+    hdr_off_t *o = realloc(p->offs, cap * (sizeof(hdr_off_t) + sizeof(mg_http1_header_t)));
+    if (o == NULL) {
+        fail(p, MG_ENOMEM, "out of memory for the response's header fields");
+        return -1;
+    }
+    p->offs = o;
+    p->headers = (mg_http1_header_t *)(o + cap);
+    p->hdr_cap = cap;
+    return 0;
+}
+
 static int hp_on_header_field(http_parser *hp, const char *at, size_t len)
 {
     mg_http1_resp_parser_t *p = hp->data;
@@ -189,6 +214,8 @@ static int hp_on_header_field(http_parser *hp, const char *at, size_t len)
             fail(p, MG_EINVAL, "response has more than %d header fields", MG_HTTP1_MAX_HEADERS);
             return -1;
         }
+        if (p->nheaders == p->hdr_cap && headers_grow(p) != 0)
+            return -1;
         hdr_off_t *o = &p->offs[p->nheaders++];
         o->name_off = (uint32_t)p->buf_len;
         o->name_len = 0;
@@ -333,13 +360,10 @@ int mg_http1_resp_parser_new(const mg_http1_resp_cbs_t *cbs, void *data, size_t 
     mg_http1_resp_parser_t *p = calloc(1, sizeof(*p));
     if (!p)
         return MG_ENOMEM;
-    /* One block for both header arrays: allocated once, reused by every response. */
-    p->offs = malloc(MG_HTTP1_MAX_HEADERS * (sizeof(hdr_off_t) + sizeof(mg_http1_header_t)));
-    if (!p->offs) {
+    if (headers_grow(p) != 0) {
         free(p);
         return MG_ENOMEM;
     }
-    p->headers = (mg_http1_header_t *)(p->offs + MG_HTTP1_MAX_HEADERS);
     p->cbs = *cbs;
     p->data = data;
     p->head_max = head_max;

@@ -12,6 +12,14 @@
  * The queue is kept in deadline order, which is arrival order while the user's queue_timeout_ms
  * stays the same; the timer is armed for the head's deadline, or sooner when there is work.
  *
+ * New connections pass through one gate for the whole pool (gate.h): at most max_handshakes
+ * of them are between the backend's open and ready at once (max_handshakes_per_server with one
+ * server, as the backend names it), and the rest wait in arrival order as records in state
+ * QUEUED, which the backend has not heard of. They count as opening for their user (so a burst
+ * opens no more of them than it needs), and a record no waiter needs any more (its requests
+ * timed out, were cancelled or were served) leaves the gate at once, so its place goes to the
+ * next user. A granted record starts on its user's timer, like every other completion.
+ *
  * Lifetimes. A connection record lives until the backend reports it gone and its last lease is
  * released; until then it stays on its user's list (state CLOSED once gone) and keeps the entry
  * alive. An entry lives while it has records, waiters, or a recent connect failure to remember
@@ -20,6 +28,8 @@
  * freeing until the walk is done.
  */
 #include "moongate/pool.h"
+
+#include "gate.h"
 
 #include "moongate/error.h"
 #include "moongate/log.h"
@@ -42,6 +52,7 @@
 typedef struct mg_pool_user mg_pool_user_t;
 
 enum conn_state {
+    CONN_QUEUED,  /* waiting at the gate for a handshake slot; not yet given to the backend */
     CONN_OPENING, /* the backend is connecting */
     CONN_READY,   /* may carry leases (if healthy) */
     CONN_CLOSING, /* the pool asked the backend to close it */
@@ -58,6 +69,7 @@ struct mg_pool_conn {
     int idle_leases; /* of leases, those held by a channel serving no request */
     uint64_t last_used;
     void *backend_data;
+    mg__gate_ticket_t ticket; /* in the pool's gate from the open until ready or gone */
 };
 
 struct mg_pool_user {
@@ -69,7 +81,9 @@ struct mg_pool_user {
     mg_list_t conns;       /* every record, CLOSED ones included */
     int nrecords;          /* length of conns */
     int nconns;            /* records not CLOSED: what counts against max_connections */
-    int nopening;
+    int nopening;          /* QUEUED and OPENING records */
+    int nqueued;           /* of those, QUEUED */
+    int nadmitted;         /* of those, QUEUED ones whose slot came: to start on the timer */
     int leases, idle_leases;
     mg_list_t waiters;     /* mg_pool_acquire_t, by deadline, the earliest first */
     int nwaiters;
@@ -103,6 +117,11 @@ struct mg_pool {
     void *on_idle_arg;
     void (*closed_cb)(mg_pool_t *pool, void *arg);
     void *closed_arg;
+    mg__gate_t gate;        /* new connections' handshakes */
+    bool gate_full;         /* refusing for a full gate queue (logged once until it has room) */
+    uint64_t gate_refused_logged; /* gate.refused when that was logged */
+    void (*start_cb)(void *arg, uint64_t waited_ms);
+    void *start_arg;
 };
 
 #define USER_OF(n) mg_list_entry(n, mg_pool_user_t, node)
@@ -390,8 +409,15 @@ static void waiter_fail(mg_pool_user_t *u, mg_pool_acquire_t *req, int status, c
 
 static void waiter_timeout(mg_pool_user_t *u, mg_pool_acquire_t *req)
 {
-    if (u->nconns >= u->limits.max_connections)
+    const mg__gate_t *g = &u->pool->gate;
+    if (u->nconns >= u->limits.max_connections && u->nqueued == 0)
         waiter_fail(u, req, MG_ETIMEDOUT, LIMIT_MESSAGE, u->limits.max_connections);
+    else if (u->nqueued > 0)
+        waiter_fail(u, req, MG_ETIMEDOUT,
+                    "Timed out after %" PRIu64 " ms waiting for a connection: its SSH "
+                    "handshake was still queued for a handshake slot (%d at once, %d per "
+                    "server; %d queued)",
+                    u->limits.queue_timeout_ms, g->max_running, g->group_max, g->queued);
     else if (u->last_err != 0)
         waiter_fail(u, req, MG_ETIMEDOUT,
                     "Timed out after %" PRIu64 " ms waiting for a connection "
@@ -411,17 +437,26 @@ static void notify_closed(mg_pool_t *pool)
         pool->closed_cb(pool, pool->closed_arg);
 }
 
-/* Takes the record out of the counts of live connections (it stays on the list). */
+/*
+ * Takes the record out of the counts of live connections (it stays on the list), and out of
+ * the gate: a slot it held goes to the next record waiting (whose user's timer is armed).
+ */
 static void conn_uncount(mg_pool_conn_t *pc)
 {
     mg_pool_user_t *u = pc->user;
-    if (pc->state == CONN_OPENING)
+    if (pc->state == CONN_QUEUED) {
+        u->nqueued--;
+        if (pc->ticket.state == MG__GATE_RUNNING)
+            u->nadmitted--;
+    }
+    if (pc->state == CONN_QUEUED || pc->state == CONN_OPENING)
         u->nopening--;
     else if (pc->state == CONN_READY)
         u->pool->nready--;
     u->nconns--;
     u->pool->nconns--;
     pc->state = CONN_CLOSED;
+    mg__gate_leave(&u->pool->gate, &pc->ticket);
 }
 
 /* Frees a CLOSED record that holds no lease. */
@@ -454,28 +489,29 @@ static void conn_fail(mg_pool_conn_t *pc, int err, const char *msg)
     notify_closed(pool);
 }
 
-/*
- * Starts opening a connection for u. Returns 0, or the backend's code with its message in err
- * (the failure is then already recorded as if reported through mg_pool_conn_failed()).
- * The caller holds u.
- */
-static int conn_open(mg_pool_user_t *u, void *open_arg, char *err, size_t errlen)
+/* A record that never reached the backend goes away without a trace of failure (no backoff). */
+static void conn_drop_queued(mg_pool_conn_t *pc, const char *why)
 {
+    mg_pool_user_t *u = pc->user;
+    mg_log_debug("pool", "user=%s conn=%" PRIu64 " leaves the handshake queue: %s", u->id,
+                 pc->id, why);
+    conn_uncount(pc);
+    conn_free(pc);
+    notify_closed(u->pool);
+}
+
+/*
+ * Hands a record whose turn came to the backend. Returns 0, or the backend's code with its
+ * message in err (the failure is then already recorded as if reported through
+ * mg_pool_conn_failed()). The caller holds pc's user.
+ */
+static int conn_start(mg_pool_conn_t *pc, void *open_arg, char *err, size_t errlen)
+{
+    mg_pool_user_t *u = pc->user;
     mg_pool_t *pool = u->pool;
-    mg_pool_conn_t *pc = calloc(1, sizeof(*pc));
-    if (pc == NULL) {
-        snprintf(err, errlen, "%s", mg_strerror(MG_ENOMEM));
-        return MG_ENOMEM;
-    }
-    pc->user = u;
-    pc->id = ++pool->next_id;
     pc->state = CONN_OPENING;
-    pc->healthy = true;
-    mg_list_insert_head(&u->conns, &pc->node);
-    u->nrecords++;
-    u->nconns++;
-    u->nopening++;
-    pool->nconns++;
+    if (pool->start_cb != NULL)
+        pool->start_cb(pool->start_arg, pool_now(pool) - pc->ticket.entered_at);
     mg_log_info("pool", "user=%s conn=%" PRIu64 " opening", u->id, pc->id);
 
     char msg[256] = "";
@@ -489,18 +525,149 @@ static int conn_open(mg_pool_user_t *u, void *open_arg, char *err, size_t errlen
     return rc;
 }
 
+/* One log line when the gate starts refusing, one when it takes again (not one per request). */
+static void gate_note_refusal(mg_pool_t *pool, bool refused)
+{
+    const mg__gate_t *g = &pool->gate;
+    if (refused && !pool->gate_full) {
+        pool->gate_full = true;
+        pool->gate_refused_logged = g->refused - 1;
+        mg_log_warn("pool", "handshake queue full (%d handshakes running, %d waiting, "
+                    "MOONGATE_HANDSHAKE_QUEUE_MAX=%d): new connections are refused with 503",
+                    g->running, g->queued, g->max_queued);
+    } else if (!refused && pool->gate_full) {
+        pool->gate_full = false;
+        mg_log_info("pool", "handshake queue has room again; %" PRIu64 " connections were "
+                    "refused meanwhile", g->refused - pool->gate_refused_logged);
+    }
+}
+
+/*
+ * Starts opening a connection for u: at once when a handshake slot is free, else as a record
+ * waiting at the gate (QUEUED). Returns 0; MG_EBUSY when the gate's queue is full (nothing was
+ * recorded: it is no failure of the user's, so no backoff); or conn_start()'s failure. The
+ * caller holds u.
+ */
+static int conn_open(mg_pool_user_t *u, void *open_arg, char *err, size_t errlen)
+{
+    mg_pool_t *pool = u->pool;
+    mg_pool_conn_t *pc = calloc(1, sizeof(*pc));
+    if (pc == NULL) {
+        snprintf(err, errlen, "%s", mg_strerror(MG_ENOMEM));
+        return MG_ENOMEM;
+    }
+    mg__gate_ticket_init(&pc->ticket);
+    char server[MG__GATE_GROUP_NAME_MAX + 1] = "";
+    if (pool->backend.server != NULL &&
+        !pool->backend.server(pool->backend_ctx, open_arg, server, sizeof(server)))
+        server[0] = '\0';
+    int rc = mg__gate_enter(&pool->gate, &pc->ticket, server, pool_now(pool));
+    gate_note_refusal(pool, rc == MG_EQUEUEFULL);
+    if (rc == MG_EQUEUEFULL) {
+        snprintf(err, errlen, "Too many SSH connections being opened at once (%d handshakes "
+                 "running, %d waiting); try again shortly", pool->gate.running,
+                 pool->gate.queued);
+        free(pc);
+        return MG_EBUSY;
+    }
+    pc->user = u;
+    pc->id = ++pool->next_id;
+    pc->state = CONN_QUEUED;
+    pc->healthy = true;
+    mg_list_insert_head(&u->conns, &pc->node);
+    u->nrecords++;
+    u->nconns++;
+    u->nopening++;
+    pool->nconns++;
+    if (rc == 0)
+        return conn_start(pc, open_arg, err, errlen);
+    u->nqueued++;
+    mg_log_debug("pool", "user=%s conn=%" PRIu64 " waits for a handshake slot (%d running, "
+                 "%d waiting)", u->id, pc->id, pool->gate.running, pool->gate.queued);
+    return 0;
+}
+
 /* Asks the backend to close pc. pc may be freed before this returns. */
 static void conn_close(mg_pool_conn_t *pc, bool force, const char *reason)
 {
     mg_pool_user_t *u = pc->user;
+    if (pc->state == CONN_QUEUED) {
+        conn_drop_queued(pc, reason != NULL ? reason : "closed");
+        return;
+    }
     if (pc->state == CONN_OPENING)
         u->nopening--;
     else if (pc->state == CONN_READY)
         u->pool->nready--;
     pc->state = CONN_CLOSING;
+    /* A handshake given up on frees its slot now; its teardown is no handshake. */
+    mg__gate_leave(&u->pool->gate, &pc->ticket);
     mg_log_info("pool", "user=%s conn=%" PRIu64 " closing (%s%s)", u->id, pc->id,
                 reason != NULL ? reason : "closed", force ? ", forced" : "");
     u->pool->backend.close(u->pool->backend_ctx, pc, force, reason);
+}
+
+/* ---- the handshake gate ---- */
+
+static void user_arm(mg_pool_user_t *u, uint64_t due, uint64_t now);
+
+/* A record of u's got its slot: u's timer starts it (or drops it, when nobody needs it now). */
+static void on_gate_grant(mg__gate_t *g, mg__gate_ticket_t *t, void *arg)
+{
+    mg_pool_conn_t *pc = mg_list_entry(t, mg_pool_conn_t, ticket);
+    mg_pool_user_t *u = pc->user;
+    uint64_t now = pool_now(u->pool);
+    u->nadmitted++;
+    user_arm(u, now, now);
+}
+
+/*
+ * How many of u's QUEUED records its waiters still need: those that free slots and the
+ * connections already handshaking will not carry, one record per max_channels of them.
+ */
+static int queued_needed(const mg_pool_user_t *u)
+{
+    int c = u->limits.max_channels;
+    int handshaking = u->nopening - u->nqueued;
+    int uncovered = u->nwaiters - free_slots(u) - handshaking * c;
+    return uncovered > 0 ? (uncovered + c - 1) / c : 0;
+}
+
+/* QUEUED records beyond what u's waiters need leave the gate, the newest first. */
+static void user_trim_queued(mg_pool_user_t *u)
+{
+    if (u->nqueued == 0)
+        return;
+    int need = queued_needed(u);
+    mg_list_t *n, *next;
+    mg_list_foreach_safe(n, next, &u->conns) {
+        if (u->nqueued <= need)
+            break;
+        if (CONN_OF(n)->state == CONN_QUEUED)
+            conn_drop_queued(CONN_OF(n), "no request waits for it any more");
+    }
+}
+
+/* Hands u's records whose slot came to the backend, for the request due first. */
+static void user_start_admitted(mg_pool_user_t *u)
+{
+    mg_list_t *n, *next;
+    mg_list_foreach_safe(n, next, &u->conns) {
+        if (u->nadmitted == 0)
+            break;
+        mg_pool_conn_t *pc = CONN_OF(n);
+        if (pc->state != CONN_QUEUED || pc->ticket.state != MG__GATE_RUNNING)
+            continue;
+        mg_pool_acquire_t *req = first_waiter(u);
+        if (req == NULL || u->pool->draining) {
+            conn_drop_queued(pc, "no request waits for it any more");
+            continue;
+        }
+        u->nqueued--;
+        u->nadmitted--;
+        char err[256];
+        conn_start(pc, req->open_arg, err, sizeof(err));
+    }
 }
 
 /* ---- the per-user timer: the one place waiting requests complete ---- */
@@ -519,6 +686,7 @@ static void user_service(mg_pool_user_t *u)
     mg_pool_acquire_t *req;
     mg_pool_conn_t *pc;
 
+    user_start_admitted(u);
     while (budget > 0 && (req = first_waiter(u)) != NULL) {
         uint64_t now = pool_now(pool);
         if (pool->draining) {
@@ -532,9 +700,15 @@ static void user_service(mg_pool_user_t *u)
             if (want == 0)
                 break;
             char err[256];
-            for (int i = 0; i < want; i++) {
-                if (conn_open(u, req->open_arg, err, sizeof(err)) < 0)
+            int rc = 0;
+            for (int i = 0; i < want && rc == 0; i++)
+                rc = conn_open(u, req->open_arg, err, sizeof(err));
+            if (rc == MG_EBUSY) {
+                /* The gate is full: wait for what u has, or fail at once with nothing. */
+                if (can_serve_later(u))
                     break;
+                waiter_fail(u, req, MG_EBUSY, "%s", err);
+                budget--;
             }
             continue; /* a failed open may leave requests to fail */
         } else if (!can_serve_later(u)) {
@@ -546,12 +720,23 @@ static void user_service(mg_pool_user_t *u)
     }
 }
 
+/*
+ * Whether the gate is sure to take one more record, running or waiting. With its queue full it
+ * may still run one at once (for a server with room), but a user that has a connection waits
+ * for that one rather than have its timer try the gate again and again.
+ */
+static bool gate_takes(const mg__gate_t *g)
+{
+    return (g->max_running == 0 && g->group_max == 0) || g->queued < g->max_queued;
+}
+
 static bool user_has_work(const mg_pool_user_t *u, uint64_t now)
 {
-    if (u->pool->draining || conn_pick(u) != NULL)
+    if (u->pool->draining || conn_pick(u) != NULL || u->nadmitted > 0)
         return true;
     if (!backoff_active(u, now))
-        return opens_wanted(u, u->nwaiters) > 0;
+        return opens_wanted(u, u->nwaiters) > 0 && (gate_takes(&u->pool->gate) ||
+                                                    !can_serve_later(u));
     return !can_serve_later(u);
 }
 
@@ -575,6 +760,7 @@ static void user_update(mg_pool_user_t *u)
         return;
     uint64_t now = pool_now(u->pool);
 
+    user_trim_queued(u);
     if (u->nwaiters > 0) {
         uint64_t due = first_waiter(u)->deadline;
         if (user_has_work(u, now))
@@ -643,11 +829,14 @@ int mg_pool_new(uv_loop_t *loop, const mg_settings_t *settings, const mg_pool_ba
         .queue_max = settings->queue_max,
         .queue_timeout_ms = settings->queue_timeout_ms,
     };
-    if (!limits_valid(&pool->defaults)) {
+    if (!limits_valid(&pool->defaults) || settings->max_handshakes < 0 ||
+        settings->max_handshakes_per_server < 0 || settings->handshake_queue_max < 0) {
         free(pool->buckets);
         free(pool);
         return MG_EINVAL;
     }
+    mg__gate_init(&pool->gate, settings->max_handshakes, settings->handshake_queue_max,
+                  settings->max_handshakes_per_server, on_gate_grant, pool);
     *out = pool;
     return 0;
 }
@@ -672,6 +861,7 @@ void mg_pool_free(mg_pool_t *pool)
         u->nrecords = 0;
         user_free(u);
     }
+    mg__gate_destroy(&pool->gate);
     free(pool->buckets);
     free(pool);
 }
@@ -830,7 +1020,7 @@ static int user_close_conns(mg_pool_user_t *u, bool force, const char *reason)
     user_hold(u);
     mg_list_foreach_safe(n, next, &u->conns) {
         mg_pool_conn_t *pc = CONN_OF(n);
-        if (pc->state == CONN_OPENING || pc->state == CONN_READY) {
+        if (pc->state == CONN_QUEUED || pc->state == CONN_OPENING || pc->state == CONN_READY) {
             conn_close(pc, force, reason);
             closed++;
         }
@@ -882,6 +1072,8 @@ int mg_pool_cleanup_stale(mg_pool_t *pool, uint64_t max_idle_ms)
             } else if (pc->leases == 0 && now - pc->last_used > idle) {
                 conn_close(pc, false, "idle");
                 closed++;
+            } else if (pc->leases == pc->idle_leases && pool->backend.trim != NULL) {
+                pool->backend.trim(pool->backend_ctx, pc);
             }
         }
         unext = un->next;
@@ -910,6 +1102,12 @@ void mg_pool_drain(mg_pool_t *pool, void (*on_idle)(mg_pool_t *pool, void *arg),
         on_idle(pool, arg);
 }
 
+void mg_pool_set_start_cb(mg_pool_t *pool, void (*fn)(void *arg, uint64_t waited_ms), void *arg)
+{
+    pool->start_cb = fn;
+    pool->start_arg = arg;
+}
+
 void mg_pool_set_closed_cb(mg_pool_t *pool, void (*fn)(mg_pool_t *pool, void *arg), void *arg)
 {
     pool->closed_cb = fn;
@@ -925,6 +1123,12 @@ void mg_pool_stats(const mg_pool_t *pool, mg_pool_stats_t *out)
     out->idle_leases = pool->idle_leases;
     out->waiters = pool->waiters;
     out->draining = pool->draining;
+    out->handshakes = pool->gate.running;
+    out->handshakes_queued = pool->gate.queued;
+    out->handshakes_peak = pool->gate.peak_running;
+    out->handshakes_refused = pool->gate.refused;
+    out->max_handshakes = pool->gate.max_running;
+    out->max_handshakes_per_server = pool->gate.group_max;
     const mg_list_t *n;
     mg_list_foreach(n, &pool->users) {
         if (USER_OF(n)->nconns > 0 || USER_OF(n)->nwaiters > 0)
@@ -972,6 +1176,7 @@ void mg_pool_conn_ready(mg_pool_conn_t *pc)
     u->nopening--;
     u->pool->nready++;
     pc->state = CONN_READY;
+    mg__gate_leave(&u->pool->gate, &pc->ticket);
     pc->healthy = true;
     pc->last_used = pool_now(u->pool);
     u->backoff_ms = 0;

@@ -69,9 +69,28 @@ static void backend_close(void *ctx, mg_pool_conn_t *pc, bool force, const char 
         b->agent_cancel(b->agent_arg, pc);
 }
 
+/* A TCP route's server is its host:port; an agent's sshd serves its own user only. */
+static bool backend_server(void *ctx, void *open_arg, char *out, size_t cap)
+{
+    const mg_ssh_conn_opts_t *route = open_arg;
+    if (route == NULL || route->agent || route->host == NULL)
+        return false;
+    int n = snprintf(out, cap, "%s:%d", route->host, route->port);
+    return n > 0 && (size_t)n < cap;
+}
+
+static void backend_trim(void *ctx, mg_pool_conn_t *pc)
+{
+    mg_ssh_conn_t *c = mg_pool_conn_backend_data(pc);
+    if (c != NULL)
+        mg_ssh_conn_trim(c);
+}
+
 const mg_pool_backend_t mg_ssh_pool_backend = {
     .open = backend_open,
     .close = backend_close,
+    .server = backend_server,
+    .trim = backend_trim,
 };
 
 void mg_ssh_backend_init(mg_ssh_backend_t *b, uv_loop_t *loop, const mg_settings_t *settings)

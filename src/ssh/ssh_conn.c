@@ -3,7 +3,9 @@
  *
  * libssh2 reads and writes through our callbacks: ssh_send() queues every byte on the transport
  * (never a short write, which would corrupt the stream), ssh_recv() hands out what the
- * transport delivered into c->in, or EAGAIN. Everything that calls into libssh2 happens in
+ * transport delivered, or EAGAIN: straight from the transport's read buffer while its read
+ * callback runs, and only what libssh2 leaves of it is copied into c->in (so a connection
+ * holds no input buffer of its own while it has nothing unread). Everything that calls into libssh2 happens in
  * drive(), which runs until no step makes progress: after bytes arrive, after the transport
  * drains, on timers, and (deferred to the loop's next turn through an idle handle) after API
  * calls. Any libssh2 call may consume packets meant for other channels, so every pass services
@@ -69,12 +71,20 @@ static ssize_t ssh_recv(libssh2_socket_t fd, void *buf, size_t len, int flags, v
 {
     mg_ssh_conn_t *c = *abstract;
     size_t avail = mg__buf_size(&c->in);
-    if (avail == 0)
-        return c->in_eof ? 0 : -EAGAIN;
-    size_t n = avail < len ? avail : len;
-    memcpy(buf, c->in.data + c->in.off, n);
-    mg__buf_consume(&c->in, n, INBUF_KEEP_CAP);
-    return (ssize_t)n;
+    if (avail > 0) {
+        size_t n = avail < len ? avail : len;
+        memcpy(buf, c->in.data + c->in.off, n);
+        mg__buf_consume(&c->in, n, INBUF_KEEP_CAP);
+        return (ssize_t)n;
+    }
+    if (c->lent_len > 0) {
+        size_t n = c->lent_len < len ? c->lent_len : len;
+        memcpy(buf, c->lent, n);
+        c->lent += n;
+        c->lent_len -= n;
+        return (ssize_t)n;
+    }
+    return c->in_eof ? 0 : -EAGAIN;
 }
 
 /* ---- helpers ---- */
@@ -240,6 +250,7 @@ static void teardown(mg_ssh_conn_t *c)
     c->torn_down = true;
     c->in_eof = true;
     mg__buf_consume(&c->in, mg__buf_size(&c->in), 0);
+    c->lent_len = 0;
     libssh2_session_free(c->session);
     c->session = NULL;
     c->state = MG_SSH_CLOSING;
@@ -336,7 +347,7 @@ static void drive(mg_ssh_conn_t *c)
         default:
             break;
         }
-        if (c->in_eof && mg__buf_size(&c->in) == 0 && !c->teardown_wanted &&
+        if (c->in_eof && mg__buf_size(&c->in) + c->lent_len == 0 && !c->teardown_wanted &&
             c->state != MG_SSH_CONNECTING)
             mg__ssh_conn_fail(c, MG_ECLOSED, "%s:%d closed the connection", c->host, c->port);
     } while (c->redrive && !c->teardown_wanted);
@@ -387,15 +398,28 @@ static void on_tr_connect(mg_transport_t *t, int status)
     drive(c);
 }
 
+/* Keeps len more bytes for libssh2 in c->in. Returns false after failing the connection. */
+static bool keep_input(mg_ssh_conn_t *c, const char *buf, size_t len)
+{
+    if (mg__buf_size(&c->in) + len <= INBUF_MAX && mg__buf_append(&c->in, buf, len) == 0)
+        return true;
+    mg__ssh_conn_fail(c, MG_ESSH, "%s:%d sent more than %d bytes that could not be processed",
+                      c->host, c->port, INBUF_MAX);
+    drive(c);
+    return false;
+}
+
 static void on_tr_read(mg_transport_t *t, const char *buf, size_t len)
 {
     mg_ssh_conn_t *c = t->data;
     if (c->torn_down)
         return;
-    if (mg__buf_size(&c->in) + len > INBUF_MAX || mg__buf_append(&c->in, buf, len) != 0) {
-        mg__ssh_conn_fail(c, MG_ESSH, "%s:%d sent more than %d bytes that could not be processed",
-                          c->host, c->port, INBUF_MAX);
-        drive(c);
+    /* With nothing older unread, libssh2 reads these bytes where they are (ssh_recv). */
+    bool lend = mg__buf_size(&c->in) == 0;
+    if (lend) {
+        c->lent = buf;
+        c->lent_len = len;
+    } else if (!keep_input(c, buf, len)) {
         return;
     }
     c->progress = true;
@@ -406,6 +430,15 @@ static void on_tr_read(mg_transport_t *t, const char *buf, size_t len)
         set_healthy(c, true);
     }
     drive(c);
+    if (!lend)
+        return;
+    /* The transport reuses its buffer once this returns: what libssh2 left, we keep. */
+    const char *rest = c->lent;
+    size_t nrest = c->lent_len;
+    c->lent = NULL;
+    c->lent_len = 0;
+    if (nrest > 0 && !c->torn_down)
+        keep_input(c, rest, nrest);
 }
 
 static void on_tr_eof(mg_transport_t *t, int status)
@@ -555,6 +588,15 @@ void mg_ssh_conn_close(mg_ssh_conn_t *c, const char *reason, uint64_t wait_ms)
     uv_timer_start(&c->timer, on_timer, wait_ms, 0);
     mg_log_debug("ssh", "user=%s conn=%llu closing: waiting up to %llu ms for %d channel(s)",
                  c->user, (unsigned long long)c->id, (unsigned long long)wait_ms, c->nchans);
+}
+
+void mg_ssh_conn_trim(mg_ssh_conn_t *c)
+{
+    if (c->torn_down || c->driving || c->tr == NULL)
+        return;
+    if (mg__buf_size(&c->in) == 0)
+        mg__buf_free(&c->in);
+    mg_transport_trim(c->tr);
 }
 
 mg_ssh_state_t mg_ssh_conn_state(const mg_ssh_conn_t *c)

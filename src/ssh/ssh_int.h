@@ -64,7 +64,9 @@ struct mg_ssh_conn {
     mg_transport_t *tr;
     LIBSSH2_SESSION *session;
     mg_ssh_state_t state;
-    mg__buf_t in;
+    mg__buf_t in;         /* bytes that came and libssh2 has not taken yet, oldest first */
+    const char *lent;     /* during on_tr_read with in empty: the transport's bytes, read in */
+    size_t lent_len;      /*   place (no copy, and no buffer of our own while idle) */
     bool in_eof;          /* the transport will deliver nothing more */
 
     uv_timer_t timer;     /* connect deadline, then close deadlines */

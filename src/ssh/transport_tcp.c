@@ -190,6 +190,17 @@ static void tcp_flush(mg_transport_t *base)
     }
 }
 
+static void tcp_trim(mg_transport_t *base)
+{
+    tcp_transport_t *t = (tcp_transport_t *)base;
+    if (t->writing)
+        return; /* inflight is libuv's until the write completes */
+    if (mg__buf_size(&t->queued) == 0)
+        mg__buf_free(&t->queued);
+    if (mg__buf_size(&t->inflight) == 0)
+        mg__buf_free(&t->inflight);
+}
+
 static void on_tcp_closed(uv_handle_t *h)
 {
     tcp_transport_t *t = h->data;
@@ -238,6 +249,7 @@ static const mg_transport_ops_t tcp_ops = {
     .write = tcp_write,
     .flush = tcp_flush,
     .close = tcp_close,
+    .trim = tcp_trim,
     .name = "tcp",
 };
 

@@ -3,6 +3,12 @@
  */
 #include "fake_backend.h"
 
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
 int fake_index(const fake_backend_t *fb, const mg_pool_conn_t *pc)
 {
     for (int i = 0; i < fb->opens; i++) {
@@ -56,9 +62,27 @@ void fake_close(void *ctx, mg_pool_conn_t *pc, bool force,
     }
 }
 
+static bool fake_server(void *ctx, void *open_arg, char *out, size_t cap)
+{
+    fake_backend_t *fb = ctx;
+    if (++fb->server_calls > fb->server_calls_max && fb->server_calls_max > 0)
+        fail_msg("the pool tried to open %d connections: it keeps retrying", fb->server_calls);
+    if (!fb->named_servers || open_arg == NULL)
+        return false;
+    snprintf(out, cap, "%s", (const char *)open_arg);
+    return true;
+}
+
+static void fake_trim(void *ctx, mg_pool_conn_t *pc)
+{
+    ((fake_backend_t *)ctx)->trims++;
+}
+
 const mg_pool_backend_t fake_backend_ops = {
     .open = fake_open,
     .close = fake_close,
+    .server = fake_server,
+    .trim = fake_trim,
 };
 
 void fake_ready(fake_backend_t *fb, int i)

@@ -4,7 +4,8 @@
  * It records every open and close (in order, by index) and lets the test report a connection
  * ready, failed or closed, the way a real backend would from the loop. Knobs: open_rc makes the
  * next opens fail at once; close_sync makes close() report the connection closed before it
- * returns (a real backend may do either).
+ * returns (a real backend may do either); named_servers reads each open_arg as the name of the
+ * server it dials.
  *
  * Indexes stay valid for the whole test; a record's pc is only used while the pool still holds
  * it (not after it was reported failed, or closed with no lease left).
@@ -44,9 +45,15 @@ typedef struct fake_backend {
     int opens;        /* calls to open, failed ones included */
     int closes;       /* calls to close */
     int force_closes; /* of which with force */
+    int trims;        /* calls to trim */
+    int server_calls; /* calls to server: one per connection the pool tried to open */
+    int server_calls_max; /* > 0: fail the test past this many (a pool retrying in a loop
+                             would otherwise hang it inside one pass of the loop's timers) */
     int open_rc;      /* < 0: open fails at once with this code and open_err */
     const char *open_err;
     bool close_sync;  /* close reports closed before returning */
+    bool named_servers; /* open_arg is the name of the server (a string) for the pool's
+                           per-server handshake bound; otherwise no open names one */
 } fake_backend_t;
 
 int fake_index(const fake_backend_t *fb, const mg_pool_conn_t *pc);

@@ -8,7 +8,9 @@
  * Opens CONNS connections to 127.0.0.1:PORT at once (on one libuv loop), sends one GET PATH on
  * each, reads the responses and prints what it measured as `key=value` lines a shell can eval.
  * It exits 0 when every response arrived whole with status 200 (and, with --expect-chunks, with
- * that many NDJSON lines each), 1 when any did not, 2 on bad arguments.
+ * that many NDJSON lines each), 1 when any did not, 2 on bad arguments. Every mode also counts
+ * the responses by status (status_200, status_502, status_503, status_504, status_other, and
+ * no_response for connections that got none), for a herd of users where some are refused.
  *
  * Stream mode (the default): made for mg-upstream's GET /stream, whose body is NDJSON lines that
  * each carry "t_ms", the upstream's send time. Every line gets its arrival time (when the read
@@ -447,6 +449,9 @@ int main(int argc, char **argv)
     double wall_ms = (double)(uv_hrtime() - t0) / 1e6;
 
     unsigned completed = 0, failed = 0;
+    /* Responses by status: 200, the gateway's 502, 503 and 504, any other, and none at all. */
+    static const int counted[] = { 200, 502, 503, 504 };
+    unsigned by_status[6] = { 0 };
     dvec_t ttfb = { 0 };
     uint64_t lines = 0;
     for (unsigned i = 0; i < cl.n_conns; i++) {
@@ -458,12 +463,19 @@ int main(int argc, char **argv)
         if (c->first_byte_ns && dvec_push(&ttfb, (double)(c->first_byte_ns - c->start_ns) / 1e6))
             return 1;
         lines += c->lines;
+        size_t k = 0;
+        while (k < 4 && c->resp.status != counted[k])
+            k++;
+        by_status[c->resp.status == 0 ? 5 : k]++;
     }
     qsort(ttfb.v, ttfb.n, sizeof *ttfb.v, cmp_double);
     qsort(cl.excess.v, cl.excess.n, sizeof *cl.excess.v, cmp_double);
 
     printf("conns=%u\ncompleted=%u\nfailed=%u\nwall_ms=%.1f\n", cl.n_conns, completed, failed,
            wall_ms);
+    for (size_t k = 0; k < 4; k++)
+        printf("status_%d=%u\n", counted[k], by_status[k]);
+    printf("status_other=%u\nno_response=%u\n", by_status[4], by_status[5]);
     printf("ttfb_p50_ms=%.2f\nttfb_max_ms=%.2f\n", percentile(&ttfb, 0.5),
            ttfb.n ? ttfb.v[ttfb.n - 1] : 0.0);
     if (cl.bulk) {

@@ -482,6 +482,28 @@ static void test_resp_too_many_headers(void **state)
     assert_int_equal(run.rec.heads, 1);
 }
 
+/* A head with more fields than the parser starts with: the slots grow, every field intact, and
+   the next response on the same parser reuses them. */
+static void test_resp_headers_grow(void **state)
+{
+    char in[4096], want[4096];
+    size_t len = 0, wlen = 0;
+    for (int r = 0; r < 2; r++) {
+        len += (size_t)snprintf(in + len, sizeof(in) - len, "HTTP/1.1 200 OK\r\n");
+        wlen += (size_t)snprintf(want + wlen, sizeof(want) - wlen, "H:200 1.1 [OK]\n");
+        for (int i = 0; i < 40; i++) {
+            len += (size_t)snprintf(in + len, sizeof(in) - len, "X-%d: value-%d\r\n", i, i * r);
+            wlen += (size_t)snprintf(want + wlen, sizeof(want) - wlen, "  X-%d=[value-%d]\n", i,
+                                     i * r);
+        }
+        len += (size_t)snprintf(in + len, sizeof(in) - len, "Content-Length: 0\r\n\r\n");
+        wlen += (size_t)snprintf(want + wlen, sizeof(want) - wlen,
+                                 "  Content-Length=[0]\n  framing=length cl=0 ka=1\nB:[]\nC:ka=1\n");
+    }
+    assert_true(len < sizeof(in) - 1 && wlen < sizeof(want) - 1);
+    expect_log(in, len, &plain, 0, want);
+}
+
 /*
  * obs-fold (RFC 9112 5.2): http-parser 2.9 accepts a folded line and hands over the value without
  * the line break, the fold's whitespace kept: the "replace with SP" a recipient may do. No CR or
@@ -1126,6 +1148,7 @@ int main(void)
         cmocka_unit_test(test_resp_bad_content_length),
         cmocka_unit_test(test_resp_oversized_head),
         cmocka_unit_test(test_resp_too_many_headers),
+        cmocka_unit_test(test_resp_headers_grow),
         cmocka_unit_test(test_resp_obs_fold),
         cmocka_unit_test(test_resp_nul_in_header),
         cmocka_unit_test(test_resp_empty_header_value),

@@ -57,14 +57,21 @@ static void on_acquire(mg_pool_acquire_t *req, int status)
     }
 }
 
-static int acq(fixture_t *f, waiter_t *w, const char *user)
+/* One acquire whose open_arg is server (which the fake backend reads as the server's name when
+   named_servers is set). */
+static int acq_to(fixture_t *f, waiter_t *w, const char *user, const char *server)
 {
     memset(w, 0, sizeof(*w));
     w->req.data = w;
-    w->rc = mg_pool_acquire(f->pool, &w->req, user, NULL, on_acquire);
+    w->rc = mg_pool_acquire(f->pool, &w->req, user, (void *)server, on_acquire);
     if (w->rc == 0)
         w->conn = w->req.conn;
     return w->rc;
+}
+
+static int acq(fixture_t *f, waiter_t *w, const char *user)
+{
+    return acq_to(f, w, user, NULL);
 }
 
 /* The lease a waiter holds, whether it got it at once or through its callback. */
@@ -997,6 +1004,7 @@ static void test_cleanup_stale(void **state)
     assert_true(f->fb.conns[i_sick].close_force);
     assert_string_equal(f->fb.conns[i_sick].close_reason, "unhealthy");
     assert_false(f->fb.conns[i_idle].close_called);
+    assert_int_equal(f->fb.trims, 1); /* the one serving no request gives back what it can */
 
     advance(f, 50);
     assert_int_equal(mg_pool_cleanup_stale(f->pool, 30), 1);
@@ -1004,7 +1012,11 @@ static void test_cleanup_stale(void **state)
     assert_false(f->fb.conns[i_idle].close_force);
     assert_string_equal(f->fb.conns[i_idle].close_reason, "idle");
     assert_false(f->fb.conns[i_busy].close_called); /* has a lease */
+    assert_int_equal(f->fb.trims, 1); /* a busy lease: no trim */
+    mg_pool_lease_set_idle(f->pool, busy, true);
     assert_int_equal(mg_pool_cleanup_stale(f->pool, 30), 0); /* each closed once */
+    assert_int_equal(f->fb.trims, 2); /* a kept-alive channel only: trimmed */
+    mg_pool_lease_set_idle(f->pool, busy, false);
     assert_int_equal(fake_finish_closing(&f->fb), 2);
     mg_pool_stats(f->pool, &st);
     assert_int_equal(st.total_connections, 1);
@@ -1214,6 +1226,263 @@ static void count_conn(const char *user, mg_pool_conn_t *pc, void *arg)
         c->other++;
 }
 
+/* ---- the handshake gate ---- */
+
+/*
+ * A pool whose gate runs `running` handshakes at once (one per server) and queues `queued`
+ * more, with `channels` channels a connection.
+ */
+static int setup_gate(void **state, int running, int queued, int channels)
+{
+    fixture_t *f = fixture_new();
+    f->settings.max_channels = channels;
+    f->settings.max_handshakes = running;
+    f->settings.handshake_queue_max = queued;
+    f->settings.max_handshakes_per_server = 1;
+    f->fb.named_servers = true;
+    fixture_pool(f);
+    *state = f;
+    return 0;
+}
+
+static int setup_gate2(void **state)
+{
+    return setup_gate(state, 2, 3, 10);
+}
+
+static int setup_gate2_one_channel(void **state)
+{
+    return setup_gate(state, 2, 3, 1);
+}
+
+static int setup_gate1(void **state)
+{
+    return setup_gate(state, 1, 1, 10);
+}
+
+static int setup_unbounded(void **state)
+{
+    return setup_gate(state, 0, 0, 10);
+}
+
+static void stats_of(fixture_t *f, mg_pool_stats_t *st)
+{
+    mg_pool_stats(f->pool, st);
+}
+
+static void test_gate_bounds_handshakes_in_order(void **state)
+{
+    fixture_t *f = *state;
+    waiter_t w[6];
+    mg_pool_stats_t st;
+    char id[8];
+
+    for (int i = 0; i < 5; i++) {
+        snprintf(id, sizeof(id), "u%d", i);
+        assert_int_equal(acq(f, &w[i], id), MG_EAGAIN);
+    }
+    /* Two handshakes run; three users wait for a slot; the sixth finds the queue full. */
+    assert_int_equal(f->fb.opens, 2);
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes, 2);
+    assert_int_equal(st.handshakes_queued, 3);
+    assert_int_equal(st.total_connections, 5);
+    assert_int_equal(acq(f, &w[5], "u5"), MG_EBUSY);
+    assert_non_null(strstr(w[5].req.error, "Too many SSH connections being opened at once"));
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes_refused, 1);
+
+    /* Each handshake that ends, ready or failed, starts the oldest waiting one. */
+    fake_ready(&f->fb, 0);
+    tick(&f->loop);
+    assert_int_equal(w[0].calls, 1);
+    assert_int_equal(w[0].status, 0);
+    assert_int_equal(f->fb.opens, 3);
+    assert_string_equal(f->fb.conns[2].user, "u2");
+    fake_fail(&f->fb, 1, MG_EAUTH, "refused");
+    tick(&f->loop);
+    assert_int_equal(w[1].status, MG_EAUTH);
+    assert_int_equal(f->fb.opens, 4);
+    assert_string_equal(f->fb.conns[3].user, "u3");
+    fake_ready(&f->fb, 2);
+    tick(&f->loop);
+    assert_string_equal(f->fb.conns[4].user, "u4");
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes, 2);
+    assert_int_equal(st.handshakes_queued, 0);
+    assert_int_equal(fake_ready_all(&f->fb), 2);
+    tick(&f->loop);
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes, 0);
+    assert_int_equal(st.handshakes_peak, 2);
+    for (int i = 0; i < 5; i++) {
+        if (i == 1)
+            continue;
+        assert_int_equal(w[i].status, 0);
+        release(f, &w[i]);
+    }
+}
+
+static void test_gate_deadline_while_queued(void **state)
+{
+    fixture_t *f = *state;
+    waiter_t a, b, c;
+    mg_pool_stats_t st;
+    mg_pool_user_stats_t us;
+
+    assert_int_equal(acq(f, &a, "first"), MG_EAGAIN);
+    assert_int_equal(acq(f, &b, "second"), MG_EAGAIN);
+    assert_int_equal(f->fb.opens, 1);
+    /* The deadline passes while second's connection still waits for the one slot. */
+    advance(f, 250);
+    assert_int_equal(b.calls, 1);
+    assert_int_equal(b.status, MG_ETIMEDOUT);
+    assert_non_null(strstr(b.error, "Timed out after 200 ms waiting for a connection"));
+    assert_non_null(strstr(b.error, "queued for a handshake slot"));
+    assert_int_equal(a.status, MG_ETIMEDOUT);
+    /* Its place is free and nothing of it stays: no record, no backoff, no entry. */
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes_queued, 0);
+    assert_int_equal(st.total_connections, 1);
+    assert_int_equal(mg_pool_user_stats(f->pool, "second", &us), MG_EINVAL);
+    /* The slot it never got goes to whoever comes next once the running one ends. */
+    assert_int_equal(acq(f, &c, "second"), MG_EAGAIN);
+    assert_int_equal(f->fb.opens, 1);
+    fake_ready(&f->fb, 0);
+    tick(&f->loop);
+    assert_int_equal(f->fb.opens, 2);
+    assert_string_equal(f->fb.conns[1].user, "second");
+    fake_ready(&f->fb, 1);
+    tick(&f->loop);
+    assert_int_equal(c.status, 0);
+    release(f, &c);
+}
+
+static void test_gate_cancel_frees_place(void **state)
+{
+    fixture_t *f = *state;
+    waiter_t a, b, c;
+    mg_pool_stats_t st;
+
+    assert_int_equal(acq(f, &a, "a"), MG_EAGAIN);
+    assert_int_equal(acq(f, &b, "b"), MG_EAGAIN);
+    assert_int_equal(acq(f, &c, "c"), MG_EBUSY); /* one runs, one waits: full */
+    mg_pool_acquire_cancel(&b.req);
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes_queued, 0);
+    assert_int_equal(acq(f, &c, "c"), MG_EAGAIN);
+    fake_ready(&f->fb, 0);
+    tick(&f->loop);
+    assert_int_equal(b.calls, 0);
+    assert_int_equal(f->fb.opens, 2);
+    assert_string_equal(f->fb.conns[1].user, "c");
+    assert_int_equal(fake_opens_for(&f->fb, "b"), 0);
+    fake_ready(&f->fb, 1);
+    tick(&f->loop);
+    release(f, &a);
+    release(f, &c);
+}
+
+static void test_gate_per_server(void **state)
+{
+    fixture_t *f = *state;
+    waiter_t w[4];
+    mg_pool_stats_t st;
+
+    /* One handshake at once with each server, two in all: b's user overtakes a's second. */
+    assert_int_equal(acq_to(f, &w[0], "u0", "a:22"), MG_EAGAIN);
+    assert_int_equal(acq_to(f, &w[1], "u1", "a:22"), MG_EAGAIN);
+    assert_int_equal(acq_to(f, &w[2], "u2", "b:22"), MG_EAGAIN);
+    assert_int_equal(acq_to(f, &w[3], "u3", "b:22"), MG_EAGAIN);
+    assert_int_equal(f->fb.opens, 2);
+    assert_string_equal(f->fb.conns[0].user, "u0");
+    assert_string_equal(f->fb.conns[1].user, "u2");
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes_queued, 2);
+    assert_int_equal(st.max_handshakes_per_server, 1);
+    /* b's handshake ends: b's next goes, a's stays behind a's running one. */
+    fake_ready(&f->fb, 1);
+    tick(&f->loop);
+    assert_int_equal(f->fb.opens, 3);
+    assert_string_equal(f->fb.conns[2].user, "u3");
+    fake_ready(&f->fb, 0);
+    tick(&f->loop);
+    assert_string_equal(f->fb.conns[3].user, "u1");
+    assert_int_equal(fake_ready_all(&f->fb), 2);
+    tick(&f->loop);
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(w[i].status, 0);
+        release(f, &w[i]);
+    }
+}
+
+/*
+ * A user that has a connection, wants another, and finds the gate's queue full waits for the
+ * one it has: its timer does not try the gate again and again (the gate has room overall, but
+ * not for this server).
+ */
+static void test_gate_full_queue_does_not_spin(void **state)
+{
+    fixture_t *f = *state;
+    waiter_t a1, a2, x, y[3];
+    char id[8];
+
+    assert_int_equal(acq_to(f, &a1, "a", "s1:22"), MG_EAGAIN);
+    fake_ready(&f->fb, 0);
+    tick(&f->loop);
+    assert_int_equal(a1.status, 0);
+    assert_int_equal(acq_to(f, &x, "x", "s1:22"), MG_EAGAIN); /* s1's one slot */
+    for (int i = 0; i < 3; i++) {
+        snprintf(id, sizeof(id), "y%d", i);
+        assert_int_equal(acq_to(f, &y[i], id, "s1:22"), MG_EAGAIN); /* the queue, full */
+    }
+    /* a's one channel is taken: a wants a second connection. */
+    assert_int_equal(acq_to(f, &a2, "a", "s1:22"), MG_EAGAIN);
+    f->fb.server_calls_max = f->fb.server_calls + 5;
+    run_ms(&f->loop, 30);
+    f->fb.server_calls_max = 0;
+    assert_int_equal(a2.calls, 0);
+    /* a's channel frees: its waiter takes it. */
+    release(f, &a1);
+    tick(&f->loop);
+    assert_int_equal(a2.status, 0);
+    release(f, &a2);
+    mg_pool_acquire_cancel(&x.req);
+    for (int i = 0; i < 3; i++)
+        mg_pool_acquire_cancel(&y[i].req);
+}
+
+static void test_gate_drain_and_close_drop_queued(void **state)
+{
+    fixture_t *f = *state;
+    waiter_t a, b;
+    mg_pool_stats_t st;
+
+    assert_int_equal(acq(f, &a, "a"), MG_EAGAIN);
+    assert_int_equal(acq(f, &b, "b"), MG_EAGAIN);
+    /* Closing a user whose connection never reached the backend asks the backend nothing. */
+    assert_int_equal(mg_pool_close_user(f->pool, "b", true, "gone"), 1);
+    assert_int_equal(f->fb.closes, 0);
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes_queued, 0);
+    assert_int_equal(st.total_connections, 1);
+    /* Its request still waits, so the pool queues a new connection for it, at the tail. */
+    tick(&f->loop);
+    assert_int_equal(b.calls, 0);
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes_queued, 1);
+
+    /* A drain fails the waiters and takes their queued connections away with them. */
+    mg_pool_drain(f->pool, NULL, NULL);
+    tick(&f->loop);
+    assert_int_equal(a.status, MG_ESHUTDOWN);
+    assert_int_equal(b.status, MG_ESHUTDOWN);
+    stats_of(f, &st);
+    assert_int_equal(st.handshakes_queued, 0);
+    assert_int_equal(st.total_connections, 1); /* a's, still handshaking */
+    assert_int_equal(fake_opens_for(&f->fb, "b"), 0);
+}
+
 static void test_stats(void **state)
 {
     fixture_t *f = *state;
@@ -1368,7 +1637,16 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_idle_leases, setup, teardown),
         cmocka_unit_test_setup_teardown(test_closed_hook, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stats, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_user_entries_freed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_user_entries_freed, setup_unbounded, teardown),
+        cmocka_unit_test_setup_teardown(test_gate_bounds_handshakes_in_order, setup_gate2,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_gate_deadline_while_queued, setup_gate1, teardown),
+        cmocka_unit_test_setup_teardown(test_gate_cancel_frees_place, setup_gate1, teardown),
+        cmocka_unit_test_setup_teardown(test_gate_per_server, setup_gate2, teardown),
+        cmocka_unit_test_setup_teardown(test_gate_full_queue_does_not_spin, setup_gate2_one_channel,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_gate_drain_and_close_drop_queued, setup_gate1,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_release_misuse_is_ignored, setup, teardown),
         cmocka_unit_test_setup_teardown(test_acquire_needs_callback, setup, teardown),
     };

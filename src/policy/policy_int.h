@@ -7,7 +7,7 @@
  *   policy_lib.c   the `moongate` Lua module (log, clock, stats, timers, dict, env)
  *   policy_dict.c  the shared dictionary, plain C (no Lua)
  *   policy_redis.c the dictionary's Redis back end (its own connection on the loop)
- *   policy_redis_answer.c  Redis's answers as Lua values
+ *   policy_redis_proto.c   the URL, scripts, commands and answers: what is said to Redis
  *   policy_jwt.c   HS256 JWT verification and the small JSON reader it needs
  *   policy_pattern.c  string.find/match/gmatch/gsub with a bound on their work
  */
@@ -157,8 +157,32 @@ int mg__redis_dict_start(mg_redis_t *r, const mg__rdict_req_t *q, lua_State *co,
 /* The reply, when it comes, is dropped. */
 void mg__redis_op_cancel(mg__redis_op_t *op);
 
+/* ---- what is said to Redis and what its answers mean (policy_redis_proto.c) ---- */
+
+/* The server-side scripts (incr with a time to live, the token bucket), loaded once per
+   connection and run by their SHA-1. */
+enum { MG_REDIS_SCRIPT_INCR, MG_REDIS_SCRIPT_TAKE, MG_REDIS_SCRIPTS };
+extern const char *const mg__redis_scripts[MG_REDIS_SCRIPTS];
+
+/* One operation as a command: argc words, pointing into the struct's own buffers. */
+typedef struct mg__redis_cmd {
+    int argc;
+    const char *argv[9];
+    size_t lens[9];
+    char *key, *sval;   /* owned: the key with its prefix, a string value with "s:" */
+    char num[4][32];
+} mg__redis_cmd_t;
+
+/* Builds q's command (sha: the scripts' SHA-1s in hex). Returns 0 or MG_ENOMEM. A string value
+   is not checked for size here. */
+int mg__redis_cmd_build(const mg__rdict_req_t *q, const char sha[][41], mg__redis_cmd_t *c);
+void mg__redis_cmd_free(mg__redis_cmd_t *c);
+
+/* Writes v in decimal at p (no NUL); returns the end. */
+char *mg__redis_put_uint(char *p, size_t v);
+
 /* Pushes op's results from Redis's answer rep (NULL: the connection closed first): the value,
-   or nil and a message (policy_redis_answer.c). Returns how many, 1 or 2. */
+   or nil and a message. Returns how many, 1 or 2. */
 struct redisReply;
 int mg__redis_push_results(lua_State *L, mg__rdict_op_t op, const struct redisReply *rep);
 

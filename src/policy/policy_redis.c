@@ -45,7 +45,6 @@
 #include <string.h>
 
 #define LOG "redis"
-#define KEY_PREFIX "moongate:"
 #define MAX_IN_FLIGHT 4096
 #define OUT_MAX (16 * 1024 * 1024) /* commands not yet written, bytes */
 #define OUT_KEEP (64 * 1024)       /* an output buffer larger than this is let go when empty */
@@ -63,8 +62,6 @@ typedef enum conn_state {
 } conn_state_t;
 
 typedef struct rconn rconn_t;
-
-enum { SCRIPT_INCR, SCRIPT_TAKE, SCRIPTS };
 
 struct mg_redis {
     uv_loop_t *loop;
@@ -91,7 +88,7 @@ struct mg_redis {
 
     mg__buf_t out;        /* commands queued, not yet written */
     int setup_left;       /* answers to AUTH/SELECT/SCRIPT LOAD/PING still to come */
-    char sha[SCRIPTS][41]; /* of script_text, in hex */
+    char sha[MG_REDIS_SCRIPTS][41]; /* of mg__redis_scripts, in hex */
     mg__redis_op_t *head, *tail; /* operations waiting for their answer, in order */
 
     int in_flight;
@@ -108,147 +105,6 @@ struct mg__redis_op {
 
 static void finish_op(mg_redis_t *r, mg__redis_op_t *o, redisReply *rep);
 static void maybe_free(mg_redis_t *r);
-
-static const char incr_script[] =
-    "local new = redis.call('EXISTS', KEYS[1]) == 0\n"
-    "local v = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])\n"
-    "local ttl = tonumber(ARGV[2])\n"
-    "if new and ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end\n"
-    "return v\n";
-
-/* The token bucket of lua/moongate/token_bucket.lua in one step; the same arithmetic as
-   mg__dict_take_bucket() (doubles both), so both back ends give the same answers. */
-static const char take_script[] =
-    "local now, n = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
-    "local interval, burst = tonumber(ARGV[3]), tonumber(ARGV[4])\n"
-    "local full_at = tonumber(redis.call('GET', KEYS[1]) or '') or now\n"
-    "if full_at < now then full_at = now end\n"
-    "local new_full_at = full_at + n * interval\n"
-    "local over = new_full_at - now - burst * interval\n"
-    "if over > interval * 0.01 then return {0, string.format('%.17g', over)} end\n"
-    "local ttl = math.ceil((new_full_at - now) * 1000)\n"
-    "if ttl < 1 then ttl = 1 end\n"
-    "redis.call('SET', KEYS[1], string.format('%.17g', new_full_at), 'PX', ttl)\n"
-    "return {1, string.format('%.17g', new_full_at)}\n";
-
-/* The scripts go to Redis once per connection (SCRIPT LOAD); operations name them by SHA-1. */
-static const char *const script_text[SCRIPTS] = { incr_script, take_script };
-
-
-/* ---- the URL ---- */
-
-static int url_fail(char *err, size_t errlen, const char *why)
-{
-    snprintf(err, errlen, "MOONGATE_REDIS_URL: %s (redis[s]://[[user]:password@]host[:port][/db])",
-             why);
-    return MG_ECONFIG;
-}
-
-/* Undoes %XX in a user or password. Returns false on a bad escape or no room. */
-static bool url_unescape(char *dst, size_t cap, const char *src, size_t n)
-{
-    size_t j = 0;
-    for (size_t i = 0; i < n; i++) {
-        char c = src[i];
-        if (c == '%') {
-            if (i + 2 >= n)
-                return false;
-            char hex[3] = { src[i + 1], src[i + 2], 0 };
-            char *end;
-            long v = strtol(hex, &end, 16);
-            if (end != hex + 2 || v == 0)
-                return false;
-            c = (char)v;
-            i += 2;
-        }
-        if (j + 1 >= cap)
-            return false;
-        dst[j++] = c;
-    }
-    dst[j] = '\0';
-    return true;
-}
-
-int mg__redis_parse_url(const char *url, mg__redis_addr_t *r, char *err, size_t errlen)
-{
-    const char *p;
-    if (strncmp(url, "redis://", 8) == 0) {
-        p = url + 8;
-        r->tls = false;
-    } else if (strncmp(url, "rediss://", 9) == 0) {
-        p = url + 9;
-        r->tls = true;
-    } else {
-        return url_fail(err, errlen, "must start with redis:// (or rediss:// for TLS)");
-    }
-    const char *at = strrchr(p, '@');
-    const char *slash = strchr(at ? at : p, '/');
-    r->user[0] = r->pass[0] = '\0';
-    if (at != NULL) {
-        const char *colon = memchr(p, ':', (size_t)(at - p));
-        if (colon == NULL)
-            return url_fail(err, errlen, "the part before @ needs a colon: :password or "
-                                         "user:password");
-        if (!url_unescape(r->user, sizeof(r->user), p, (size_t)(colon - p)) ||
-            !url_unescape(r->pass, sizeof(r->pass), colon + 1, (size_t)(at - colon - 1)))
-            return url_fail(err, errlen, "bad user or password (too long, or a bad %-escape)");
-        if (r->pass[0] == '\0')
-            return url_fail(err, errlen, "empty password");
-        p = at + 1;
-    }
-    size_t hl = slash ? (size_t)(slash - p) : strlen(p);
-    const char *port = NULL;
-    const char *hs = p;
-    size_t hn = hl;
-    if (hl > 0 && p[0] == '[') {
-        const char *close = memchr(p, ']', hl);
-        if (close == NULL)
-            return url_fail(err, errlen, "unclosed [ in the host");
-        hs = p + 1;
-        hn = (size_t)(close - p - 1);
-        if (close + 1 < p + hl) {
-            if (close[1] != ':')
-                return url_fail(err, errlen, "junk after ]");
-            port = close + 2;
-        }
-    } else {
-        const char *colon = memchr(p, ':', hl);
-        if (colon != NULL) {
-            hn = (size_t)(colon - p);
-            port = colon + 1;
-        }
-    }
-    if (hn == 0 || hn >= sizeof(r->host))
-        return url_fail(err, errlen, "no host, or a host too long");
-    memcpy(r->host, hs, hn);
-    r->host[hn] = '\0';
-    r->port = 6379;
-    if (port != NULL) {
-        size_t pn = (size_t)(p + hl - port);
-        char buf[8];
-        char *end;
-        if (pn == 0 || pn >= sizeof(buf))
-            return url_fail(err, errlen, "bad port");
-        memcpy(buf, port, pn);
-        buf[pn] = '\0';
-        long v = strtol(buf, &end, 10);
-        if (*end != '\0' || v < 1 || v > 65535)
-            return url_fail(err, errlen, "bad port");
-        r->port = (int)v;
-    }
-    r->db = 0;
-    if (slash != NULL && slash[1] != '\0') {
-        char *end;
-        long v = strtol(slash + 1, &end, 10);
-        if (*end != '\0' || v < 0 || v > 1000000)
-            return url_fail(err, errlen, "the database after / must be a number");
-        r->db = (int)v;
-    }
-    snprintf(r->name, sizeof(r->name), "%s://%s%s%s:%d/%d", r->tls ? "rediss" : "redis",
-             strchr(r->host, ':') ? "[" : "",
-             r->host, strchr(r->host, ':') ? "]" : "", r->port, r->db);
-    return 0;
-}
 
 /* ---- TLS ---- */
 
@@ -466,20 +322,6 @@ static void on_flush(uv_prepare_t *h)
     flush(h->data);
 }
 
-/* Writes v in decimal at p; returns the end. */
-static char *put_uint(char *p, size_t v)
-{
-    char tmp[24];
-    int n = 0;
-    do {
-        tmp[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v != 0);
-    while (n > 0)
-        *p++ = tmp[--n];
-    return p;
-}
-
 /* Queues a command in Redis's protocol (*argc, then $len and the bytes of each argument), to
    go in the loop's prepare phase. */
 static int queue_argv(mg_redis_t *r, int argc, const char **argv, const size_t *lens)
@@ -495,14 +337,14 @@ static int queue_argv(mg_redis_t *r, int argc, const char **argv, const size_t *
     size_t before = r->out.len;
     char head[32], *p = head;
     *p++ = '*';
-    p = put_uint(p, (size_t)argc);
+    p = mg__redis_put_uint(p, (size_t)argc);
     *p++ = '\r';
     *p++ = '\n';
     int rc = mg__buf_append(&r->out, head, (size_t)(p - head));
     for (int i = 0; i < argc && rc == 0; i++) {
         p = head;
         *p++ = '$';
-        p = put_uint(p, lens[i]);
+        p = mg__redis_put_uint(p, lens[i]);
         *p++ = '\r';
         *p++ = '\n';
         rc = mg__buf_append(&r->out, head, (size_t)(p - head));
@@ -806,13 +648,13 @@ static int conn_open(mg_redis_t *r, const struct sockaddr *addr)
         rc |= queue_argv(r, 2, argv, lens);
         r->setup_left++;
     }
-    for (int i = 0; i < SCRIPTS; i++) {
+    for (int i = 0; i < MG_REDIS_SCRIPTS; i++) {
         argv[0] = "SCRIPT";
         argv[1] = "LOAD";
-        argv[2] = script_text[i];
+        argv[2] = mg__redis_scripts[i];
         lens[0] = 6;
         lens[1] = 4;
-        lens[2] = strlen(script_text[i]);
+        lens[2] = strlen(mg__redis_scripts[i]);
         rc |= queue_argv(r, 3, argv, lens);
         r->setup_left++;
     }
@@ -916,9 +758,9 @@ int mg__redis_new(uv_loop_t *loop, const mg__redis_conf_t *conf, mg_redis_t **ou
         free(r);
         return rc;
     }
-    for (int i = 0; i < SCRIPTS; i++) {
+    for (int i = 0; i < MG_REDIS_SCRIPTS; i++) {
         unsigned char md[SHA_DIGEST_LENGTH];
-        SHA1((const unsigned char *)script_text[i], strlen(script_text[i]), md);
+        SHA1((const unsigned char *)mg__redis_scripts[i], strlen(mg__redis_scripts[i]), md);
         for (int k = 0; k < SHA_DIGEST_LENGTH; k++)
             snprintf(r->sha[i] + 2 * k, 3, "%02x", md[k]);
     }
@@ -1009,23 +851,6 @@ static void finish_op(mg_redis_t *r, mg__redis_op_t *o, redisReply *rep)
         done(ctx, mg__redis_push_results(co, op, rep));
 }
 
-/* A number as text Redis reads back exactly: whole numbers (counts, bursts) as integers,
-   without printf's cost; the rest with 17 significant digits. */
-static void fmt_num(char *buf, size_t cap, double v)
-{
-    if (v == (double)(int64_t)v && v > -1e15 && v < 1e15 && cap >= 24) {
-        int64_t i = (int64_t)v;
-        char *p = buf;
-        if (i < 0) {
-            *p++ = '-';
-            i = -i;
-        }
-        *put_uint(p, (size_t)i) = '\0';
-        return;
-    }
-    snprintf(buf, cap, "%.17g", v);
-}
-
 int mg__redis_dict_start(mg_redis_t *r, const mg__rdict_req_t *q, lua_State *co,
                          mg__redis_done_fn done, void *ctx, mg__redis_op_t **out, char *err,
                          size_t errlen)
@@ -1052,91 +877,12 @@ int mg__redis_dict_start(mg_redis_t *r, const mg__rdict_req_t *q, lua_State *co,
         return MG_EINVAL;
     }
 
-    size_t klen = sizeof(KEY_PREFIX) - 1 + q->klen;
-    char *key = malloc(klen);
-    char *sval = NULL;
-    if (key == NULL)
-        return MG_ENOMEM;
-    memcpy(key, KEY_PREFIX, sizeof(KEY_PREFIX) - 1);
-    memcpy(key + sizeof(KEY_PREFIX) - 1, q->key, q->klen);
-
-    const char *argv[9];
-    size_t lens[9];
-    int argc = 0;
-    char n1[32], n2[32], n3[32], n4[32];
-#define ARG(s, n) (argv[argc] = (s), lens[argc] = (n), argc++)
-#define ARGS(s) ARG(s, strlen(s))
-    switch (q->op) {
-    case MG_RDICT_GET:
-        ARGS("GET");
-        ARG(key, klen);
-        break;
-    case MG_RDICT_DELETE:
-        ARGS("DEL");
-        ARG(key, klen);
-        break;
-    case MG_RDICT_TTL:
-        ARGS("PTTL");
-        ARG(key, klen);
-        break;
-    case MG_RDICT_SET:
-        if (!q->has_value) {
-            ARGS("DEL");
-            ARG(key, klen);
-            break;
-        }
-        ARGS("SET");
-        ARG(key, klen);
-        if (q->value.type == MG_DICT_NUMBER) {
-            fmt_num(n1, sizeof(n1), q->value.num);
-            ARGS(n1);
-        } else {
-            sval = malloc(q->value.len + 2);
-            if (sval == NULL) {
-                free(key);
-                return MG_ENOMEM;
-            }
-            sval[0] = 's';
-            sval[1] = ':';
-            memcpy(sval + 2, q->value.str, q->value.len);
-            ARG(sval, q->value.len + 2);
-        }
-        if (q->ttl_ms > 0) {
-            snprintf(n2, sizeof(n2), "%llu", (unsigned long long)q->ttl_ms);
-            ARGS("PX");
-            ARGS(n2);
-        }
-        break;
-    case MG_RDICT_INCR:
-        ARGS("EVALSHA");
-        ARG(r->sha[SCRIPT_INCR], 40);
-        ARGS("1");
-        ARG(key, klen);
-        fmt_num(n1, sizeof(n1), q->by);
-        ARGS(n1);
-        snprintf(n2, sizeof(n2), "%llu", (unsigned long long)q->ttl_ms);
-        ARGS(n2);
-        break;
-    case MG_RDICT_TAKE_BUCKET:
-        ARGS("EVALSHA");
-        ARG(r->sha[SCRIPT_TAKE], 40);
-        ARGS("1");
-        ARG(key, klen);
-        fmt_num(n1, sizeof(n1), q->now);
-        ARGS(n1);
-        fmt_num(n2, sizeof(n2), q->n);
-        ARGS(n2);
-        fmt_num(n3, sizeof(n3), q->interval);
-        ARGS(n3);
-        fmt_num(n4, sizeof(n4), q->burst);
-        ARGS(n4);
-        break;
-    }
-#undef ARG
-#undef ARGS
-
+    mg__redis_cmd_t cmd;
+    int rc = mg__redis_cmd_build(q, r->sha, &cmd);
+    if (rc != 0)
+        return rc;
     mg__redis_op_t *o = calloc(1, sizeof(*o));
-    int rc = o != NULL ? queue_argv(r, argc, argv, lens) : MG_ENOMEM;
+    rc = o != NULL ? queue_argv(r, cmd.argc, cmd.argv, cmd.lens) : MG_ENOMEM;
     if (rc == 0) {
         *o = (mg__redis_op_t){ .op = q->op, .co = co, .done = done, .ctx = ctx };
         if (r->tail != NULL)
@@ -1155,8 +901,7 @@ int mg__redis_dict_start(mg_redis_t *r, const mg__rdict_req_t *q, lua_State *co,
                      OUT_MAX >> 20);
         }
     }
-    free(key);
-    free(sval);
+    mg__redis_cmd_free(&cmd);
     return rc;
 }
 

@@ -1,5 +1,5 @@
 /*
- * libFuzzer target for Redis's answers (src/policy/policy_redis_answer.c). See README.md beside
+ * libFuzzer target for Redis's answers (src/policy/policy_redis_proto.c). See README.md beside
  * it.
  *
  * The first input byte chooses the dictionary operation and seeds the split pattern; the rest

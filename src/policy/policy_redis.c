@@ -940,8 +940,14 @@ int mg_policy_redis_probe(uv_loop_t *loop, const mg_policy_options_t *o, uint32_
     uv_run(loop, UV_RUN_DEFAULT);
     uv_close((uv_handle_t *)&tick, NULL);
     if (r->state == R_UP) {
-        snprintf(msg, cap, "%s answered in %.1f ms", r->a.name,
-                 (double)(uv_hrtime() - t0) / 1e6);
+        char ip[64] = "?";
+        uv_ip_name((const struct sockaddr *)&r->addrs[r->addr_i], ip, sizeof(ip));
+        char tried[64] = "";
+        if (r->addr_i > 0)
+            snprintf(tried, sizeof(tried), ", after %d other address%s", r->addr_i,
+                     r->addr_i == 1 ? "" : "es");
+        snprintf(msg, cap, "%s answered in %.1f ms (at %s%s)", r->a.name,
+                 (double)(uv_hrtime() - t0) / 1e6, ip, tried);
         rc = 0;
     } else {
         snprintf(msg, cap, "%s: %s", r->a.name,

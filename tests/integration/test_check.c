@@ -93,8 +93,10 @@ static int group_teardown(void **state)
 }
 
 /* `moongate -t ARGS` with the environment vars (NAME=value, NULL-ended) over a clean one:
-   the default route's files are the test sshd's, TLS is off. Returns the exit status. */
-static int check(const world_t *w, const char *const *args, const char *const *vars, char **out)
+   the default route's files are the test sshd's, TLS is off; run under prefix (an argv,
+   NULL-ended, e.g. unshare ...) when it is not NULL. Returns the exit status. */
+static int check_under(const world_t *w, const char *const *prefix, const char *const *args,
+                       const char *const *vars, char **out)
 {
     char kvar[MG_TEST_PATH_MAX + 32], khvar[MG_TEST_PATH_MAX + 32];
     snprintf(kvar, sizeof(kvar), "MOONGATE_SSH_KEY=%s", w->sshd.client_key);
@@ -117,12 +119,32 @@ static int check(const world_t *w, const char *const *args, const char *const *v
     static char *envp[1024];
     gw_env_merge(envp, sizeof(envp) / sizeof(envp[0]), env);
     char bin[MG_TEST_PATH_MAX];
-    char *argv[16] = { (char *)gw_binary(bin, sizeof(bin)), "-t" };
-    int k = 2;
-    for (const char *const *a = args; a != NULL && *a != NULL && k < 15; a++)
+    char *argv[32];
+    int k = 0;
+    for (const char *const *p = prefix; p != NULL && *p != NULL && k < 12; p++)
+        argv[k++] = (char *)*p;
+    argv[k++] = (char *)gw_binary(bin, sizeof(bin));
+    argv[k++] = "-t";
+    for (const char *const *a = args; a != NULL && *a != NULL && k < 31; a++)
         argv[k++] = (char *)*a;
     argv[k] = NULL;
     return gw_run(argv, w->dir, "/", envp, 20000, out);
+}
+
+static int check(const world_t *w, const char *const *args, const char *const *vars, char **out)
+{
+    return check_under(w, NULL, args, vars, out);
+}
+
+/* This machine has ::1 on its loopback (then a resolver gives it first for a name with both). */
+static bool has_ipv6_loopback(void)
+{
+    char *text = NULL;
+    if (mg_test_read_file("/proc/net/if_inet6", &text, NULL) != 0)
+        return false;
+    bool yes = strstr(text, "00000000000000000000000000000001") != NULL;
+    free(text);
+    return yes;
 }
 
 static void expect(int code, int want, const char *out, const char *needle)
@@ -350,6 +372,44 @@ static void test_redis(void **state)
     mg_test_redis_stop(&redis);
 }
 
+/* A name whose first address refuses (::1, where Redis listens on 127.0.0.1 only, as
+   localhost often is): the next address is tried. The name is in a private /etc/hosts, bound
+   over the machine's in moongate's own mount namespace. */
+static void test_redis_name_with_two_addresses(void **state)
+{
+    world_t *w = *state;
+    if (geteuid() != 0 || gw_sh(w->dir, "unshare -m true", 5000, NULL) != 0 ||
+        access("/etc/nsswitch.conf", F_OK) != 0) {
+        print_message("skipped: needs root and unshare -m to mount a private /etc/hosts\n");
+        skip();
+    }
+    mg_test_redis_t redis;
+    assert_int_equal(mg_test_redis_start(&redis, NULL), 0);
+    char hosts[MG_TEST_PATH_MAX + 16], nss[MG_TEST_PATH_MAX + 16];
+    snprintf(hosts, sizeof(hosts), "%s/hosts", w->dir);
+    snprintf(nss, sizeof(nss), "%s/nsswitch.conf", w->dir);
+    static const char h[] = "127.0.0.1 localhost\n::1 redis.test\n127.0.0.1 redis.test\n";
+    assert_int_equal(mg_test_write_file(hosts, h, strlen(h), 0644), 0);
+    assert_int_equal(mg_test_write_file(nss, "hosts: files\n", 13, 0644), 0);
+    char mount[3 * MG_TEST_PATH_MAX], url[96];
+    snprintf(mount, sizeof(mount), "mount --bind '%s' /etc/hosts && "
+             "mount --bind '%s' /etc/nsswitch.conf && exec \"$@\"", hosts, nss);
+    snprintf(url, sizeof(url), "MOONGATE_REDIS_URL=redis://redis.test:%u", (unsigned)redis.port);
+    const char *prefix[] = { "unshare", "-m", "--", "sh", "-c", mount, "sh", NULL };
+    const char *vars[] = { url, NULL };
+    char *out = NULL;
+    int code = check_under(w, prefix, NULL, vars, &out);
+    expect(code, 0, out, "moongate: redis redis://redis.test:");
+    expect(code, 0, out, "(at 127.0.0.1");
+    /* Where the machine has ::1, the resolver gives it first, and it was tried first. */
+    if (has_ipv6_loopback())
+        expect(code, 0, out, "(at 127.0.0.1, after 1 other address)");
+    else
+        print_message("no ::1 here: the name's first address was 127.0.0.1\n");
+    free(out);
+    mg_test_redis_stop(&redis);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -359,6 +419,7 @@ int main(void)
         cmocka_unit_test(test_every_problem_is_reported),
         cmocka_unit_test(test_own_route_needs_no_default_files),
         cmocka_unit_test(test_redis),
+        cmocka_unit_test(test_redis_name_with_two_addresses),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

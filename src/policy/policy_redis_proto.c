@@ -10,6 +10,7 @@
 
 #include "moongate/error.h"
 
+#include <ctype.h>
 #include <hiredis/hiredis.h>
 #include <lauxlib.h>
 #include <stdio.h>
@@ -60,8 +61,9 @@ static bool url_unescape(char *dst, size_t cap, const char *src, size_t n)
     for (size_t i = 0; i < n; i++) {
         char c = src[i];
         if (c == '%') {
-            if (i + 2 >= n)
-                return false;
+            if (i + 2 >= n || !isxdigit((unsigned char)src[i + 1]) ||
+                !isxdigit((unsigned char)src[i + 2]))
+                return false; /* (strtol alone would take "%+1" and "% 1") */
             char hex[3] = { src[i + 1], src[i + 2], 0 };
             char *end;
             long v = strtol(hex, &end, 16);

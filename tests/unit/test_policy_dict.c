@@ -198,7 +198,7 @@ static void test_redis_url(void **state)
     static const char *const bad[] = {
         "http://x", "redis://", "redis://host:0", "redis://host:65536", "redis://host:x",
         "redis://host/db", "redis://pw@host", "redis://user:@host", "redis://[::1",
-        "redis://u:%4@host", "redis://u:%00@host",
+        "redis://u:%4@host", "redis://u:%00@host", "redis://u:%+1@host", "redis://u:% 1@host",
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         err[0] = '\0';

@@ -1,7 +1,7 @@
 -- A token bucket per key, kept in the shared dictionary so that it survives a reload.
 --
 --   local bucket = require("moongate.token_bucket").new{ limit = 100, per = 60 }
---   local ok, retry_after, remaining = bucket:take(user)
+--   local ok, x = bucket:take(user)   -- true, tokens left | false, seconds to wait | nil, err
 --
 -- A bucket holds up to `burst` tokens (default: limit) and refills at limit/per tokens a second.
 -- take(key, n) removes n tokens (default 1) if there are that many and returns true and the
@@ -52,27 +52,10 @@ function Bucket:take(key, n)
   -- Times are seconds since the epoch (about 1.7e9), where a double resolves only to a few
   -- 1e-7 s; the rounding of many takes adds up, so comparisons allow a hundredth of a token.
   local slack = interval * 0.01
-  local ok, x
-  if dict.take_bucket then
-    -- One atomic step on the dictionary: exact across nodes when it is in Redis.
-    ok, x = dict.take_bucket(k, n, interval, burst, now)
-    if ok == nil then
-      return nil, x
-    end
-  else
-    -- A dictionary of get and set alone (a test's, say): the same step in two.
-    local full_at = max(dict.get(k) or now, now)
-    x = full_at + n * interval
-    local over = x - now - burst * interval
-    ok = over <= slack
-    if ok then
-      local set, err = dict.set(k, x, ceil((x - now) * 1000))
-      if not set then
-        return nil, err
-      end
-    else
-      x = over
-    end
+  -- One atomic step on the dictionary: exact across nodes when it is in Redis.
+  local ok, x = dict.take_bucket(k, n, interval, burst, now)
+  if ok == nil then
+    return nil, x
   end
   -- The bucket may hold at most burst tokens' worth of debt: burst * interval seconds.
   if not ok then

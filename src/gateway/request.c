@@ -714,39 +714,32 @@ static int policy_request(const mg_req_t *r, mg_policy_request_t *preq, void **s
 
 enum { P_AUTHENTICATE, P_ADMIT, P_ROUTE, P_DONE };
 
+/* What a refusal by each hook answers when the hook names no status or message, and whether
+   it counts as a policy error even below 500 (a route hook that says no is a broken policy). */
+static const struct {
+    int status;
+    const char *message;
+    bool always_an_error;
+} hook_refusal[] = {
+    [P_AUTHENTICATE] = { 401, "unauthorized", false },
+    [P_ADMIT] = { 429, "not admitted", false },
+    [P_ROUTE] = { 500, "no route", true },
+};
+
 /* Takes the answer of the hook at r->pstep. Returns true to go on, or false after refusing. */
 static bool policy_answer(mg_req_t *r, int rc)
 {
-    mg_req_env_t *env = r->env;
     mg_policy_decision_t *d = &r->pd;
-    switch (r->pstep) {
-    case P_AUTHENTICATE:
-        if (rc != 0 || !d->allow) {
-            if (d->status >= 500)
-                mg_counter_inc(env->metrics->policy_errors);
-            req_error(r, d->status ? d->status : 401, d->message[0] ? d->message : "unauthorized",
-                      d);
-            return false;
-        }
+    if (rc != 0 || !d->allow) {
+        if (hook_refusal[r->pstep].always_an_error || d->status >= 500)
+            mg_counter_inc(r->env->metrics->policy_errors);
+        req_error(r, d->status ? d->status : hook_refusal[r->pstep].status,
+                  d->message[0] ? d->message : hook_refusal[r->pstep].message, d);
+        return false;
+    }
+    if (r->pstep == P_AUTHENTICATE) {
         snprintf(r->user, sizeof(r->user), "%s", d->user);
         snprintf(r->credential, sizeof(r->credential), "%s", d->credential);
-        break;
-    case P_ADMIT:
-        if (rc != 0 || !d->allow) {
-            if (d->status >= 500)
-                mg_counter_inc(env->metrics->policy_errors);
-            req_error(r, d->status ? d->status : 429, d->message[0] ? d->message : "not admitted",
-                      d);
-            return false;
-        }
-        break;
-    case P_ROUTE:
-        if (rc != 0 || !d->allow) {
-            mg_counter_inc(env->metrics->policy_errors);
-            req_error(r, d->status ? d->status : 500, d->message[0] ? d->message : "no route", d);
-            return false;
-        }
-        break;
     }
     r->pstep++;
     return true;

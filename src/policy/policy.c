@@ -133,7 +133,6 @@ struct mg__pcall {
     uint32_t budget_ms;
     uint64_t deadline_ns;
     bool timed_out;
-    bool waited;          /* it has yielded once: st is referenced, done will be called */
     char what[32];
     char where[224];
     mg__pcall_done_fn done;
@@ -505,10 +504,9 @@ static void pcall_wait_over(uv_timer_t *t)
     mg_policy_t *p = pc->st->policy;
     mg__redis_op_cancel(pc->op);
     pc->op = NULL;
-    if (p->redis != NULL && !pc->wait_is_budget) /* a spent budget is the hook's, not Redis's */
-        mg__redis_note_timeout(p->redis, pc->wait_ms);
     if (pc->wait_is_budget) {
-        /* The call's budget is spent: it fails as one that ran too long. */
+        /* The call's budget is spent (the hook's, not Redis's): it fails as one that ran too
+           long. */
         lua_settop(pc->co, 0);
         lua_pushfstring(pc->st->L, "%s: time budget of %d ms exceeded waiting for redis",
                         pc->where, (int)pc->budget_ms);
@@ -518,6 +516,8 @@ static void pcall_wait_over(uv_timer_t *t)
         pcall_finish(pc, rc);
         return;
     }
+    if (p->redis != NULL)
+        mg__redis_note_timeout(p->redis, pc->wait_ms);
     lua_pushnil(pc->co);
     lua_pushfstring(pc->co, "redis unavailable: no answer within %d ms", (int)pc->wait_ms);
     pcall_step(pc, 2);
@@ -536,7 +536,7 @@ int mg__policy_pcall_wait(mg_policy_state_t *st, const char *what, const char *w
         st->pc_pooled--;
         /* What the last call left: everything but the coroutine and the timer (a libuv
            handle, which must stay where it is). */
-        pc->timed_out = pc->waited = pc->wait_is_budget = false;
+        pc->timed_out = pc->wait_is_budget = false;
         pc->op = NULL;
         pc->wait_ms = 0;
         pc->next_free = NULL;
@@ -560,8 +560,7 @@ int mg__policy_pcall_wait(mg_policy_state_t *st, const char *what, const char *w
     pc->ctx = ctx;
     int rc = pcall_run(pc, nargs);
     if (rc == MG_EAGAIN) {
-        pc->waited = true;
-        st->refs++;
+        st->refs++; /* until pcall_finish */
         return MG_EAGAIN;
     }
     pcall_free(pc);
@@ -603,10 +602,6 @@ int mg__policy_redis_call(lua_State *L, const mg__rdict_req_t *q)
                            "a function called by C (a string.gsub replacement, a table.sort "
                            "comparator, ...); call it outside");
         return 2;
-    }
-    if (pc->op != NULL) { /* cannot happen: a call that waits is not running */
-        mg__redis_op_cancel(pc->op);
-        pc->op = NULL;
     }
     char err[256] = "redis unavailable: out of memory";
     int rc = mg__redis_dict_start(p->redis, q, L, pcall_answered, pc, &pc->op, err,

@@ -1,28 +1,24 @@
 /*
- * The shared dictionary's Redis back end (MOONGATE_REDIS_URL): one connection on the loop, and
- * the dictionary's operations as Redis commands.
+ * The shared dictionary's Redis back end (MOONGATE_REDIS_URL): one connection on the loop that
+ * carries the dictionary's operations. What is said on it (the URL, the scripts, the commands,
+ * what the answers mean) is in policy_redis_proto.c.
  *
  * The connection is ours: a libuv TCP handle, OpenSSL over memory BIOs for rediss://, and
- * hiredis only to format commands and read answers (Debian 12's hiredis 0.14 has no TLS, and
- * its libuv adapter ignores the poll error by which libuv reports a refused connect). The host
- * is resolved with uv_getaddrinfo; AUTH, SELECT, SCRIPT LOAD of the scripts below and a PING
- * go first, and the connection is up when the PING answers. One that fails or drops is retried with a backoff from 100 ms to 2 s
- * for as long as the gateway runs; while it is down, every operation fails at once (no wait),
- * so an unreachable Redis costs a request nothing but the policy's fallback.
+ * hiredis's reader for the answers (Debian 12's hiredis 0.14 has no TLS, and its libuv adapter
+ * ignores the poll error by which libuv reports a refused connect). The host is resolved with
+ * uv_getaddrinfo and its addresses tried in turn; AUTH, SELECT, SCRIPT LOAD of the scripts and a
+ * PING go first, and the connection is up when the PING answers. One that fails or drops is
+ * retried with a backoff from 100 ms to 2 s for as long as the gateway runs; while it is down,
+ * every operation fails at once (no wait), so an unreachable Redis costs a request nothing but
+ * the policy's fallback.
  *
- * Operations. Each one is a command (GET, SET, DEL, PTTL) or a server-side script run by its
- * SHA-1 (EVALSHA: incr with a time to live, the token bucket), so that every change a rate limit needs is one atomic round
- * trip, exact across nodes. Redis answers in order, so the operations out wait in a FIFO, at
- * most MAX_IN_FLIGHT of them, and commands queued in one loop iteration go in one write (in the
- * prepare phase, before the loop polls), at most OUT_MAX bytes queued. The waiting side (policy.c) bounds each wait and
- * may cancel it; a cancelled operation's answer is read and dropped.
+ * Operations. Redis answers in order, so the operations out wait in a FIFO, at most
+ * MAX_IN_FLIGHT of them. Commands queued in one loop iteration go in one write (in the prepare
+ * phase, before the loop polls), at most OUT_MAX bytes queued. The waiting side (policy.c)
+ * bounds each wait and may cancel it; a cancelled operation's answer is read and dropped.
  *
  * Answers are hostile input like any other: hiredis's reader checks the protocol, and one
  * answer may not grow past VALUE_MAX; either failing ends the connection.
- *
- * Values. Numbers are stored as decimal text ("%.17g", exact for a double), so that INCRBYFLOAT
- * and the scripts read them; strings get an "s:" in front, so that "5" comes back a string.
- * Keys are prefixed "moongate:".
  *
  * Logging is per change of state (connected, down, slow, back), never per operation.
  */
@@ -179,7 +175,6 @@ struct rconn {
 
 typedef struct wreq {
     uv_write_t req;
-    size_t len;
     char data[];
 } wreq_t;
 
@@ -263,13 +258,9 @@ static void on_written(uv_write_t *req, int status)
     }
 }
 
-static int conn_write(rconn_t *c, const char *data, size_t len)
+/* Writes w, its len bytes filled in; w is freed when written (or at once if it cannot go). */
+static int conn_write_go(rconn_t *c, wreq_t *w, size_t len)
 {
-    wreq_t *w = malloc(sizeof(*w) + len);
-    if (w == NULL)
-        return MG_ENOMEM;
-    w->len = len;
-    memcpy(w->data, data, len);
     uv_buf_t b = uv_buf_init(w->data, (unsigned)len);
     int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_written);
     if (rc != 0) {
@@ -279,17 +270,29 @@ static int conn_write(rconn_t *c, const char *data, size_t len)
     return 0;
 }
 
-/* Sends what TLS has written into its BIO. */
+static int conn_write(rconn_t *c, const char *data, size_t len)
+{
+    wreq_t *w = malloc(sizeof(*w) + len);
+    if (w == NULL)
+        return MG_ENOMEM;
+    memcpy(w->data, data, len);
+    return conn_write_go(c, w, len);
+}
+
+/* Sends what TLS has written into its BIO, read straight into the write. */
 static int tls_send(rconn_t *c)
 {
-    char buf[16384];
-    int n;
-    while ((n = BIO_read(c->wbio, buf, sizeof(buf))) > 0) {
-        int rc = conn_write(c, buf, (size_t)n);
-        if (rc != 0)
-            return rc;
+    size_t n = BIO_ctrl_pending(c->wbio);
+    if (n == 0)
+        return 0;
+    wreq_t *w = malloc(sizeof(*w) + n);
+    if (w == NULL)
+        return MG_ENOMEM;
+    if (BIO_read(c->wbio, w->data, (int)n) != (int)n) {
+        free(w);
+        return MG_EINVAL;
     }
-    return 0;
+    return conn_write_go(c, w, n);
 }
 
 /* Sends the commands queued in r->out. It runs in the loop's prepare phase, just before the

@@ -5,11 +5,11 @@
  * (never a short write, which would corrupt the stream), ssh_recv() hands out what the
  * transport delivered, or EAGAIN: straight from the transport's read buffer while its read
  * callback runs, and only what libssh2 leaves of it is copied into c->in (so a connection
- * holds no input buffer of its own while it has nothing unread). Everything that calls into libssh2 happens in
- * drive(), which runs until no step makes progress: after bytes arrive, after the transport
- * drains, on timers, and (deferred to the loop's next turn through an idle handle) after API
- * calls. Any libssh2 call may consume packets meant for other channels, so every pass services
- * every channel. One flush of the transport ends each drive.
+ * holds no input buffer of its own while it has nothing unread). Everything that calls into
+ * libssh2 happens in drive(), which runs until no step makes progress: after bytes arrive,
+ * after the transport drains, on timers, and (deferred to the loop's next turn through an idle
+ * handle) after API calls. Any libssh2 call may consume packets meant for other channels, so
+ * every pass services every channel. One flush of the transport ends each drive.
  *
  * Objects are freed only at defined points: a channel after its on_close, inside drive() while
  * that channel is the one being serviced; the connection after its three handles have closed,

@@ -86,6 +86,24 @@ static void wait_for(waiter_t *w, int calls)
     assert_int_equal(w->calls, calls);
 }
 
+/* One authenticate on p's current state, waited for to the end: its code (the hook's, once
+   it answered). *waited says whether it had to wait (for Redis). */
+static int authenticate_waited(mg_policy_t *p, mg_policy_decision_t *d, bool *waited)
+{
+    mg_policy_state_t *st = mg_policy_acquire(p);
+    tp_req_t r;
+    tp_request(&r, NULL);
+    waiter_t w = { 0 };
+    int rc = mg_policy_authenticate_wait(st, &r.req, d, on_done, &w);
+    *waited = rc == MG_EAGAIN;
+    if (*waited) {
+        wait_for(&w, 1);
+        rc = w.rc;
+    }
+    mg_policy_release(st);
+    return rc;
+}
+
 static const char counting[] =
     "local mg = require 'moongate'\n"
     "local seen = mg.dict.get('at-load')\n"
@@ -360,10 +378,8 @@ static void test_script_flush(void **state)
     mg_test_redis_cmd(&redis, out, sizeof(out), "-n", "2", "del", "moongate:flush", NULL);
     tp_capture_begin();
     mg_policy_t *p = connected_policy("flush.lua", src);
-    mg_policy_state_t *st = mg_policy_acquire(p);
-    tp_req_t r;
-    tp_request(&r, NULL);
     mg_policy_decision_t d;
+    bool waited;
     const char *want[] = { "u1", NULL, "u2" };
     for (int i = 0; i < 3; i++) {
         if (i == 1)
@@ -371,9 +387,8 @@ static void test_script_flush(void **state)
                              0);
         if (i == 2)
             tp_run_for(300); /* the reconnect's backoff starts at 100 ms */
-        waiter_t w = { 0 };
-        assert_int_equal(mg_policy_authenticate_wait(st, &r.req, &d, on_done, &w), MG_EAGAIN);
-        wait_for(&w, 1);
+        authenticate_waited(p, &d, &waited);
+        assert_true(waited);
         if (want[i] != NULL) {
             assert_true(d.allow);
             assert_string_equal(d.user, want[i]);
@@ -382,7 +397,6 @@ static void test_script_flush(void **state)
             assert_non_null(strstr(d.message, "NOSCRIPT"));
         }
     }
-    mg_policy_release(st);
     tp_free(p);
     char *log = tp_capture_end();
     assert_int_equal(tp_count(log, "its scripts were flushed (SCRIPT FLUSH); loading them again"),
@@ -414,19 +428,14 @@ static void test_acl_user_of_the_docs(void **state)
         "  return nil, 429, 'rate limit'\n"
         "end }\n";
     mg_policy_t *p = connected_policy("acl.lua", src);
-    mg_policy_state_t *st = mg_policy_acquire(p);
-    tp_req_t r;
-    tp_request(&r, NULL);
     mg_policy_decision_t d;
+    bool waited;
     for (int i = 0; i < 3; i++) {
-        waiter_t w = { 0 };
         mg_test_redis_cmd(&acl, (char[64]){ 0 }, 64, "-n", "2", "del", "moongate:n", NULL);
-        assert_int_equal(mg_policy_authenticate_wait(st, &r.req, &d, on_done, &w), MG_EAGAIN);
-        wait_for(&w, 1);
-        assert_int_equal(w.rc, 0);
+        assert_int_equal(authenticate_waited(p, &d, &waited), 0);
+        assert_true(waited);
         assert_int_equal(d.allow, i < 2); /* the third is over the bucket's 2 */
     }
-    mg_policy_release(st);
     tp_free(p);
     mg_test_redis_stop(&acl);
     snprintf(redis_url, sizeof(redis_url), "redis://127.0.0.1:%u/2", (unsigned)redis.port);
@@ -544,16 +553,11 @@ static void test_hostile_server(void **state)
         snprintf(redis_url, sizeof(redis_url), "redis://127.0.0.1:%u", (unsigned)f.port);
         tp_capture_begin();
         mg_policy_t *p = connected_policy("hostile.lua", src);
-        mg_policy_state_t *st = mg_policy_acquire(p);
-        tp_req_t r;
-        tp_request(&r, NULL);
         mg_policy_decision_t d;
-        waiter_t w = { 0 };
-        hook_timeout = 1000;
-        assert_int_equal(mg_policy_authenticate_wait(st, &r.req, &d, on_done, &w), MG_EAGAIN);
-        wait_for(&w, 1);
+        bool waited;
+        authenticate_waited(p, &d, &waited);
+        assert_true(waited);
         tp_run_for(100);
-        mg_policy_release(st);
         tp_free(p);
         char *log = tp_capture_end();
         fake_stop(&f);
@@ -605,13 +609,8 @@ static char *tls_try(mg_policy_decision_t *d)
         tp_run_for(5);
         mg_policy_redis_stats(p, &rs);
     }
-    mg_policy_state_t *st = mg_policy_acquire(p);
-    tp_req_t r;
-    tp_request(&r, NULL);
-    waiter_t w = { 0 };
-    if (mg_policy_authenticate_wait(st, &r.req, d, on_done, &w) == MG_EAGAIN)
-        wait_for(&w, 1);
-    mg_policy_release(st);
+    bool waited;
+    authenticate_waited(p, d, &waited);
     tp_free(p);
     return tp_capture_end();
 }

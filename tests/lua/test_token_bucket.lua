@@ -69,7 +69,8 @@ T.test("the state lives in the dictionary with a TTL until full", function()
 end)
 
 T.test("a full dictionary is reported, not ignored", function()
-  local full = { get = function() return nil end, set = function() return nil, "dictionary full" end }
+  local full = { get = function() return nil end,
+                  take_bucket = function() return nil, "dictionary full" end }
   local b = token_bucket.new{ limit = 1, dict = full, clock = function() return 0 end }
   local ok, err = b:take("k")
   T.eq(ok, nil, "nil")

@@ -13,12 +13,7 @@
 #include "test_policy_util.h"
 #include "redis.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <pthread.h>
 #include <signal.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 static mg_test_redis_t redis;
 static char redis_url[128];
@@ -443,67 +438,6 @@ static void test_acl_user_of_the_docs(void **state)
 
 /* ---- a hostile server ---- */
 
-typedef struct fake {
-    int lfd;
-    uint16_t port;
-    const char *answer;   /* sent after the first command that is not the PING */
-    size_t answer_len;
-    pthread_t thread;
-} fake_t;
-
-static void *fake_serve(void *arg)
-{
-    fake_t *f = arg;
-    int fd = accept(f->lfd, NULL, NULL);
-    if (fd < 0)
-        return NULL;
-    char buf[8192];
-    /* The set-up (two SCRIPT LOADs, then PING: answered as if loaded); then the operation. */
-    size_t got = 0;
-    ssize_t n;
-    while (got < sizeof(buf) - 1 && (n = read(fd, buf + got, sizeof(buf) - 1 - got)) > 0) {
-        got += (size_t)n;
-        buf[got] = '\0';
-        if (strstr(buf, "PING\r\n") != NULL)
-            break;
-    }
-    static const char setup[] = "+OK\r\n+OK\r\n+PONG\r\n";
-    if (strstr(buf, "PING\r\n") != NULL &&
-        write(fd, setup, sizeof(setup) - 1) == (ssize_t)sizeof(setup) - 1 &&
-        read(fd, buf, sizeof(buf)) > 0) {
-        /* All of it, or until the gateway hangs up. */
-        for (size_t off = 0; off < f->answer_len;) {
-            ssize_t w = write(fd, f->answer + off, f->answer_len - off);
-            if (w <= 0)
-                break;
-            off += (size_t)w;
-        }
-    }
-    /* Wait for the gateway to hang up. */
-    while (read(fd, buf, sizeof(buf)) > 0)
-        ;
-    close(fd);
-    return NULL;
-}
-
-static void fake_start(fake_t *f)
-{
-    f->lfd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    socklen_t sl = sizeof(sa);
-    assert_int_equal(bind(f->lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
-    assert_int_equal(listen(f->lfd, 1), 0);
-    assert_int_equal(getsockname(f->lfd, (struct sockaddr *)&sa, &sl), 0);
-    f->port = ntohs(sa.sin_port);
-    assert_int_equal(pthread_create(&f->thread, NULL, fake_serve, f), 0);
-}
-
-static void fake_stop(fake_t *f)
-{
-    pthread_join(f->thread, NULL);
-    close(f->lfd);
-}
-
 static void test_hostile_server(void **state)
 {
     (void)state;
@@ -529,7 +463,7 @@ static void test_hostile_server(void **state)
         "  return 'a'\n"
         "end }\n";
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
-        fake_t f = { .answer = cases[i].answer, .answer_len = cases[i].len };
+        mg_test_fake_redis_t f = { .answer = cases[i].answer, .answer_len = cases[i].len };
         char *payload = NULL;
         if (i == 1) {
             payload = malloc(10 + 2000000);
@@ -549,7 +483,7 @@ static void test_hostile_server(void **state)
             f.answer = payload;
             f.answer_len = n;
         }
-        fake_start(&f);
+        assert_int_equal(mg_test_fake_redis_start(&f), 0);
         snprintf(redis_url, sizeof(redis_url), "redis://127.0.0.1:%u", (unsigned)f.port);
         tp_capture_begin();
         mg_policy_t *p = connected_policy("hostile.lua", src);
@@ -560,7 +494,7 @@ static void test_hostile_server(void **state)
         tp_run_for(100);
         tp_free(p);
         char *log = tp_capture_end();
-        fake_stop(&f);
+        mg_test_fake_redis_stop(&f);
         free(payload);
         if (strstr(log, cases[i].says) == NULL)
             fail_msg("case %zu: the log does not say \"%s\":\n%s", i, cases[i].says, log);

@@ -5,7 +5,8 @@
  * a counter bumped by both nodes at once ends exact. With Redis stopped mid-load the rate limit
  * fails closed as its example says (503 at once, never a stall), and with Redis frozen (SIGSTOP:
  * connected, silent) every call waits at most MOONGATE_REDIS_TIMEOUT; when Redis is back,
- * counting resumes without a restart. AUTH with a password works, and a wrong one is named.
+ * counting resumes without a restart. AUTH with a password works, and a wrong one is named. A
+ * "Redis" that breaks the protocol loses its connection, and the gateway serves on.
  */
 #include "gwtest.h"
 #include "haproxy.h"
@@ -391,6 +392,33 @@ static void test_redis_down_slow_and_back(void **state)
     mg_test_redis_stop(&redis);
 }
 
+/* A "Redis" that breaks the protocol, through the real gateway: the connection is dropped and
+   named, the request that waited gets the example's 503, and the gateway goes on serving. */
+static void test_hostile_redis(void **state)
+{
+    world_t *w = *state;
+    static const char garbage[] = "?not a reply\r\n";
+    mg_test_fake_redis_t f = { .answer = garbage, .answer_len = sizeof(garbage) - 1 };
+    assert_int_equal(mg_test_fake_redis_start(&f), 0);
+    mg_test_redis_t fake_addr = { .port = f.port }; /* for start_example's URL */
+    gw_t g;
+    start_example(&g, w, "rate_limit.lua", &fake_addr, NULL);
+    for (int i = 0; i < 2; i++) {
+        mg_test_http_response_t r;
+        mg_test_http_response_init(&r);
+        r.keep_body = true;
+        int rc = gw_exchange(g.port, hello_alice, strlen(hello_alice), &r, 10000, NULL);
+        gw_expect_status(&g, rc, &r, 503, "the limiter's Redis broke the protocol");
+        assert_non_null(strstr(r.body, "rate limiter unavailable"));
+        mg_test_http_response_free(&r);
+    }
+    assert_true(gw_wait_log(&g, "connection lost (protocol error: Protocol error, got \"?\"", 1,
+                            5000));
+    assert_int_equal(gw_healthz(&g, 2000), 200);
+    gw_stop(&g);
+    mg_test_fake_redis_stop(&f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -398,6 +426,7 @@ int main(void)
         cmocka_unit_test(test_counter_is_exact_under_concurrency),
         cmocka_unit_test(test_token_quota_holds_across_nodes),
         cmocka_unit_test(test_redis_down_slow_and_back),
+        cmocka_unit_test(test_hostile_redis),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

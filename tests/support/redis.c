@@ -2,10 +2,13 @@
 
 #include "moongate/error.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -209,4 +212,68 @@ int mg_test_redis_cmd(const mg_test_redis_t *r, char *out, size_t cap, ...)
         len--;
     out[len] = '\0';
     return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : MG_EINVAL;
+}
+
+static void *fake_serve(void *arg)
+{
+    mg_test_fake_redis_t *f = arg;
+    int fd = accept(f->lfd, NULL, NULL);
+    if (fd < 0)
+        return NULL;
+    char buf[8192];
+    /* The set-up (two SCRIPT LOADs, then PING: answered as if loaded); then the operation. */
+    size_t got = 0;
+    ssize_t n;
+    while (got < sizeof(buf) - 1 && (n = read(fd, buf + got, sizeof(buf) - 1 - got)) > 0) {
+        got += (size_t)n;
+        buf[got] = '\0';
+        if (strstr(buf, "PING\r\n") != NULL)
+            break;
+    }
+    /* +OK to each command before the PING (AUTH, SELECT, the SCRIPT LOADs), +PONG to it; a
+       command starts with '*' at the start or after a CRLF (no script has one inside). */
+    char setup[256] = "";
+    size_t sl = 0;
+    for (const char *p = buf; got > 0 && (p = strstr(p, "*")) != NULL; p++)
+        if ((p == buf || (p - buf >= 2 && p[-2] == '\r' && p[-1] == '\n')) &&
+            sl + 8 < sizeof(setup))
+            sl += (size_t)snprintf(setup + sl, sizeof(setup) - sl, "+OK\r\n");
+    if (sl >= 5)
+        snprintf(setup + sl - 5, sizeof(setup) - (sl - 5), "+PONG\r\n");
+    sl = strlen(setup);
+    if (got > 0 && strstr(buf, "PING\r\n") != NULL && sl > 0 &&
+        write(fd, setup, sl) == (ssize_t)sl && read(fd, buf, sizeof(buf)) > 0) {
+        for (size_t off = 0; off < f->answer_len;) {
+            ssize_t w = write(fd, f->answer + off, f->answer_len - off);
+            if (w <= 0)
+                break;
+            off += (size_t)w;
+        }
+    }
+    while (read(fd, buf, sizeof(buf)) > 0)
+        ;
+    close(fd);
+    return NULL;
+}
+
+int mg_test_fake_redis_start(mg_test_fake_redis_t *f)
+{
+    f->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t sl = sizeof(sa);
+    if (f->lfd >= 0 && bind(f->lfd, (struct sockaddr *)&sa, sizeof(sa)) == 0 &&
+        listen(f->lfd, 1) == 0 && getsockname(f->lfd, (struct sockaddr *)&sa, &sl) == 0) {
+        f->port = ntohs(sa.sin_port);
+        if (pthread_create(&f->thread, NULL, fake_serve, f) == 0)
+            return 0;
+    }
+    if (f->lfd >= 0)
+        close(f->lfd);
+    return MG_EINVAL;
+}
+
+void mg_test_fake_redis_stop(mg_test_fake_redis_t *f)
+{
+    pthread_join(f->thread, NULL);
+    close(f->lfd);
 }

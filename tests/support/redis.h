@@ -18,6 +18,7 @@
 
 #include "proc.h"
 
+#include <pthread.h>
 #include <stdint.h>
 
 typedef struct mg_test_redis {
@@ -47,5 +48,22 @@ void mg_test_redis_stop(mg_test_redis_t *r);
 /* Runs redis-cli -p PORT [-a PASSWORD] ARGS... (a NULL-terminated list) and writes its output
    (trailing newline removed) into out. Returns 0 or a negative code. */
 int mg_test_redis_cmd(const mg_test_redis_t *r, char *out, size_t cap, ...);
+
+/*
+ * A hostile "Redis" on a raw socket of 127.0.0.1: it takes one connection, answers its set-up
+ * (AUTH, SELECT, the SCRIPT LOADs and the PING) as Redis would, then answers the first operation with
+ * answer (answer_len bytes, sent whole or until the client hangs up), and waits for the client
+ * to hang up. Set answer and answer_len, then start; stop joins its thread.
+ */
+typedef struct mg_test_fake_redis {
+    const char *answer;
+    size_t answer_len;
+    uint16_t port;
+    int lfd;
+    pthread_t thread;
+} mg_test_fake_redis_t;
+
+int mg_test_fake_redis_start(mg_test_fake_redis_t *f);
+void mg_test_fake_redis_stop(mg_test_fake_redis_t *f);
 
 #endif

@@ -181,6 +181,11 @@ void mg__redis_cmd_free(mg__redis_cmd_t *c);
 /* Writes v in decimal at p (no NUL); returns the end. */
 char *mg__redis_put_uint(char *p, size_t v);
 
+/* A reader of answers that refuses an array of more than a few elements before hiredis
+   allocates it, noting the count claimed in *refused_elements. NULL: out of memory. */
+struct redisReader;
+struct redisReader *mg__redis_reader_new(int *refused_elements);
+
 /* Pushes op's results from Redis's answer rep (NULL: the connection closed first): the value,
    or nil and a message. Returns how many, 1 or 2. */
 struct redisReply;

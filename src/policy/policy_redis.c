@@ -170,6 +170,7 @@ struct rconn {
     bool ready;         /* connected and, with TLS, the handshake done: commands may go */
     redisReader *reader;
     size_t since_answer; /* bytes read since the last whole answer */
+    int refused_elements; /* an array header the reader refused (mg__redis_reader_new) */
     char in[16384];
 };
 
@@ -428,7 +429,11 @@ static void conn_feed(rconn_t *c, const char *data, size_t len)
         void *reply = NULL;
         if (redisReaderGetReply(c->reader, &reply) != REDIS_OK) {
             char why[160];
-            snprintf(why, sizeof(why), "protocol error: %s", c->reader->errstr);
+            if (c->refused_elements > 0)
+                snprintf(why, sizeof(why), "protocol error: an array of %d elements",
+                         c->refused_elements);
+            else
+                snprintf(why, sizeof(why), "protocol error: %s", c->reader->errstr);
             conn_lost(r, why);
             return;
         }
@@ -609,7 +614,7 @@ static int conn_open(mg_redis_t *r, const struct sockaddr *addr)
     if (c == NULL)
         return MG_ENOMEM;
     c->r = r;
-    c->reader = redisReaderCreate();
+    c->reader = mg__redis_reader_new(&c->refused_elements);
     if (c->reader == NULL || (r->tls != NULL && conn_tls(r, c) != 0) ||
         uv_tcp_init(r->loop, &c->tcp) != 0) {
         if (c->reader)

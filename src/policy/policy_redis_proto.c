@@ -286,6 +286,42 @@ void mg__redis_cmd_free(mg__redis_cmd_t *c)
     c->key = c->sval = NULL;
 }
 
+/* ---- the reader ---- */
+
+/* No answer of ours is an array of more than 2; hiredis 0.14 allocates an array's element
+   pointers as soon as it reads its header, so a header claiming two billion would be 16 GB. */
+#define ANSWER_ELEMENTS_MAX 16
+
+static redisReplyObjectFunctions bounded_fns;
+static void *(*default_create_array)(const redisReadTask *, int);
+
+static void *create_array(const redisReadTask *t, int elements)
+{
+    if (elements > ANSWER_ELEMENTS_MAX) {
+        if (t->privdata != NULL)
+            *(int *)t->privdata = elements;
+        return NULL; /* the reader fails the input */
+    }
+    return default_create_array(t, elements);
+}
+
+redisReader *mg__redis_reader_new(int *refused_elements)
+{
+    redisReader *rd = redisReaderCreate();
+    if (rd == NULL)
+        return NULL;
+    /* hiredis's own functions make the answers (freeReplyObject frees them); only arrays go
+       through the bound first. */
+    if (default_create_array == NULL) {
+        bounded_fns = *rd->fn;
+        default_create_array = bounded_fns.createArray;
+        bounded_fns.createArray = create_array;
+    }
+    rd->fn = &bounded_fns;
+    rd->privdata = refused_elements;
+    return rd;
+}
+
 /* ---- answers as Lua values ---- */
 
 static bool parse_number(const char *s, size_t n, double *out)

@@ -51,7 +51,8 @@ static void check(lua_State *L, mg__rdict_op_t op, int n)
 static int run(lua_State *L, mg__rdict_op_t op, const uint8_t *data, size_t len, uint32_t seed,
                char out[ANSWERS_MAX][96])
 {
-    redisReader *rd = redisReaderCreate();
+    int refused = 0;
+    redisReader *rd = mg__redis_reader_new(&refused);
     if (rd == NULL)
         abort();
     int answers = 0;

@@ -451,9 +451,14 @@ static void test_hostile_server(void **state)
         { "$2000000\r\n", 10, "an answer over 1 MiB" },
         /* An answer to a question never asked, after the one asked. */
         { "$1\r\n5\r\n$1\r\n6\r\n", 14, "an answer to no question" },
-        /* An array of a million elements (made below): the reader takes them in one by one,
-           so only counting the bytes since the last answer stops it. */
-        { "*1000000\r\n", 10, "an answer over 1 MiB" },
+        /* An array of a million elements: refused at its header. */
+        { "*1000000\r\n", 10, "protocol error: an array of 1000000 elements" },
+        /* An array of 16 bulk strings of 100 KB (made below): the reader takes the elements in
+           one by one, so only counting the bytes since the last answer stops it. */
+        { "*16\r\n", 5, "an answer over 1 MiB" },
+        /* An array header claiming two billion elements (hiredis would allocate 16 GB for
+           their pointers at once): found by fuzz_redis_answer. */
+        { "*2111111111\r\n:1\r\n", 17, "protocol error: an array of 2111111111 elements" },
     };
     static const char src[] =
         "local mg = require 'moongate'\n"
@@ -473,13 +478,17 @@ static void test_hostile_server(void **state)
             f.answer = payload;
             f.answer_len = 10 + 2000000;
         }
-        if (i == 3) {
-            size_t n = 10 + 4 * 600000;
+        if (i == 4) {
+            static const char bulk[] = "$100000\r\n";
+            size_t one = sizeof(bulk) - 1 + 100000 + 2, n = 5 + 16 * one;
             payload = malloc(n);
             assert_non_null(payload);
-            memcpy(payload, cases[i].answer, 10);
-            for (size_t k = 10; k < n; k += 4)
-                memcpy(payload + k, ":1\r\n", 4);
+            memcpy(payload, cases[i].answer, 5);
+            for (size_t k = 5; k < n; k += one) {
+                memcpy(payload + k, bulk, sizeof(bulk) - 1);
+                memset(payload + k + sizeof(bulk) - 1, 'x', 100000);
+                memcpy(payload + k + one - 2, "\r\n", 2);
+            }
             f.answer = payload;
             f.answer_len = n;
         }
